@@ -1,0 +1,12 @@
+"""cram_ext: adaptive attention for PyTorch.
+
+`routed_attention` runs softmax attention only for the query rows a router selected (a drop-in
+for `scaled_dot_product_attention`); `selective_scan` is Mamba's selective scan with per-token
+time gaps. Both have CPU and CUDA kernels and autograd; `cram_ext.reference` holds their
+pure-PyTorch definitions.
+"""
+from . import reference
+from .ops import routed_attention, selective_scan
+
+__all__ = ["routed_attention", "selective_scan", "reference"]
+__version__ = "0.1.0"

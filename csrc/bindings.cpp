@@ -1,0 +1,514 @@
+// The one binding layer: tensors in, checked params structs out, kernels launched.
+//
+// Every input is checked here, with a message naming the argument and what was expected, before
+// any kernel runs (FlashAttention's flash_api.cpp is the model). The kernels themselves take raw
+// pointers and strides and never see a tensor. The ops are registered with TORCH_LIBRARY; their
+// fake (meta) implementations and autograd formulas live in cram_ext/ops.py.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#ifdef CRAM_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+#include "common/parallel.h"
+#include "routed_attention/routed_attention.h"
+#include "selective_scan/selective_scan.h"
+
+namespace cram {
+
+void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+  at::parallel_for(0, n, grain, fn);
+}
+
+namespace {
+
+DType to_dtype(const at::Tensor& t, const char* op, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, op, ": ", name, " must be float32, float64, float16 or bfloat16, got ",
+                  t.scalar_type());
+  }
+  return DType::kFloat32;
+}
+
+at::ScalarType accumulation_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* op, const char* name,
+                 const char* layout) {
+  TORCH_CHECK(t.sizes() == expected, op, ": ", name, " must have shape ", layout, " = ", expected,
+              ", got ", t.sizes());
+}
+
+void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name,
+                       const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name,
+              " is on ", ref.device(), "; all inputs must be on one device");
+}
+
+void check_dtype(const at::Tensor& t, at::ScalarType expected, const char* op, const char* name,
+                 const char* why) {
+  TORCH_CHECK(t.scalar_type() == expected, op, ": ", name, " must be ", expected, " (", why,
+              "), got ", t.scalar_type());
+}
+
+// The kernels need a unit stride along the last dimension; other strides are passed through.
+at::Tensor last_dim_contiguous(const at::Tensor& t) {
+  return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
+}
+
+void check_device_supported(const at::Tensor& t, const char* op) {
+#ifdef CRAM_WITH_CUDA
+  TORCH_CHECK(t.is_cpu() || t.is_cuda(), op, ": tensors must be on the CPU or a CUDA device, got ",
+              t.device());
+#else
+  TORCH_CHECK(t.is_cpu(), op, ": tensors must be on the CPU (this build of cram_ext has no CUDA "
+              "kernels; reinstall with CUDA available to use ", t.device(), ")");
+#endif
+}
+
+#ifdef CRAM_WITH_CUDA
+void* current_stream() { return at::cuda::getCurrentCUDAStream().stream(); }
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Selective scan
+// ---------------------------------------------------------------------------------------------
+
+struct ScanInputs {
+  at::Tensor u, delta, A, B, C, D, z, delta_bias, dt_scale;
+};
+
+// Checks and normalises the scan's inputs; B and C become (batch, groups, N, L).
+ScanInputs check_scan_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                             const at::Tensor& B, const at::Tensor& C,
+                             const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
+                             const c10::optional<at::Tensor>& delta_bias,
+                             const c10::optional<at::Tensor>& dt_scale, int64_t chunk_size) {
+  const char* op = "selective_scan";
+  check_device_supported(u, op);
+  TORCH_CHECK(u.dim() == 3, op, ": u must have shape (batch, dim, L), got ", u.sizes());
+  const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2);
+  to_dtype(u, op, "u");
+  const auto acc = accumulation_type(u.scalar_type());
+  const char* acc_why = u.scalar_type() == at::kDouble ? "float64 like u" : "float32 parameters";
+  TORCH_CHECK(A.dim() == 2 && A.size(0) == dim, op, ": A must have shape (dim, N) = (", dim,
+              ", N), got ", A.sizes());
+  TORCH_CHECK(!A.is_complex(), op, ": A must be real (complex A is not supported)");
+  const int64_t N = A.size(1);
+  TORCH_CHECK(N >= 1 && N <= 256, op, ": the state size N = A.size(1) must be in [1, 256], got ", N);
+  check_shape(delta, u.sizes(), op, "delta", "(batch, dim, L)");
+  TORCH_CHECK(B.dim() == 3 || B.dim() == 4, op,
+              ": B must have shape (batch, N, L) or (batch, groups, N, L), got ", B.sizes());
+  TORCH_CHECK(C.dim() == B.dim(), op, ": C must have the same number of dimensions as B (",
+              B.dim(), "), got shape ", C.sizes());
+  at::Tensor B4 = B.dim() == 3 ? B.unsqueeze(1) : B;
+  at::Tensor C4 = C.dim() == 3 ? C.unsqueeze(1) : C;
+  const int64_t groups = B4.size(1);
+  TORCH_CHECK(groups >= 1 && dim % groups == 0, op, ": the number of groups in B (", groups,
+              ") must divide dim (", dim, ")");
+  check_shape(B4, {batch, groups, N, L}, op, "B", "(batch, groups, N, L)");
+  check_shape(C4, {batch, groups, N, L}, op, "C", "(batch, groups, N, L)");
+  TORCH_CHECK(chunk_size >= 1, op, ": chunk_size must be positive, got ", chunk_size);
+
+  ScanInputs in;
+  const std::pair<const at::Tensor*, const char*> same_dtype[] = {{&delta, "delta"}, {&B, "B"},
+                                                                   {&C, "C"}};
+  for (const auto& [t, name] : same_dtype) {
+    check_same_device(*t, u, op, name, "u");
+    check_dtype(*t, u.scalar_type(), op, name, "the dtype of u");
+  }
+  check_same_device(A, u, op, "A", "u");
+  check_dtype(A, acc, op, "A", acc_why);
+  in.u = last_dim_contiguous(u);
+  in.delta = last_dim_contiguous(delta);
+  in.A = A.contiguous();
+  in.B = last_dim_contiguous(B4);
+  in.C = last_dim_contiguous(C4);
+  if (z) {
+    check_same_device(*z, u, op, "z", "u");
+    check_dtype(*z, u.scalar_type(), op, "z", "the dtype of u");
+    check_shape(*z, u.sizes(), op, "z", "(batch, dim, L)");
+    in.z = last_dim_contiguous(*z);
+  }
+  const std::pair<const c10::optional<at::Tensor>*, const char*> per_channel[] = {
+      {&D, "D"}, {&delta_bias, "delta_bias"}};
+  for (const auto& [t, name] : per_channel) {
+    if (!*t) continue;
+    check_same_device(**t, u, op, name, "u");
+    check_dtype(**t, acc, op, name, acc_why);
+    check_shape(**t, {dim}, op, name, "(dim,)");
+  }
+  if (D) in.D = D->contiguous();
+  if (delta_bias) in.delta_bias = delta_bias->contiguous();
+  if (dt_scale) {
+    check_same_device(*dt_scale, u, op, "dt_scale", "u");
+    check_dtype(*dt_scale, acc, op, "dt_scale", acc_why);
+    check_shape(*dt_scale, {batch, L}, op, "dt_scale", "(batch, L)");
+    in.dt_scale = dt_scale->contiguous();
+  }
+  return in;
+}
+
+void fill_scan_params(SelectiveScanParams& p, const ScanInputs& in, bool delta_softplus,
+                      int64_t chunk_size, const at::Tensor& out, const at::Tensor& chunk_states) {
+  p.input_type = to_dtype(in.u, "selective_scan", "u");
+  p.batch = in.u.size(0);
+  p.dim = in.u.size(1);
+  p.seqlen = in.u.size(2);
+  p.dstate = in.A.size(1);
+  p.n_groups = in.B.size(1);
+  p.chunk_size = static_cast<int>(chunk_size);
+  p.n_chunks = chunk_states.size(2);
+  p.delta_softplus = delta_softplus;
+  p.u_batch_stride = in.u.stride(0);
+  p.u_d_stride = in.u.stride(1);
+  p.delta_batch_stride = in.delta.stride(0);
+  p.delta_d_stride = in.delta.stride(1);
+  p.B_batch_stride = in.B.stride(0);
+  p.B_group_stride = in.B.stride(1);
+  p.B_dstate_stride = in.B.stride(2);
+  p.C_batch_stride = in.C.stride(0);
+  p.C_group_stride = in.C.stride(1);
+  p.C_dstate_stride = in.C.stride(2);
+  p.z_batch_stride = in.z.defined() ? in.z.stride(0) : 0;
+  p.z_d_stride = in.z.defined() ? in.z.stride(1) : 0;
+  p.out_batch_stride = out.stride(0);
+  p.out_d_stride = out.stride(1);
+  p.u = in.u.const_data_ptr();
+  p.delta = in.delta.const_data_ptr();
+  p.A = in.A.const_data_ptr();
+  p.B = in.B.const_data_ptr();
+  p.C = in.C.const_data_ptr();
+  p.D = in.D.defined() ? in.D.const_data_ptr() : nullptr;
+  p.z = in.z.defined() ? in.z.const_data_ptr() : nullptr;
+  p.delta_bias = in.delta_bias.defined() ? in.delta_bias.const_data_ptr() : nullptr;
+  p.dt_scale = in.dt_scale.defined() ? in.dt_scale.const_data_ptr() : nullptr;
+  p.out = out.data_ptr();
+  p.chunk_states = chunk_states.data_ptr();
+}
+
+int64_t num_chunks(int64_t L, int64_t chunk_size) {
+  return std::max<int64_t>(1, (L + chunk_size - 1) / chunk_size);
+}
+
+std::tuple<at::Tensor, at::Tensor> selective_scan_fwd(
+    const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+    const at::Tensor& C, const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
+    const c10::optional<at::Tensor>& delta_bias, const c10::optional<at::Tensor>& dt_scale,
+    bool delta_softplus, int64_t chunk_size) {
+  ScanInputs in = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, dt_scale, chunk_size);
+  const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2), N = A.size(1);
+  at::Tensor out = at::empty({batch, dim, L}, u.options());
+  at::Tensor chunk_states = at::zeros({batch, dim, num_chunks(L, chunk_size), N},
+                                      u.options().dtype(accumulation_type(u.scalar_type())));
+  if (batch == 0 || dim == 0 || L == 0) return {out, chunk_states};
+  SelectiveScanParams p;
+  fill_scan_params(p, in, delta_softplus, chunk_size, out, chunk_states);
+#ifdef CRAM_WITH_CUDA
+  if (u.is_cuda()) {
+    c10::cuda::CUDAGuard guard(u.device());
+    selective_scan_fwd_cuda(p, current_stream());
+    return {out, chunk_states};
+  }
+#endif
+  selective_scan_fwd_cpu(p);
+  return {out, chunk_states};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, c10::optional<at::Tensor>,
+           c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<at::Tensor>>
+selective_scan_bwd(const at::Tensor& dout, const at::Tensor& u, const at::Tensor& delta,
+                   const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+                   const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
+                   const c10::optional<at::Tensor>& delta_bias,
+                   const c10::optional<at::Tensor>& dt_scale, const at::Tensor& chunk_states,
+                   bool delta_softplus, int64_t chunk_size) {
+  const char* op = "selective_scan backward";
+  ScanInputs in = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, dt_scale, chunk_size);
+  const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2), N = A.size(1);
+  const auto acc = accumulation_type(u.scalar_type());
+  check_shape(dout, u.sizes(), op, "dout", "(batch, dim, L)");
+  check_same_device(dout, u, op, "dout", "u");
+  check_dtype(dout, u.scalar_type(), op, "dout", "the dtype of u");
+  check_shape(chunk_states, {batch, dim, num_chunks(L, chunk_size), N}, op, "chunk_states",
+              "(batch, dim, n_chunks, N)");
+  check_dtype(chunk_states, acc, op, "chunk_states", "the accumulation type");
+  at::Tensor dout_c = last_dim_contiguous(dout);
+  at::Tensor states = chunk_states.contiguous();
+
+  auto acc_opts = u.options().dtype(acc);
+  at::Tensor du = at::empty_like(in.u, at::MemoryFormat::Contiguous);
+  at::Tensor ddelta = at::empty_like(in.delta, at::MemoryFormat::Contiguous);
+  at::Tensor dA = at::zeros_like(in.A);
+  at::Tensor dB = at::zeros(in.B.sizes(), acc_opts);
+  at::Tensor dC = at::zeros(in.C.sizes(), acc_opts);
+  at::Tensor dD = D ? at::zeros({dim}, acc_opts) : at::Tensor();
+  at::Tensor dz = z ? at::empty_like(in.z, at::MemoryFormat::Contiguous) : at::Tensor();
+  at::Tensor ddelta_bias = delta_bias ? at::zeros({dim}, acc_opts) : at::Tensor();
+  at::Tensor ddt_scale = dt_scale ? at::zeros({batch, L}, acc_opts) : at::Tensor();
+
+  if (batch > 0 && dim > 0 && L > 0) {
+    SelectiveScanBwdParams p;
+    fill_scan_params(p, in, delta_softplus, chunk_size, du, states);
+    p.out = nullptr;
+    p.chunk_states = states.data_ptr();
+    p.dout_batch_stride = dout_c.stride(0);
+    p.dout_d_stride = dout_c.stride(1);
+    p.du_batch_stride = du.stride(0);
+    p.du_d_stride = du.stride(1);
+    p.ddelta_batch_stride = ddelta.stride(0);
+    p.ddelta_d_stride = ddelta.stride(1);
+    p.dz_batch_stride = dz.defined() ? dz.stride(0) : 0;
+    p.dz_d_stride = dz.defined() ? dz.stride(1) : 0;
+    p.dB_batch_stride = dB.stride(0);
+    p.dB_group_stride = dB.stride(1);
+    p.dB_dstate_stride = dB.stride(2);
+    p.dC_batch_stride = dC.stride(0);
+    p.dC_group_stride = dC.stride(1);
+    p.dC_dstate_stride = dC.stride(2);
+    p.dout = dout_c.const_data_ptr();
+    p.du = du.data_ptr();
+    p.ddelta = ddelta.data_ptr();
+    p.dz = dz.defined() ? dz.data_ptr() : nullptr;
+    p.dA = dA.data_ptr();
+    p.dB = dB.data_ptr();
+    p.dC = dC.data_ptr();
+    p.dD = dD.defined() ? dD.data_ptr() : nullptr;
+    p.ddelta_bias = ddelta_bias.defined() ? ddelta_bias.data_ptr() : nullptr;
+    p.ddt_scale = ddt_scale.defined() ? ddt_scale.data_ptr() : nullptr;
+#ifdef CRAM_WITH_CUDA
+    if (u.is_cuda()) {
+      c10::cuda::CUDAGuard guard(u.device());
+      selective_scan_bwd_cuda(p, current_stream());
+    } else
+#endif
+      selective_scan_bwd_cpu(p);
+  } else {
+    du.zero_();
+    ddelta.zero_();
+    if (dz.defined()) dz.zero_();
+  }
+  // Gradients come back in the inputs' own shapes and dtypes.
+  dB = dB.to(u.scalar_type());
+  dC = dC.to(u.scalar_type());
+  if (B.dim() == 3) {
+    dB = dB.squeeze(1);
+    dC = dC.squeeze(1);
+  }
+  auto opt = [](const at::Tensor& t) { return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt; };
+  return {du, ddelta, dA, dB, dC, opt(dD), opt(dz), opt(ddelta_bias), opt(ddt_scale)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Routed attention
+// ---------------------------------------------------------------------------------------------
+
+struct AttentionInputs {
+  at::Tensor q, k, v, route, key_mask;  // route: (batch, heads, Lq) view, maybe head-broadcast
+};
+
+constexpr int64_t kMaxHeadDim = 256;
+
+AttentionInputs check_attention_inputs(const at::Tensor& q, const at::Tensor& k,
+                                       const at::Tensor& v, const at::Tensor& route,
+                                       const c10::optional<at::Tensor>& key_mask, double scale) {
+  const char* op = "routed_attention";
+  check_device_supported(q, op);
+  TORCH_CHECK(q.dim() == 4, op, ": q must have shape (batch, heads, Lq, head_dim), got ", q.sizes());
+  TORCH_CHECK(k.dim() == 4, op, ": k must have shape (batch, kv_heads, Lk, head_dim), got ", k.sizes());
+  const int64_t batch = q.size(0), heads = q.size(1), Lq = q.size(2), d = q.size(3);
+  const int64_t kv_heads = k.size(1), Lk = k.size(2);
+  to_dtype(q, op, "q");
+  for (const auto& [t, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}}) {
+    check_same_device(*t, q, op, name, "q");
+    check_dtype(*t, q.scalar_type(), op, name, "the dtype of q");
+  }
+  TORCH_CHECK(k.size(0) == batch && k.size(3) == d, op, ": k must have shape (batch=", batch,
+              ", kv_heads, Lk, head_dim=", d, "), got ", k.sizes());
+  check_shape(v, k.sizes(), op, "v", "k's shape (batch, kv_heads, Lk, head_dim)");
+  TORCH_CHECK(kv_heads >= 1 && heads % kv_heads == 0, op, ": the number of key/value heads (",
+              kv_heads, ") must divide the number of query heads (", heads, ")");
+  TORCH_CHECK(d >= 1 && d <= kMaxHeadDim, op, ": head_dim must be in [1, ", kMaxHeadDim, "], got ", d);
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+
+  check_same_device(route, q, op, "route", "q");
+  TORCH_CHECK(route.scalar_type() == at::kBool, op, ": route must be a bool tensor, got ",
+              route.scalar_type());
+  AttentionInputs in;
+  if (route.dim() == 2) {
+    check_shape(route, {batch, Lq}, op, "route", "(batch, Lq)");
+    in.route = route.unsqueeze(1).expand({batch, heads, Lq});  // head stride 0: no copy
+  } else {
+    TORCH_CHECK(route.dim() == 3, op, ": route must have shape (batch, Lq) or (batch, heads, Lq), got ",
+                route.sizes());
+    check_shape(route, {batch, heads, Lq}, op, "route", "(batch, heads, Lq)");
+    in.route = route;
+  }
+  if (key_mask) {
+    check_same_device(*key_mask, q, op, "key_mask", "q");
+    TORCH_CHECK(key_mask->scalar_type() == at::kBool, op, ": key_mask must be a bool tensor, got ",
+                key_mask->scalar_type());
+    check_shape(*key_mask, {batch, Lk}, op, "key_mask", "(batch, Lk)");
+    in.key_mask = key_mask->contiguous();
+  }
+  in.q = last_dim_contiguous(q);
+  in.k = last_dim_contiguous(k);
+  in.v = last_dim_contiguous(v);
+  return in;
+}
+
+void fill_attention_params(RoutedAttentionParams& p, const AttentionInputs& in, bool is_causal,
+                           double scale, const at::Tensor& out, const at::Tensor& lse) {
+  p.dtype = to_dtype(in.q, "routed_attention", "q");
+  p.batch = in.q.size(0);
+  p.heads = in.q.size(1);
+  p.kv_heads = in.k.size(1);
+  p.seqlen_q = in.q.size(2);
+  p.seqlen_k = in.k.size(2);
+  p.head_dim = in.q.size(3);
+  p.scale = static_cast<float>(scale);
+  p.is_causal = is_causal;
+  p.q_batch_stride = in.q.stride(0);
+  p.q_head_stride = in.q.stride(1);
+  p.q_row_stride = in.q.stride(2);
+  p.k_batch_stride = in.k.stride(0);
+  p.k_head_stride = in.k.stride(1);
+  p.k_row_stride = in.k.stride(2);
+  p.v_batch_stride = in.v.stride(0);
+  p.v_head_stride = in.v.stride(1);
+  p.v_row_stride = in.v.stride(2);
+  p.out_batch_stride = out.stride(0);
+  p.out_head_stride = out.stride(1);
+  p.out_row_stride = out.stride(2);
+  p.route_batch_stride = in.route.stride(0);
+  p.route_head_stride = in.route.stride(1);
+  p.route_row_stride = in.route.stride(2);
+  p.key_mask_batch_stride = in.key_mask.defined() ? in.key_mask.stride(0) : 0;
+  p.q = in.q.const_data_ptr();
+  p.k = in.k.const_data_ptr();
+  p.v = in.v.const_data_ptr();
+  p.route = reinterpret_cast<const uint8_t*>(in.route.const_data_ptr<bool>());
+  p.key_mask = in.key_mask.defined()
+                   ? reinterpret_cast<const uint8_t*>(in.key_mask.const_data_ptr<bool>())
+                   : nullptr;
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr();
+}
+
+std::tuple<at::Tensor, at::Tensor> routed_attention_fwd(const at::Tensor& q, const at::Tensor& k,
+                                                        const at::Tensor& v, const at::Tensor& route,
+                                                        const c10::optional<at::Tensor>& key_mask,
+                                                        bool is_causal, double scale) {
+  AttentionInputs in = check_attention_inputs(q, k, v, route, key_mask, scale);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)},
+                             q.options().dtype(accumulation_type(q.scalar_type())));
+  if (q.numel() == 0) {
+    lse.fill_(-std::numeric_limits<double>::infinity());
+    return {out, lse};
+  }
+  RoutedAttentionParams p;
+  fill_attention_params(p, in, is_causal, scale, out, lse);
+#ifdef CRAM_WITH_CUDA
+  if (q.is_cuda()) {
+    c10::cuda::CUDAGuard guard(q.device());
+    at::Tensor workspace = at::empty({routed_attention_cuda_workspace_bytes(p)},
+                                     q.options().dtype(at::kByte));
+    routed_attention_fwd_cuda(p, workspace.data_ptr(), current_stream());
+    return {out, lse};
+  }
+#endif
+  routed_attention_fwd_cpu(p);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& route,
+    const c10::optional<at::Tensor>& key_mask, bool is_causal, double scale) {
+  const char* op = "routed_attention backward";
+  AttentionInputs in = check_attention_inputs(q, k, v, route, key_mask, scale);
+  for (const auto& [t, name] : {std::pair{&dout, "dout"}, std::pair{&out, "out"}}) {
+    check_same_device(*t, q, op, name, "q");
+    check_dtype(*t, q.scalar_type(), op, name, "the dtype of q");
+    check_shape(*t, q.sizes(), op, name, "q's shape (batch, heads, Lq, head_dim)");
+  }
+  const auto acc = accumulation_type(q.scalar_type());
+  check_shape(lse, {q.size(0), q.size(1), q.size(2)}, op, "lse", "(batch, heads, Lq)");
+  check_dtype(lse, acc, op, "lse", "the accumulation type");
+  at::Tensor dout_c = last_dim_contiguous(dout);
+  at::Tensor out_c = last_dim_contiguous(out);
+  at::Tensor lse_c = lse.contiguous();
+  at::Tensor dq = at::zeros(q.sizes(), q.options().dtype(acc));
+  at::Tensor dk = at::zeros(k.sizes(), k.options().dtype(acc));
+  at::Tensor dv = at::zeros(v.sizes(), v.options().dtype(acc));
+  if (q.numel() > 0 && k.numel() > 0) {
+    RoutedAttentionBwdParams p;
+    fill_attention_params(p, in, is_causal, scale, out_c, lse_c);
+    p.dout_batch_stride = dout_c.stride(0);
+    p.dout_head_stride = dout_c.stride(1);
+    p.dout_row_stride = dout_c.stride(2);
+    p.dout = dout_c.const_data_ptr();
+    p.dq = dq.data_ptr();
+    p.dk = dk.data_ptr();
+    p.dv = dv.data_ptr();
+#ifdef CRAM_WITH_CUDA
+    if (q.is_cuda()) {
+      c10::cuda::CUDAGuard guard(q.device());
+      at::Tensor workspace = at::empty({routed_attention_cuda_workspace_bytes(p)},
+                                       q.options().dtype(at::kByte));
+      routed_attention_bwd_cuda(p, workspace.data_ptr(), current_stream());
+    } else
+#endif
+      routed_attention_bwd_cpu(p);
+  }
+  return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
+}
+
+}  // namespace
+}  // namespace cram
+
+TORCH_LIBRARY(cram_ext, m) {
+  m.def("selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, "
+        "Tensor? z, Tensor? delta_bias, Tensor? dt_scale, bool delta_softplus, int chunk_size) "
+        "-> (Tensor out, Tensor chunk_states)");
+  m.def("selective_scan_bwd(Tensor dout, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, "
+        "Tensor? D, Tensor? z, Tensor? delta_bias, Tensor? dt_scale, Tensor chunk_states, "
+        "bool delta_softplus, int chunk_size) -> (Tensor du, Tensor ddelta, Tensor dA, Tensor dB, "
+        "Tensor dC, Tensor? dD, Tensor? dz, Tensor? ddelta_bias, Tensor? ddt_scale)");
+  m.def("routed_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor route, Tensor? key_mask, "
+        "bool is_causal, float scale) -> (Tensor out, Tensor lse)");
+  m.def("routed_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor route, Tensor? key_mask, bool is_causal, float scale) "
+        "-> (Tensor dq, Tensor dk, Tensor dv)");
+}
+
+// One implementation per op serves both devices: it checks, then launches the CPU or CUDA kernel.
+TORCH_LIBRARY_IMPL(cram_ext, CPU, m) {
+  m.impl("selective_scan_fwd", &cram::selective_scan_fwd);
+  m.impl("selective_scan_bwd", &cram::selective_scan_bwd);
+  m.impl("routed_attention_fwd", &cram::routed_attention_fwd);
+  m.impl("routed_attention_bwd", &cram::routed_attention_bwd);
+}
+
+#ifdef CRAM_WITH_CUDA
+TORCH_LIBRARY_IMPL(cram_ext, CUDA, m) {
+  m.impl("selective_scan_fwd", &cram::selective_scan_fwd);
+  m.impl("selective_scan_bwd", &cram::selective_scan_bwd);
+  m.impl("routed_attention_fwd", &cram::routed_attention_fwd);
+  m.impl("routed_attention_bwd", &cram::routed_attention_bwd);
+}
+#endif
+
+// An importable module, so `import cram_ext._C` loads the library and registers the ops.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "cram_ext kernels (ops live in torch.ops.cram_ext)"; }

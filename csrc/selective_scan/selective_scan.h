@@ -1,0 +1,81 @@
+// Selective scan (Mamba's S6 form with a per-token time-gap multiplier): parameters and entry
+// points shared by the CPU and CUDA kernels. No torch header: the binding layer
+// (csrc/bindings.cpp) fills these structs from tensors after checking them.
+//
+//   Δ_t = softplus(delta_t + delta_bias) · dt_scale_t       (softplus only if delta_softplus)
+//   h_t = exp(Δ_t A) ⊙ h_{t-1} + Δ_t B_t u_t                (h in float32, float64 for float64)
+//   y_t = C_t · h_t + D u_t,    out_t = y_t · silu(z_t)      (D, z optional)
+//
+// Layout: u, delta, z, out: (batch, dim, L); B, C: (batch, groups, N, L); the L dimension is
+// contiguous (stride 1) in every sequence tensor, the other strides are free. A: (dim, N),
+// D, delta_bias: (dim,), dt_scale: (batch, L), all contiguous, in the accumulation type.
+#pragma once
+
+#include "../common/dtype.h"
+
+namespace cram {
+
+struct SelectiveScanParams {
+  // u, delta, B, C, z, out, dout, du, ddelta, dz. Everything else (A, D, delta_bias, dt_scale,
+  // chunk_states and the shared gradients) is in the accumulation type: float64 for float64
+  // inputs, float32 otherwise.
+  DType input_type;
+  int batch, dim, seqlen, dstate, n_groups;
+  int chunk_size;     // states are checkpointed at the end of every chunk of this many steps
+  int n_chunks;       // ceil(seqlen / chunk_size), at least 1
+  bool delta_softplus;
+
+  // Strides in elements (the L stride is 1).
+  long u_batch_stride, u_d_stride;
+  long delta_batch_stride, delta_d_stride;
+  long B_batch_stride, B_group_stride, B_dstate_stride;
+  long C_batch_stride, C_group_stride, C_dstate_stride;
+  long z_batch_stride, z_d_stride;
+  long out_batch_stride, out_d_stride;
+
+  const void* u;
+  const void* delta;
+  const void* A;
+  const void* B;
+  const void* C;
+  const void* D;           // nullable
+  const void* z;           // nullable
+  const void* delta_bias;  // nullable
+  const void* dt_scale;    // nullable
+  void* out;
+  // (batch, dim, n_chunks, dstate), contiguous, accumulation type: the state after each chunk.
+  // The last chunk's entry is the final state; the backward restarts from these checkpoints.
+  void* chunk_states;
+};
+
+struct SelectiveScanBwdParams : SelectiveScanParams {
+  long dout_batch_stride, dout_d_stride;
+  long du_batch_stride, du_d_stride;
+  long ddelta_batch_stride, ddelta_d_stride;
+  long dz_batch_stride, dz_d_stride;
+  long dB_batch_stride, dB_group_stride, dB_dstate_stride;
+  long dC_batch_stride, dC_group_stride, dC_dstate_stride;
+
+  const void* dout;
+  void* du;
+  void* ddelta;
+  void* dz;           // nullable (null when z is)
+  // Gradients of quantities shared across channels or tokens (dA, dB, dC, dD, ddelta_bias,
+  // ddt_scale) are in the accumulation type (float32, float64 for float64 inputs) and arrive
+  // zeroed, so a kernel may accumulate partial sums into them. The binding layer casts dB/dC.
+  void* dA;
+  void* dB;
+  void* dC;
+  void* dD;           // nullable
+  void* ddelta_bias;  // nullable
+  void* ddt_scale;    // nullable
+};
+
+void selective_scan_fwd_cpu(const SelectiveScanParams& params);
+void selective_scan_bwd_cpu(const SelectiveScanBwdParams& params);
+
+// CUDA launchers; `stream` is a cudaStream_t.
+void selective_scan_fwd_cuda(const SelectiveScanParams& params, void* stream);
+void selective_scan_bwd_cuda(const SelectiveScanBwdParams& params, void* stream);
+
+}  // namespace cram
