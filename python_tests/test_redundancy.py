@@ -267,3 +267,13 @@ def test_command_line_token_ids_and_short_input(tmp_path):
     numpy.save(tmp_path / "bad.npy", numpy.array([1, 2, 999]))
     with pytest.raises(SystemExit, match=r"\[0, 256\)"):
         rd.main(base + ["--token-ids", str(tmp_path / "bad.npy"), "--context", "1"])
+
+
+def test_training_corpus_split_keeps_files_apart():
+    from cram_ext.analysis import train_probe_lm
+
+    files = train_probe_lm.stdlib_sources()
+    train, heldout = train_probe_lm.split_by_file(files, heldout_percent=10)
+    assert set(train).isdisjoint(heldout) and set(train) | set(heldout) == set(files)
+    assert 0.03 < len(heldout) / len(files) < 0.2
+    assert train_probe_lm.split_by_file(files, heldout_percent=10) == (train, heldout)

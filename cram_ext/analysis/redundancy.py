@@ -198,8 +198,11 @@ def score_layer(
             explained_fraction(residual[columns], centered[columns]),
         )
 
+    head_width = raw.shape[0] - output_dim
+    if n_heads < 1 or head_width % n_heads:
+        raise ValueError(f"per-head activations of width {head_width} cannot be split into {n_heads} heads; check the adapter")
     layer_r, layer_rc = r_over(slice(0, output_dim))
-    head_dim = (raw.shape[0] - output_dim) // n_heads
+    head_dim = head_width // n_heads
     heads = [r_over(slice(output_dim + h * head_dim, output_dim + (h + 1) * head_dim)) for h in range(n_heads)]
     return LayerScores(layer_r, layer_rc, [h[0] for h in heads], [h[1] for h in heads])
 

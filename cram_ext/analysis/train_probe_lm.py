@@ -99,9 +99,14 @@ def build_model(args: argparse.Namespace):
 
 
 def random_windows(ids: torch.Tensor, context: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-    """``batch_size`` random slices of ``context + 1`` ids (inputs plus next-token targets)."""
-    starts = torch.randint(0, ids.numel() - context - 1, (batch_size,), generator=generator)
-    return torch.stack([ids[s : s + context + 1] for s in starts.tolist()])
+    """``batch_size`` random slices of ``context`` consecutive ids."""
+    starts = torch.randint(0, ids.numel() - context + 1, (batch_size,), generator=generator)
+    return torch.stack([ids[s : s + context] for s in starts.tolist()])
+
+
+def next_byte_loss(model, windows: torch.Tensor) -> torch.Tensor:
+    """Mean next-byte cross-entropy (nats); Hugging Face LMs shift the labels themselves."""
+    return model(input_ids=windows, labels=windows).loss
 
 
 def learning_rate(step: int, total: int, warmup: int, peak: float) -> float:
@@ -116,7 +121,7 @@ def learning_rate(step: int, total: int, warmup: int, peak: float) -> float:
 def heldout_bits_per_byte(model, windows: torch.Tensor) -> float:
     """Mean next-byte cross-entropy in bits on fixed held-out windows."""
     model.eval()
-    losses = [model(input_ids=w[:, :-1], labels=w[:, 1:]).loss.item() for w in windows.split(16)]
+    losses = [next_byte_loss(model, w).item() for w in windows.split(16)]
     return sum(losses) / len(losses) / math.log(2)
 
 
@@ -206,7 +211,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     heldout_bytes = read_utf8_corpus(heldout_files)
     (run_dir / "heldout.txt").write_bytes(heldout_bytes)
     heldout_ids = as_ids(heldout_bytes)
-    needed = args.probe_tokens + 64 * (args.context + 1)
+    needed = args.probe_tokens + 64 * args.context
     if heldout_ids.numel() < needed:
         raise SystemExit(f"held-out text has {heldout_ids.numel()} bytes; need {needed}: raise --heldout-percent or lower --probe-tokens")
     probe_ids = heldout_ids[: args.probe_tokens]
@@ -231,7 +236,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, total_steps, args.warmup, args.lr)
         batch = random_windows(train_ids, args.context, args.batch_size, generator)
-        loss = model(input_ids=batch[:, :-1], labels=batch[:, 1:]).loss
+        loss = next_byte_loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
