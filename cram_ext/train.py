@@ -61,6 +61,8 @@ class RunConfig:
     eval_batches: int = 4
     checkpoint_every: int = 100
     task: str = "srcd"            # "srcd" or a transfer task ("copy", "recall")
+    init_from: str = ""           # start from this checkpoint's model weights (transfer)
+    freeze_routing: bool = False  # keep semantic memory, router and q̂ predictor fixed
     threads: int = 1
 
     def model_config(self, **overrides) -> ModelConfig:
@@ -212,6 +214,13 @@ class Trainer:
         self.data = config.data_config()
         self.bindings = pattern_values(self.data)
         self.model = CRAMModel(config.model_config(**(model_overrides or {})))
+        if config.init_from:
+            self.model.load_state_dict(torch.load(config.init_from, weights_only=False)["model"])
+        if config.freeze_routing:
+            for layer in self.model.layers:
+                for part in (layer.semantic, layer.router, layer.q_predictor):
+                    if part is not None:
+                        part.requires_grad_(False)
         torch.manual_seed(config.seed * 1009 + 1 + self.rank)   # routing noise, per rank
         self.ddp = (DistributedDataParallel(self.model, find_unused_parameters=True)
                     if self.world_size > 1 else None)
@@ -347,6 +356,14 @@ class Trainer:
         return last_eval
 
 
+def parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -360,7 +377,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for field in dataclasses.fields(RunConfig):
         if field.name == "model":
             continue
-        parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default),
+        kind = type(field.default)
+        parser.add_argument("--" + field.name.replace("_", "-"),
+                            type=parse_bool if kind is bool else kind,
                             default=None, help=f"override the preset's {field.name}")
     return parser.parse_args(argv)
 

@@ -101,7 +101,8 @@ class ModelConfig:
     probe_steps: int = 1000              # linear anneal of the probe rate
     q_sigma: float = 0.5                 # q = exp(-‖f_sem - r‖² / (q_sigma² ‖r‖²))
     lambda_episodic: float = 0.1
-    episodic_cost_warmup: int = 100      # λ_E ramps linearly from 0 over these steps
+    episodic_cost_start: int = 100       # λ_E is 0 before this step ...
+    episodic_cost_ramp: int = 100        # ... then rises linearly to its value over these steps
     lambda_semantic: float = 0.05
     gamma_consolidation: float = 0.5
     use_q_reward: bool = True            # the −λ_S Σ π_S q̂ term
@@ -138,10 +139,12 @@ class ModelConfig:
         return self.temperature_start * (self.temperature_end / self.temperature_start) ** progress
 
     def episodic_cost_weight(self, step: int) -> float:
-        """λ_E at `step`: ramped up from 0 so attention can learn to retrieve before the router
-        is charged for using it (with the full charge from step 0, the router abandons attention
-        while its output is still noise, and retrieval of novel keys is never learned)."""
-        return self.lambda_episodic * min(1.0, step / max(1, self.episodic_cost_warmup))
+        """λ_E at `step`: 0 at first, so attention learns to retrieve before the router is
+        charged for using it, then ramped up. With the full charge from step 0 the router
+        abandons attention while its output is still noise and never learns to retrieve novel
+        keys (seen on SRCD: novel-key accuracy stays at chance)."""
+        progress = (step - self.episodic_cost_start) / max(1, self.episodic_cost_ramp)
+        return self.lambda_episodic * min(1.0, max(0.0, progress))
 
     def probe_rate(self, step: int) -> float:
         progress = min(1.0, step / max(1, self.probe_steps))

@@ -8,11 +8,13 @@ sequence length or depth:
 
     L = L_task + λ_E·mean(π_E) − λ_S·mean(π_S · sg(q̂)) + γ·L_cons + L_q̂
 
-* L_task: cross-entropy averaged over query positions + MSE of the next value averaged over
-  observation positions.
+* L_task: (Σ cross-entropy over query positions + Σ squared error of the next value over
+  observation positions) / (batch · N), a per-position mean like the routing terms. So one
+  query's loss weighs the same as one token's routing cost λ_E·π_E: a query keeps attention
+  when retrieval lowers its loss by more than λ_E, whatever the query rate or N.
 * mean(π_E), mean(π_S·q̂): over all (token, layer) pairs of the layers with a router; π is the
   router's softmax without Gumbel noise. q̂ is detached in the reward: only its regression moves it.
-  In training λ_E ramps up from 0 over `episodic_cost_warmup` steps (`episodic_cost_weight`).
+  In training λ_E is 0 for `episodic_cost_start` steps, then ramps up (`episodic_cost_weight`).
 * L_cons = mean over the (token, layer) pairs that ran attention in a layer with a semantic path
   of ‖f_sem(x_t) − sg(r^E_t)‖² / d (squared error per feature).
 * L_q̂ = mean over the same pairs of (q̂_t − sg(q_t))², q_t = exp(−‖f_sem − r^E‖² / (σ_q²‖r^E‖²)):
@@ -204,11 +206,12 @@ class CRAMModel(nn.Module):
         cfg = self.config
         queries = batch["target_class"] != IGNORE_INDEX
         zero = output.next_value.new_zeros(())
-        retrieval = (F.cross_entropy(output.value_logits[queries], batch["target_class"][queries])
-                     if queries.any() else zero)
+        positions = queries.numel()
+        retrieval = (F.cross_entropy(output.value_logits[queries], batch["target_class"][queries],
+                                     reduction="sum") / positions if queries.any() else zero)
         observed = batch["dynamics_mask"]
-        dynamics = (F.mse_loss(output.next_value[observed], batch["target_value"][observed])
-                    if observed.any() else zero)
+        dynamics = (F.mse_loss(output.next_value[observed], batch["target_value"][observed],
+                               reduction="sum") / positions if observed.any() else zero)
         routed = [r for r in output.layers if r.probs is not None]
         episodic_cost = (torch.stack([r.probs[..., 1].mean() for r in routed]).mean()
                          if routed else zero)
@@ -238,6 +241,8 @@ class CRAMModel(nn.Module):
         and the scan's A_log, D, Δ bias."""
         semantic, decay, no_decay = [], [], []
         for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
             if ".semantic." in name:
                 semantic.append(param)
             elif param.dim() < 2 or "embedding" in name or name.endswith(("A_log", "dt_bias")):
