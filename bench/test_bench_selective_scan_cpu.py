@@ -35,7 +35,7 @@ def scan_bytes(inputs):
 def test_selective_scan_forward(benchmark, dtype):
     inputs = scan_inputs(dtype)
     benchmark.group = "selective_scan"
-    benchmark.extra_info.update(kind="scan", impl="cram_ext", dtype=str(dtype), bytes=scan_bytes(inputs),
+    benchmark.extra_info.update(kernel="selective_scan", dtype=str(dtype), bytes=scan_bytes(inputs),
                                 shape=f"batch={BATCH} dim={DIM} L={L} N={N}")
     with torch.no_grad():
         benchmark(lambda: cram_ext.selective_scan(**inputs, delta_softplus=True))
@@ -44,7 +44,7 @@ def test_selective_scan_forward(benchmark, dtype):
 def test_selective_scan_reference(benchmark):
     inputs = scan_inputs(torch.float32)
     benchmark.group = "selective_scan"
-    benchmark.extra_info.update(kind="scan", impl="reference", dtype=str(torch.float32), bytes=scan_bytes(inputs),
+    benchmark.extra_info.update(kernel="selective_scan_ref", dtype=str(torch.float32), bytes=scan_bytes(inputs),
                                 shape=f"batch={BATCH} dim={DIM} L={L} N={N}")
     with torch.no_grad():
         benchmark.pedantic(lambda: selective_scan_ref(**inputs, delta_softplus=True), rounds=3, iterations=1)
@@ -55,5 +55,5 @@ def test_copy_bandwidth(benchmark):
     src = torch.randn(64 * 2**20 // 4 * 4)  # 256 MiB
     dst = torch.empty_like(src)
     benchmark.group = "selective_scan"
-    benchmark.extra_info.update(kind="copy", impl="torch copy_", bytes=2 * src.numel() * src.element_size())
+    benchmark.extra_info.update(kernel="copy", bytes=2 * src.numel() * src.element_size())
     benchmark(lambda: dst.copy_(src))

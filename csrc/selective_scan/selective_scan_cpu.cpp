@@ -123,19 +123,21 @@ struct ScanBlock {
 
 // Advances the state one step, h = exp(Δ A) ⊙ h + Δ u B_t, and returns y = C_t · h per lane.
 template <typename acc_t>
-inline void scan_step(acc_t* h, const acc_t* A, const acc_t* step, const acc_t* u, const acc_t* Bt,
-                      const acc_t* Ct, int N, acc_t* y) {
+inline void scan_step(acc_t* __restrict__ h, const acc_t* __restrict__ A, const acc_t* __restrict__ step,
+                      const acc_t* __restrict__ u, const acc_t* __restrict__ Bt,
+                      const acc_t* __restrict__ Ct, int N, acc_t* __restrict__ y) {
   acc_t drive[kLanes];
   for (int c = 0; c < kLanes; ++c) {
     drive[c] = step[c] * u[c];
     y[c] = acc_t(0);
   }
   for (int n = 0; n < N; ++n) {
-    acc_t* hn = h + n * kLanes;
-    const acc_t* An = A + n * kLanes;
+    acc_t* __restrict__ hn = h + n * kLanes;
+    const acc_t* __restrict__ An = A + n * kLanes;
+    const acc_t b = Bt[n], c_n = Ct[n];
     for (int c = 0; c < kLanes; ++c) {
-      hn[c] = exp_approx(step[c] * An[c]) * hn[c] + drive[c] * Bt[n];
-      y[c] += hn[c] * Ct[n];
+      hn[c] = exp_approx(step[c] * An[c]) * hn[c] + drive[c] * b;
+      y[c] += hn[c] * c_n;
     }
   }
 }
