@@ -150,7 +150,8 @@ def test_layer_measures_q_and_consolidation_error_by_the_formulas():
     recalled = layer.semantic.up(F.relu(layer.semantic.down(x)))
     error = (recalled - retrieved).pow(2).sum(-1)
     torch.testing.assert_close(record.consolidation_error, error / 32)
-    q = torch.exp(-error / (config.q_sigma ** 2 * retrieved.pow(2).sum(-1)))
+    spread = retrieved.reshape(-1, 32).var(0, unbiased=False).sum()   # every row ran
+    q = torch.exp(-error / (config.q_sigma ** 2 * spread))
     torch.testing.assert_close(record.q, q)
     # the semantic path, not attention, reaches the output: out = Norm(x + y + f_sem) → FFN
     h = layer.norm_mix(x + layer.working(x, gap) + recalled)

@@ -17,8 +17,9 @@ sequence length or depth:
   In training λ_E is 0 for `episodic_cost_start` steps, then ramps up (`episodic_cost_weight`).
 * L_cons = mean over the (token, layer) pairs that ran attention in a layer with a semantic path
   of ‖f_sem(x_t) − sg(r^E_t)‖² / d (squared error per feature).
-* L_q̂ = mean over the same pairs of (q̂_t − sg(q_t))², q_t = exp(−‖f_sem − r^E‖² / (σ_q²‖r^E‖²)):
-  σ² is taken relative to ‖r^E_t‖² so q does not depend on the activation scale.
+* L_q̂ = mean over the same pairs of (q̂_t − sg(q_t))², q_t = exp(−‖f_sem − r^E‖² / σ²) with
+  σ² = σ_q² · Σ_features Var(r^E) over the layer's attention rows of the batch
+  (`retrieval_spread`), so q does not depend on the activation scale.
 """
 from __future__ import annotations
 
@@ -108,13 +109,26 @@ class CRAMLayer(nn.Module):
                 squared_error = (recalled - target).pow(2).sum(-1)
                 ran = rows.to(x.dtype)
                 record.consolidation_error = squared_error / x.shape[-1] * ran
-                relative = squared_error.detach() / (self.q_sigma ** 2
-                                                     * target.pow(2).sum(-1) + 1e-8)
-                record.q = torch.exp(-relative) * ran
+                record.q = torch.exp(-squared_error.detach()
+                                     / (self.q_sigma ** 2 * retrieval_spread(target, rows))) * ran
                 record.q_hat = q_hat
             record.probs, record.attention_rows = probs, rows
         h = self.norm_mix(x + mixed)
         return self.norm_ffn(h + self.ffn(h)), record
+
+
+def retrieval_spread(retrieved: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Σ_features Var(r^E) over the rows that ran attention: the scale of q's σ².
+
+    Normalising by the spread of the attention outputs, not by their norm, makes q measure
+    whether f_sem predicts what is specific to a token's retrieval: the part all retrievals
+    share (type and position features) is easy to predict and would make q high everywhere.
+    A semantic memory that only predicts the mean retrieval gets q ≈ exp(−1/σ_q²).
+    """
+    selected = retrieved[rows]
+    if selected.shape[0] < 2:
+        return retrieved.new_ones(())
+    return selected.var(0, unbiased=False).sum().clamp_min(1e-8)
 
 
 class InputEncoder(nn.Module):
