@@ -125,6 +125,8 @@ def aggregate(results: Dict[str, List[dict]]) -> Dict[str, dict]:
     for model, runs in results.items():
         if not runs:
             continue
+        for r in runs:   # from the stored curve, so the definition can change without retraining
+            r["consolidation"] = analysis.consolidation_summary(r["curve"])
         finals = [r["final"] for r in runs]
         row = {key: mean_std([f[key] for f in finals])
                for key in ("accuracy", "accuracy_recurring", "accuracy_novel", "dynamics_mse",
@@ -313,7 +315,7 @@ def summarize_and_write(plan_name: str, plan: ExperimentPlan, results: Dict[str,
     cram_runs = results.get("cram", [])
     if cram_runs:
         curves = [{k: np.array(v) for k, v in r["curve"].items()} for r in cram_runs]
-        summary["consolidation"] = table["cram"]
+        summary["consolidation"] = table["cram"]   # aggregate() refreshed r["consolidation"]
         analysis.plot_attention(curves, cram_runs[0]["consolidation"],
                                 os.path.join(args.figures, "srcd_attention.png"),
                                 ideal=data.ideal_attention_fraction)
@@ -343,32 +345,46 @@ def main(argv=None) -> dict:
     parser.add_argument("--results-md", default="docs/RESULTS.md")
     parser.add_argument("--note", action="append",
                         help="a finding to list under Notes in RESULTS.md (repeatable)")
+    parser.add_argument("--summarize-only", action="store_true",
+                        help="train nothing: summarize the finished runs, list the others")
     args = parser.parse_args(argv)
     plan = PLANS[args.size]
     models = list(dict.fromkeys(TABLE1_MODELS + ABLATIONS))
-    # Seed-major order: after the first pass every table has one seed.
-    jobs = [("srcd", model, seed) for seed in range(plan.seeds) for model in models]
-    for seed in range(plan.transfer_seeds):
-        for task in TRANSFER_TASKS:
-            jobs.insert(models.__len__() * (seed + 1) + 2 * seed + TRANSFER_TASKS.index(task),
-                        (task, "cram", seed))
+    # Seed-major order, so that after the first pass every table has one seed; a seed's
+    # transfer runs follow its SRCD runs (they start from its CRAM checkpoint).
+    jobs = []
+    for seed in range(plan.seeds):
+        jobs += [("srcd", model, seed) for model in models]
+        if seed < plan.transfer_seeds:
+            jobs += [(task, "cram", seed) for task in TRANSFER_TASKS]
     results: Dict[str, List[dict]] = {m: [] for m in models}
     transfer = {task: {"scratch": [], "transfer": []} for task in TRANSFER_TASKS}
     names = [f"{m}_s{s}" if t == "srcd" else f"{t}_s{s}" for t, m, s in jobs]
-    summary: dict = {}
+    def finished(tag: str, seed: int) -> bool:
+        return os.path.exists(os.path.join(run_dir(args.runs, tag, seed), "result.json"))
+
+    missing = []
     for index, (task, model, seed) in enumerate(jobs):
         if task == "srcd":
+            if args.summarize_only and not finished(model, seed):
+                missing.append(names[index])
+                continue
             results[model].append(train_one(plan, args.runs, model, seed))
         else:
+            tags = (f"{task}_scratch", f"{task}_transfer")
+            if args.summarize_only and not all(finished(tag, seed) for tag in tags):
+                missing.append(names[index])
+                continue
             source = os.path.join(run_dir(args.runs, "cram", seed), "checkpoint.pt")
             transfer[task]["scratch"].append(
-                train_one(plan, args.runs, "cram", seed, task, tag=f"{task}_scratch"))
+                train_one(plan, args.runs, "cram", seed, task, tag=tags[0]))
             transfer[task]["transfer"].append(
-                train_one(plan, args.runs, "cram", seed, task, init_from=source,
-                          tag=f"{task}_transfer"))
-        summary = summarize_and_write(args.size, plan, results, transfer, names[index + 1:],
-                                      len(jobs), args)
-    return summary
+                train_one(plan, args.runs, "cram", seed, task, init_from=source, tag=tags[1]))
+        if not args.summarize_only:
+            summarize_and_write(args.size, plan, results, transfer, names[index + 1:],
+                                len(jobs), args)
+    return summarize_and_write(args.size, plan, results, transfer,
+                               missing if args.summarize_only else [], len(jobs), args)
 
 
 if __name__ == "__main__":

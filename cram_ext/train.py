@@ -58,6 +58,7 @@ class RunConfig:
     episodic_cost_ramp: int = 100
     semantic_rank: int = 16       # 0: d_model // 16, the paper's rank
     semantic_lr_mult: float = 1.0
+    working: str = "scan"         # working memory of the layers that have one: scan or ctode
     seed: int = 0                 # model initialisation and routing noise
     data_seed: int = 0            # the training stream (bindings come from binding_seed)
     binding_seed: int = 0
@@ -77,7 +78,12 @@ class RunConfig:
                       semantic_rank=self.semantic_rank or None,
                       semantic_lr_mult=self.semantic_lr_mult)
         fields.update(overrides)
-        return model_config(self.model, **fields)
+        config = model_config(self.model, **fields)
+        if self.working != "scan":
+            layers = tuple(dataclasses.replace(spec, working=self.working) if spec.working
+                           else spec for spec in config.layers)
+            config = dataclasses.replace(config, layers=layers)
+        return config
 
     def data_config(self) -> SRCDConfig:
         return SRCDConfig(seq_len=self.seq_len, binding_seed=self.binding_seed)

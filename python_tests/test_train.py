@@ -102,3 +102,12 @@ def test_results_section_replaces_only_the_text_between_its_markers(tmp_path):
     assert "second" in text and "first" not in text
     assert text.count("## SRCD: CRAM vs baselines") == 1
     assert "kernel table" in text and text.endswith("## Later section\n\nkept\n")
+
+
+def test_the_ctode_working_memory_is_a_run_option():
+    config = run_config("cram", "tiny", working="ctode").model_config()
+    assert {spec.working for spec in config.layers} == {"ctode"}
+    jamba = run_config("jamba", "tiny", n_layers=8, working="ctode").model_config()
+    assert [spec.working for spec in jamba.layers].count(None) == 1   # the attention layer
+    with pytest.raises(ValueError, match="working memory"):
+        run_config("cram", "tiny", working="lstm").model_config()

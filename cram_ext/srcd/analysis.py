@@ -32,18 +32,23 @@ def attention_curve(log: List[dict], window: int = 25) -> Dict[str, np.ndarray]:
 def consolidation_summary(curve: Dict[str, np.ndarray]) -> Dict[str, float]:
     """Peak and final attention fraction of the smoothed training curve, their ratio
     (consolidation ratio = final / peak, B6) and the transition step: the first step after the
-    peak where the curve falls below the geometric mean of peak and final."""
-    smoothed, steps = curve["smoothed"], curve["steps"]
+    peak where the curve falls below the geometric mean of peak and final. A curve that does
+    not fall at least 2× has no transition; one that never attends has no ratio."""
+    smoothed, steps = np.asarray(curve["smoothed"]), np.asarray(curve["steps"])
     peak_index = int(np.argmax(smoothed))
     peak = float(smoothed[peak_index])
     final = float(smoothed[-1])
-    threshold = np.sqrt(max(peak, 1e-12) * max(final, 1e-12))
-    below = np.flatnonzero(smoothed[peak_index:] <= threshold)
-    transition = int(steps[peak_index + below[0]]) if len(below) else None
-    return {"peak_attention": peak, "final_attention": final,
-            "consolidation_ratio": final / peak if peak > 0 else float("nan"),
-            "fall_factor": peak / final if final > 0 else float("inf"),
-            "transition_step": transition}
+    if peak <= 0:
+        return {"peak_attention": 0.0, "final_attention": final,
+                "consolidation_ratio": float("nan"), "fall_factor": float("nan"),
+                "transition_step": None}
+    fall = peak / final if final > 0 else float("inf")
+    transition = None
+    if fall >= 2:
+        below = np.flatnonzero(smoothed[peak_index:] <= np.sqrt(peak * max(final, 1e-12)))
+        transition = int(steps[peak_index + below[0]])
+    return {"peak_attention": peak, "final_attention": final, "consolidation_ratio": final / peak,
+            "fall_factor": fall, "transition_step": transition}
 
 
 def q_distributions(log: List[dict], transition_step: Optional[int]) -> Dict[str, np.ndarray]:
