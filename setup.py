@@ -33,7 +33,9 @@ def sources(pattern):
 
 def extension():
     with_cuda = cuda_wanted()
-    cpu_sources = ["csrc/bindings.cpp"] + sources("csrc/**/*_cpu.cpp")
+    # csrc/tests holds native test executables (built by CMake), not extension sources.
+    cpu_sources = ["csrc/bindings.cpp"] + [path for path in sources("csrc/**/*_cpu.cpp")
+                                           if not path.startswith(os.path.join("csrc", "tests", ""))]
     cxx_flags = ["-O3", "-std=c++20", f"-march={os.environ.get('CRAM_EXT_CPU_ARCH', 'native')}"]
     if not with_cuda:
         return CppExtension("cram_ext._C", cpu_sources, extra_compile_args={"cxx": cxx_flags})
