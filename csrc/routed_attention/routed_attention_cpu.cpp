@@ -356,81 +356,134 @@ void run_dynamic(int64_t n_items, MakeScratch make_scratch, Work work) {
   });
 }
 
-// Tile indices, most visible keys first.
+// Consecutive tiles of one (batch, head), processed together so that each key/value block is
+// read from memory once for all of them instead of once per tile (a head's keys and values
+// outgrow the L2 cache at a few thousand positions).
+struct TileGroup {
+  int first_tile, count;
+  long cost;  // visible keys summed over the tiles
+};
+
+constexpr int kTilesPerGroup = 8;
+
+// Groups of up to `tiles_per_group` tiles, most work first.
 template <typename scalar_t>
-std::vector<int> tiles_longest_first(const Problem<scalar_t>& pb) {
-  std::vector<int> order(pb.tiles().size());
-  for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int>(i);
-  std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
-    return pb.key_end(pb.tiles()[a]) > pb.key_end(pb.tiles()[b]);
-  });
-  return order;
+std::vector<TileGroup> tile_groups_longest_first(const Problem<scalar_t>& pb, int tiles_per_group) {
+  std::vector<TileGroup> groups;
+  const int n_bh = pb.params().batch * pb.params().heads;
+  for (int bh = 0; bh < n_bh; ++bh)
+    for (int t = pb.tile_begin(bh); t < pb.tile_begin(bh + 1); t += tiles_per_group) {
+      TileGroup g{t, std::min(tiles_per_group, pb.tile_begin(bh + 1) - t), 0};
+      for (int i = 0; i < g.count; ++i) g.cost += pb.key_end(pb.tiles()[t + i]);
+      groups.push_back(g);
+    }
+  std::stable_sort(groups.begin(), groups.end(),
+                   [](const TileGroup& a, const TileGroup& b) { return a.cost > b.cost; });
+  return groups;
+}
+
+// Keys [0, end) some tile of the group can see.
+template <typename scalar_t>
+int group_key_end(const Problem<scalar_t>& pb, const TileGroup& g) {
+  int end = 0;
+  for (int i = 0; i < g.count; ++i) end = std::max(end, pb.key_end(pb.tiles()[g.first_tile + i]));
+  return end;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------
 
+// Online-softmax state of one tile: transposed query (pre-scaled) and output, running max/sum.
+template <typename acc_t>
+struct ForwardTileState {
+  Vec<acc_t>* q_t;
+  Vec<acc_t>* out_t;
+  Vec<acc_t> running_max, running_sum, positions;
+};
+
 template <typename acc_t>
 struct ForwardScratch {
   explicit ForwardScratch(int d)
-      : q_t(d), out_t(d), scores(kKeyBlock), k_buffer(kKeyBlock * d), v_buffer(kKeyBlock * d) {}
-  std::vector<Vec<acc_t>> q_t, out_t, scores;
+      : q_t(kTilesPerGroup * d), out_t(kTilesPerGroup * d), tiles(kTilesPerGroup), scores(kKeyBlock),
+        k_buffer(kKeyBlock * d), v_buffer(kKeyBlock * d) {
+    for (int i = 0; i < kTilesPerGroup; ++i) {
+      tiles[i].q_t = &q_t[i * d];
+      tiles[i].out_t = &out_t[i * d];
+    }
+  }
+  std::vector<Vec<acc_t>> q_t, out_t;
+  std::vector<ForwardTileState<acc_t>> tiles;
+  std::vector<Vec<acc_t>> scores;
   std::vector<acc_t> k_buffer, v_buffer;
 };
 
 // Online softmax over one key block, in base 2: updates the running max and sum, rescales the
 // output tile, and turns the block's scores into unnormalised probabilities.
 template <typename acc_t>
-void softmax_update(Vec<acc_t>* scores, int n, Vec<acc_t>& running_max, Vec<acc_t>& running_sum,
-                    Vec<acc_t>* out_t, int d) {
-  Vec<acc_t> block_max = running_max;
+void softmax_update(Vec<acc_t>* scores, int n, ForwardTileState<acc_t>& state, int d) {
+  Vec<acc_t> block_max = state.running_max;
   for (int j = 0; j < n; ++j) block_max = max_vec<acc_t>(block_max, scores[j]);
   // A lane that has seen only masked keys keeps max -inf; subtract 0 there to avoid -inf - -inf.
   const Vec<acc_t> minus_inf = splat(-std::numeric_limits<acc_t>::infinity());
   const Vec<acc_t> shift = block_max == minus_inf ? Vec<acc_t>{} : block_max;
-  const Vec<acc_t> rescale = exp2_vec(running_max - shift);
+  const Vec<acc_t> rescale = exp2_vec(state.running_max - shift);
   Vec<acc_t> block_sum{};
   for (int j = 0; j < n; ++j) {
     scores[j] = exp2_vec(scores[j] - shift);
     block_sum += scores[j];
   }
-  running_sum = running_sum * rescale + block_sum;
-  running_max = block_max;
-  for (int c = 0; c < d; ++c) out_t[c] *= rescale;
+  state.running_sum = state.running_sum * rescale + block_sum;
+  state.running_max = block_max;
+  for (int c = 0; c < d; ++c) state.out_t[c] *= rescale;
 }
 
 template <typename scalar_t, typename acc_t = typename AccType<scalar_t>::type>
-void forward_tile(const Problem<scalar_t>& pb, const Tile& t, ForwardScratch<acc_t>& s) {
-  const RoutedAttentionParams& p = pb.params();
-  const int d = p.head_dim, b = pb.batch_of(t.bh), kvh = pb.kv_head(t.bh);
-  const acc_t scale_log2 = static_cast<acc_t>(p.scale * kLog2e);
-  gather_transposed(pb, t, [&](int i) { return pb.q_row(t.bh, i); }, scale_log2, s.q_t.data());
-  for (int c = 0; c < d; ++c) s.out_t[c] = Vec<acc_t>{};
-  const Vec<acc_t> positions = lane_positions(pb, t);
-  Vec<acc_t> running_max = splat(-std::numeric_limits<acc_t>::infinity()), running_sum{};
+void start_tile(const Problem<scalar_t>& pb, const Tile& t, ForwardTileState<acc_t>& state) {
+  const acc_t scale_log2 = static_cast<acc_t>(pb.params().scale * kLog2e);
+  gather_transposed(pb, t, [&](int i) { return pb.q_row(t.bh, i); }, scale_log2, state.q_t);
+  for (int c = 0; c < pb.head_dim(); ++c) state.out_t[c] = Vec<acc_t>{};
+  state.running_max = splat(-std::numeric_limits<acc_t>::infinity());
+  state.running_sum = Vec<acc_t>{};
+  state.positions = lane_positions(pb, t);
+}
 
-  const int key_end = pb.key_end(t);
-  for (int j0 = 0; j0 < key_end; j0 += kKeyBlock) {
-    const int n = std::min(kKeyBlock, key_end - j0);
-    const auto keys = rows_as_acc(pb.k_row(b, kvh, j0), p.k_row_stride, n, d, s.k_buffer);
-    rows_dot_tile(keys, n, s.q_t.data(), d, s.scores.data());
-    mask_scores(pb, t, positions, j0, n, s.scores.data());
-    softmax_update<acc_t>(s.scores.data(), n, running_max, running_sum, s.out_t.data(), d);
-    const auto values = rows_as_acc(pb.v_row(b, kvh, j0), p.v_row_stride, n, d, s.v_buffer);
-    accumulate_weighted_rows(values, n, s.scores.data(), d, s.out_t.data());
-  }
-
+template <typename scalar_t, typename acc_t = typename AccType<scalar_t>::type>
+void finish_tile(const Problem<scalar_t>& pb, const Tile& t, const ForwardTileState<acc_t>& state) {
   acc_t* lse = pb.lse(t.bh);
   for (int lane = 0; lane < t.count; ++lane) {
     const int i = pb.position(t.first + lane);
-    const acc_t sum = running_sum[lane];
+    const acc_t sum = state.running_sum[lane];
     const acc_t inv_sum = sum == 0 ? acc_t(0) : acc_t(1) / sum;  // no visible key: output 0
     scalar_t* out = pb.out_row(t.bh, i);
-    for (int c = 0; c < d; ++c) out[c] = store_as<scalar_t>(s.out_t[c][lane] * inv_sum);
+    for (int c = 0; c < pb.head_dim(); ++c) out[c] = store_as<scalar_t>(state.out_t[c][lane] * inv_sum);
     lse[i] = sum == 0 ? -std::numeric_limits<acc_t>::infinity()
-                      : static_cast<acc_t>(running_max[lane] * kLn2 + std::log(sum));
+                      : static_cast<acc_t>(state.running_max[lane] * kLn2 + std::log(sum));
   }
+}
+
+template <typename scalar_t, typename acc_t = typename AccType<scalar_t>::type>
+void forward_group(const Problem<scalar_t>& pb, const TileGroup& g, ForwardScratch<acc_t>& s) {
+  const RoutedAttentionParams& p = pb.params();
+  const Tile* tiles = &pb.tiles()[g.first_tile];
+  const int d = p.head_dim, b = pb.batch_of(tiles[0].bh), kvh = pb.kv_head(tiles[0].bh);
+  for (int i = 0; i < g.count; ++i) start_tile(pb, tiles[i], s.tiles[i]);
+  const int key_end = group_key_end(pb, g);
+  for (int j0 = 0; j0 < key_end; j0 += kKeyBlock) {
+    const int block = std::min(kKeyBlock, key_end - j0);
+    const auto keys = rows_as_acc(pb.k_row(b, kvh, j0), p.k_row_stride, block, d, s.k_buffer);
+    const auto values = rows_as_acc(pb.v_row(b, kvh, j0), p.v_row_stride, block, d, s.v_buffer);
+    for (int i = 0; i < g.count; ++i) {
+      const int n = std::min(block, pb.key_end(tiles[i]) - j0);
+      if (n <= 0) continue;
+      ForwardTileState<acc_t>& state = s.tiles[i];
+      rows_dot_tile(keys, n, state.q_t, d, s.scores.data());
+      mask_scores(pb, tiles[i], state.positions, j0, n, s.scores.data());
+      softmax_update(s.scores.data(), n, state, d);
+      accumulate_weighted_rows(values, n, s.scores.data(), d, state.out_t);
+    }
+  }
+  for (int i = 0; i < g.count; ++i) finish_tile(pb, tiles[i], s.tiles[i]);
 }
 
 template <typename scalar_t>
@@ -438,10 +491,10 @@ void forward(const RoutedAttentionParams& params) {
   using acc_t = typename AccType<scalar_t>::type;
   const Problem<scalar_t> pb(params);
   pb.zero_unrouted_rows();
-  const std::vector<int> order = tiles_longest_first(pb);
+  const std::vector<TileGroup> groups = tile_groups_longest_first(pb, kTilesPerGroup);
   run_dynamic(
-      static_cast<int64_t>(order.size()), [&] { return ForwardScratch<acc_t>(params.head_dim); },
-      [&](int64_t item, ForwardScratch<acc_t>& s) { forward_tile(pb, pb.tiles()[order[item]], s); });
+      static_cast<int64_t>(groups.size()), [&] { return ForwardScratch<acc_t>(params.head_dim); },
+      [&](int64_t item, ForwardScratch<acc_t>& s) { forward_group(pb, groups[item], s); });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -605,9 +658,9 @@ void backward(const RoutedAttentionBwdParams& params) {
   const BackwardOperands<scalar_t> ops(pb, params);
   auto make_scratch = [&] { return BackwardScratch<acc_t>(params.head_dim, ops.vecs()); };
 
-  const std::vector<int> order = tiles_longest_first(pb);
-  run_dynamic(static_cast<int64_t>(order.size()), make_scratch, [&](int64_t item, BackwardScratch<acc_t>& s) {
-    backward_dq_tile(pb, ops, params, order[item], s);
+  const std::vector<TileGroup> tiles = tile_groups_longest_first(pb, 1);
+  run_dynamic(static_cast<int64_t>(tiles.size()), make_scratch, [&](int64_t item, BackwardScratch<acc_t>& s) {
+    backward_dq_tile(pb, ops, params, tiles[item].first_tile, s);
   });
 
   // Key blocks in order of the work they get: with a causal mask, early blocks are seen by most rows.
