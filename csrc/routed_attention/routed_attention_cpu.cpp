@@ -222,9 +222,9 @@ class Problem {
   // First tile of `bh` with a row that sees key j.
   int first_tile_seeing(int bh, int j) const {
     if (!p_.is_causal) return tile_begin_[bh];
-    const auto begin = positions_.begin() + row_begin_[bh], end = positions_.begin() + row_begin_[bh + 1];
-    const long first_row = std::lower_bound(begin, end, j) - begin;
-    return tile_begin_[bh] + static_cast<int>(first_row / kLanes);
+    const auto begin = tiles_.begin() + tile_begin_[bh], end = tiles_.begin() + tile_begin_[bh + 1];
+    return static_cast<int>(
+        std::partition_point(begin, end, [&](const Tile& t) { return last_position(t) < j; }) - tiles_.begin());
   }
 
   const scalar_t* q_row(int bh, int i) const {
@@ -268,15 +268,20 @@ class Problem {
  private:
   void compact_routed_rows() {
     const int n_bh = p_.batch * p_.heads;
-    row_begin_.assign(1, 0);
     tile_begin_.assign(1, 0);
     for (int bh = 0; bh < n_bh; ++bh) {
       const int first = static_cast<int>(positions_.size());
       for (int i = 0; i < p_.seqlen_q; ++i)
         if (routed(bh, i)) positions_.push_back(i);
       const int last = static_cast<int>(positions_.size());
-      for (int t = first; t < last; t += kLanes) tiles_.push_back({bh, t, std::min(kLanes, last - t)});
-      row_begin_.push_back(last);
+      // As few tiles as the lanes allow, of even sizes: a tile costs as much as its last row,
+      // so a nearly empty last tile would cost as much as a full one.
+      const int n_tiles = (last - first + kLanes - 1) / kLanes;
+      for (int t = 0; t < n_tiles; ++t) {
+        const int begin = first + static_cast<int>(static_cast<long>(last - first) * t / n_tiles);
+        const int end = first + static_cast<int>(static_cast<long>(last - first) * (t + 1) / n_tiles);
+        tiles_.push_back({bh, begin, end - begin});
+      }
       tile_begin_.push_back(static_cast<int>(tiles_.size()));
     }
   }
@@ -284,7 +289,6 @@ class Problem {
   const RoutedAttentionParams& p_;
   const int group_;
   std::vector<int32_t> positions_;  // routed rows of every (batch, head), in order
-  std::vector<int> row_begin_;      // (batch * heads + 1) offsets into positions_
   std::vector<Tile> tiles_;
   std::vector<int> tile_begin_;     // (batch * heads + 1) offsets into tiles_
 };
@@ -299,6 +303,17 @@ RowsView<acc_t> rows_as_acc(const scalar_t* first, long stride, int n, int d, st
     for (int j = 0; j < n; ++j)
       for (int c = 0; c < d; ++c) buffer[j * d + c] = to_float(first[j * stride + c]);
     return {buffer.data(), d};
+  }
+}
+
+// Asks the memory system for rows [0, n) while the current block is being computed: streaming a
+// head's keys and values from L3 or DRAM otherwise stalls the micro-kernels.
+template <typename scalar_t>
+void prefetch_rows(const scalar_t* first, long stride, int n, int d) {
+  constexpr int kLine = 64;
+  for (int j = 0; j < n; ++j) {
+    const char* row = reinterpret_cast<const char*>(first + j * stride);
+    for (long byte = 0; byte < static_cast<long>(d * sizeof(scalar_t)); byte += kLine) __builtin_prefetch(row + byte);
   }
 }
 
@@ -473,6 +488,10 @@ void forward_group(const Problem<scalar_t>& pb, const TileGroup& g, ForwardScrat
     const int block = std::min(kKeyBlock, key_end - j0);
     const auto keys = rows_as_acc(pb.k_row(b, kvh, j0), p.k_row_stride, block, d, s.k_buffer);
     const auto values = rows_as_acc(pb.v_row(b, kvh, j0), p.v_row_stride, block, d, s.v_buffer);
+    if (j0 + kKeyBlock < key_end) {
+      prefetch_rows(pb.k_row(b, kvh, j0 + kKeyBlock), p.k_row_stride, std::min(kKeyBlock, key_end - j0 - kKeyBlock), d);
+      prefetch_rows(pb.v_row(b, kvh, j0 + kKeyBlock), p.v_row_stride, std::min(kKeyBlock, key_end - j0 - kKeyBlock), d);
+    }
     for (int i = 0; i < g.count; ++i) {
       const int n = std::min(block, pb.key_end(tiles[i]) - j0);
       if (n <= 0) continue;
