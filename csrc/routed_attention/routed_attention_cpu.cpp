@@ -190,10 +190,6 @@ struct Tile {
 template <typename acc_t, typename scalar_t> inline acc_t load_acc(scalar_t x) {
   return static_cast<acc_t>(to_float(x));
 }
-template <typename scalar_t, typename acc_t> inline scalar_t store_as(acc_t x) {
-  if constexpr (std::is_same_v<acc_t, double>) return from_double<scalar_t>(x);
-  else return from_float<scalar_t>(x);
-}
 
 template <typename scalar_t>
 class Problem {
@@ -471,7 +467,7 @@ void finish_tile(const Problem<scalar_t>& pb, const Tile& t, const ForwardTileSt
     const acc_t sum = state.running_sum[lane];
     const acc_t inv_sum = sum == 0 ? acc_t(0) : acc_t(1) / sum;  // no visible key: output 0
     scalar_t* out = pb.out_row(t.bh, i);
-    for (int c = 0; c < pb.head_dim(); ++c) out[c] = store_as<scalar_t>(state.out_t[c][lane] * inv_sum);
+    for (int c = 0; c < pb.head_dim(); ++c) out[c] = from_float<scalar_t>(state.out_t[c][lane] * inv_sum);
     lse[i] = sum == 0 ? -std::numeric_limits<acc_t>::infinity()
                       : static_cast<acc_t>(state.running_max[lane] * kLn2 + std::log(sum));
   }
