@@ -1,12 +1,11 @@
 """cram_ext.routed_attention on the CPU against the reference `routed_attention_ref`.
 
-Random cases draw a fresh seed and put it in every assertion message, so a failure can be
-replayed by fixing that seed in `make_case`; a few cases use fixed seeds.
+Random cases take the `seed` fixture (python_tests/conftest.py: fresh per test unless
+CRAM_TEST_SEED is set) and put it in their assertion messages; a few cases use fixed seeds.
 """
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 import torch
@@ -27,10 +26,6 @@ GRAD_TOL = {
     torch.bfloat16: dict(atol=6e-2, rtol=5e-2),
     torch.float16: dict(atol=1e-2, rtol=1e-2),
 }
-
-
-def fresh_seed() -> int:
-    return random.SystemRandom().randrange(2**31)
 
 
 def make_route(generator, shape, fraction):
@@ -94,8 +89,7 @@ def check_forward_and_backward(seed, q, k, v, route, key_mask, is_causal, scale=
 @pytest.mark.parametrize("fraction", [0.0, 0.016, 0.5, 1.0])
 @pytest.mark.parametrize("per_head_route", [False, True])
 @pytest.mark.parametrize("is_causal", [True, False])
-def test_matches_reference_across_lengths_and_route_fractions(L, fraction, per_head_route, is_causal):
-    seed = fresh_seed()
+def test_matches_reference_across_lengths_and_route_fractions(L, fraction, per_head_route, is_causal, seed):
     case = make_case(seed, batch=1 if L == 1000 else 2, Lq=L, fraction=fraction,
                      per_head_route=per_head_route)
     check_forward_and_backward(seed, *case, is_causal)
@@ -104,46 +98,41 @@ def test_matches_reference_across_lengths_and_route_fractions(L, fraction, per_h
 @pytest.mark.parametrize("Lq, Lk", [(1, 9), (5, 17), (64, 200), (130, 40), (33, 1)])
 @pytest.mark.parametrize("is_causal", [True, False])
 @pytest.mark.parametrize("key_mask", [False, True])
-def test_matches_reference_when_query_and_key_lengths_differ(Lq, Lk, is_causal, key_mask):
-    seed = fresh_seed()
+def test_matches_reference_when_query_and_key_lengths_differ(Lq, Lk, is_causal, key_mask, seed):
     case = make_case(seed, Lq=Lq, Lk=Lk, d=24, fraction=0.7, per_head_route=True, key_mask=key_mask)
     check_forward_and_backward(seed, *case, is_causal)
 
 
 @pytest.mark.parametrize("is_causal", [True, False])
 @pytest.mark.parametrize("per_head_route", [False, True])
-def test_grouped_query_attention(is_causal, per_head_route):
-    seed = fresh_seed()
+def test_grouped_query_attention(is_causal, per_head_route, seed):
     case = make_case(seed, batch=2, heads=8, kv_heads=2, Lq=70, d=32, fraction=0.5,
                      per_head_route=per_head_route, key_mask=True)
     check_forward_and_backward(seed, *case, is_causal)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 20240611])
-def test_fixed_seed_cases(seed):
-    case = make_case(seed, batch=2, heads=4, kv_heads=2, Lq=150, d=64, fraction=0.3,
+@pytest.mark.parametrize("fixed_seed", [0, 1, 20240611])
+def test_fixed_seed_cases(fixed_seed):
+    case = make_case(fixed_seed, batch=2, heads=4, kv_heads=2, Lq=150, d=64, fraction=0.3,
                      per_head_route=True, key_mask=True)
-    check_forward_and_backward(seed, *case, is_causal=True)
-    check_forward_and_backward(seed, *case, is_causal=False, scale=0.3)
+    check_forward_and_backward(fixed_seed, *case, is_causal=True)
+    check_forward_and_backward(fixed_seed, *case, is_causal=False, scale=0.3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("is_causal", [True, False])
-def test_dtypes(dtype, is_causal):
-    seed = fresh_seed()
+def test_dtypes(dtype, is_causal, seed):
     case = make_case(seed, batch=2, heads=4, kv_heads=2, Lq=90, Lk=90, d=40, dtype=dtype,
                      fraction=0.6, per_head_route=True, key_mask=True)
     check_forward_and_backward(seed, *case, is_causal)
 
 
 @pytest.mark.parametrize("d", [1, 3, 17, 100, 256])
-def test_head_dims(d):
-    seed = fresh_seed()
+def test_head_dims(d, seed):
     check_forward_and_backward(seed, *make_case(seed, Lq=40, d=d, fraction=0.8), is_causal=True)
 
 
-def test_non_contiguous_inputs():
-    seed = fresh_seed()
+def test_non_contiguous_inputs(seed):
     g = torch.Generator().manual_seed(seed)
     batch, heads, L, d = 2, 4, 50, 16
     q = torch.randn(batch, L, heads, d, generator=g).transpose(1, 2)          # transposed view
@@ -160,8 +149,7 @@ def test_non_contiguous_inputs():
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("is_causal", [True, False])
-def test_all_routed_equals_sdpa(is_causal):
-    seed = fresh_seed()
+def test_all_routed_equals_sdpa(is_causal, seed):
     for heads, kv_heads, L in [(2, 2, 128), (8, 2, 300)]:
         q, k, v, _, _ = make_case(seed, batch=2, heads=heads, kv_heads=kv_heads, Lq=L, d=32)
         expected = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal,
@@ -172,8 +160,7 @@ def test_all_routed_equals_sdpa(is_causal):
             torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4, msg=lambda m: f"seed={seed}: {m}")
 
 
-def test_unrouted_rows_are_exactly_zero_with_zero_gradient():
-    seed = fresh_seed()
+def test_unrouted_rows_are_exactly_zero_with_zero_gradient(seed):
     q, k, v, route, key_mask = make_case(seed, batch=2, heads=4, kv_heads=2, Lq=60, fraction=0.3,
                                          per_head_route=True, key_mask=True)
     q.requires_grad_()
@@ -197,8 +184,7 @@ def test_nothing_routed_gives_zero_gradients_everywhere():
         assert torch.equal(t.grad, torch.zeros_like(t))
 
 
-def test_rows_without_visible_keys_are_zero_with_minus_inf_lse():
-    seed = fresh_seed()
+def test_rows_without_visible_keys_are_zero_with_minus_inf_lse(seed):
     q, k, v, _, _ = make_case(seed, batch=2, Lq=20, d=8)
     key_mask = torch.ones(2, 20, dtype=torch.bool)
     key_mask[0, :5] = False   # causal rows 0..4 of batch 0 see no key
@@ -236,8 +222,7 @@ def test_nan_propagates_like_the_reference():
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("is_causal", [True, False])
-def test_gradcheck(is_causal):
-    seed = fresh_seed()
+def test_gradcheck(is_causal, seed):
     q, k, v, route, key_mask = make_case(seed, batch=2, heads=4, kv_heads=2, Lq=9, Lk=9 if is_causal else 11,
                                          d=4, dtype=torch.float64, fraction=0.6, per_head_route=True,
                                          key_mask=True)
@@ -266,8 +251,7 @@ def test_opcheck(case):
     torch.library.opcheck(torch.ops.cram_ext.routed_attention_fwd, opcheck_inputs()[case])
 
 
-def test_torch_compile_fullgraph_matches_eager():
-    seed = fresh_seed()
+def test_torch_compile_fullgraph_matches_eager(seed):
     q, k, v, route, key_mask = make_case(seed, heads=4, kv_heads=2, Lq=33, d=16, fraction=0.5,
                                          key_mask=True)
 
