@@ -270,14 +270,11 @@ class Problem {
       for (int i = 0; i < p_.seqlen_q; ++i)
         if (routed(bh, i)) positions_.push_back(i);
       const int last = static_cast<int>(positions_.size());
-      // As few tiles as the lanes allow, of even sizes: a tile costs as much as its last row,
-      // so a nearly empty last tile would cost as much as a full one.
-      const int n_tiles = (last - first + kLanes - 1) / kLanes;
-      for (int t = 0; t < n_tiles; ++t) {
-        const int begin = first + static_cast<int>(static_cast<long>(last - first) * t / n_tiles);
-        const int end = first + static_cast<int>(static_cast<long>(last - first) * (t + 1) / n_tiles);
-        tiles_.push_back({bh, begin, end - begin});
-      }
+      // Full tiles, except the first: a causal tile costs as much as its last row, so the
+      // partly filled tile goes where rows are cheapest.
+      const int partial = (last - first) % kLanes;
+      if (partial) tiles_.push_back({bh, first, partial});
+      for (int t = first + partial; t < last; t += kLanes) tiles_.push_back({bh, t, kLanes});
       tile_begin_.push_back(static_cast<int>(tiles_.size()));
     }
   }
