@@ -589,9 +589,10 @@ class BackwardOperands {
 template <typename acc_t>
 struct BackwardScratch {
   explicit BackwardScratch(int d, int vecs)
-      : grad_t(d), probs(kKeyBlock), dprobs(kKeyBlock), dk_block(kKeyBlock * vecs),
+      : grad_t(kTilesPerGroup * d), probs(kKeyBlock), dprobs(kKeyBlock), dk_block(kKeyBlock * vecs),
         dv_block(kKeyBlock * vecs), k_buffer(kKeyBlock * d), v_buffer(kKeyBlock * d) {}
-  std::vector<Vec<acc_t>> grad_t, probs, dprobs, dk_block, dv_block;
+  std::vector<Vec<acc_t>> grad_t;  // transposed dQ of each tile of a group
+  std::vector<Vec<acc_t>> probs, dprobs, dk_block, dv_block;
   std::vector<acc_t> k_buffer, v_buffer;
 };
 
@@ -609,26 +610,33 @@ void probabilities_and_score_grads(const Problem<scalar_t>& pb, const Tile& t, c
   for (int j = 0; j < n; ++j) s.dprobs[j] = s.probs[j] * (s.dprobs[j] - *op.dout_dot_out);
 }
 
-// dQ of one tile: Σ over visible key blocks of scale · dS K.
+// dQ of a group of tiles: Σ over visible key blocks of scale · dS K, each key/value block read
+// once for the group.
 template <typename scalar_t, typename acc_t = typename AccType<scalar_t>::type>
-void backward_dq_tile(const Problem<scalar_t>& pb, const BackwardOperands<scalar_t>& ops,
-                      const RoutedAttentionBwdParams& p, int tile_index, BackwardScratch<acc_t>& s) {
-  const Tile& t = pb.tiles()[tile_index];
-  const TileOperands<acc_t> op = ops.tile(tile_index);
-  const int d = p.head_dim, b = pb.batch_of(t.bh), kvh = pb.kv_head(t.bh);
-  for (int c = 0; c < d; ++c) s.grad_t[c] = Vec<acc_t>{};
-  const int key_end = pb.key_end(t);
+void backward_dq_group(const Problem<scalar_t>& pb, const BackwardOperands<scalar_t>& ops,
+                       const RoutedAttentionBwdParams& p, const TileGroup& g, BackwardScratch<acc_t>& s) {
+  const Tile* tiles = &pb.tiles()[g.first_tile];
+  const int d = p.head_dim, b = pb.batch_of(tiles[0].bh), kvh = pb.kv_head(tiles[0].bh);
+  std::fill(s.grad_t.begin(), s.grad_t.end(), Vec<acc_t>{});
+  const int key_end = group_key_end(pb, g);
   for (int j0 = 0; j0 < key_end; j0 += kKeyBlock) {
-    const int n = std::min(kKeyBlock, key_end - j0);
-    const auto keys = rows_as_acc(pb.k_row(b, kvh, j0), p.k_row_stride, n, d, s.k_buffer);
-    const auto values = rows_as_acc(pb.v_row(b, kvh, j0), p.v_row_stride, n, d, s.v_buffer);
-    probabilities_and_score_grads(pb, t, op, keys, values, j0, n, s);
-    accumulate_weighted_rows(keys, n, s.dprobs.data(), d, s.grad_t.data());
+    const int block = std::min(kKeyBlock, key_end - j0);
+    const auto keys = rows_as_acc(pb.k_row(b, kvh, j0), p.k_row_stride, block, d, s.k_buffer);
+    const auto values = rows_as_acc(pb.v_row(b, kvh, j0), p.v_row_stride, block, d, s.v_buffer);
+    for (int i = 0; i < g.count; ++i) {
+      const int n = std::min(block, pb.key_end(tiles[i]) - j0);
+      if (n <= 0) continue;
+      probabilities_and_score_grads(pb, tiles[i], ops.tile(g.first_tile + i), keys, values, j0, n, s);
+      accumulate_weighted_rows(keys, n, s.dprobs.data(), d, &s.grad_t[i * d]);
+    }
   }
-  acc_t* dq = static_cast<acc_t*>(p.dq) + static_cast<long>(t.bh) * p.seqlen_q * d;
-  for (int lane = 0; lane < t.count; ++lane) {
-    acc_t* row = dq + static_cast<long>(pb.position(t.first + lane)) * d;
-    for (int c = 0; c < d; ++c) row[c] = p.scale * s.grad_t[c][lane];
+  for (int i = 0; i < g.count; ++i) {
+    const Tile& t = tiles[i];
+    acc_t* dq = static_cast<acc_t*>(p.dq) + static_cast<long>(t.bh) * p.seqlen_q * d;
+    for (int lane = 0; lane < t.count; ++lane) {
+      acc_t* row = dq + static_cast<long>(pb.position(t.first + lane)) * d;
+      for (int c = 0; c < d; ++c) row[c] = p.scale * s.grad_t[i * d + c][lane];
+    }
   }
 }
 
@@ -670,9 +678,9 @@ void backward(const RoutedAttentionBwdParams& params) {
   const BackwardOperands<scalar_t> ops(pb, params);
   auto make_scratch = [&] { return BackwardScratch<acc_t>(params.head_dim, ops.vecs()); };
 
-  const std::vector<TileGroup> tiles = tile_groups_longest_first(pb, 1);
-  run_dynamic(static_cast<int64_t>(tiles.size()), make_scratch, [&](int64_t item, BackwardScratch<acc_t>& s) {
-    backward_dq_tile(pb, ops, params, tiles[item].first_tile, s);
+  const std::vector<TileGroup> groups = tile_groups_longest_first(pb, kTilesPerGroup);
+  run_dynamic(static_cast<int64_t>(groups.size()), make_scratch, [&](int64_t item, BackwardScratch<acc_t>& s) {
+    backward_dq_group(pb, ops, params, groups[item], s);
   });
 
   // Key blocks in order of the work they get: with a causal mask, early blocks are seen by most rows.
