@@ -8,7 +8,14 @@
 //     horizontal reductions anywhere,
 //   * P·V accumulates into the transposed output tile, broadcasting V's rows.
 // A tile visits only the key blocks its rows can see (causal: up to its last row's position), so
-// a causal row costs about its position and unrouted rows cost only their zeros.
+// a causal row costs about its position and unrouted rows cost only their zeros. Tiles of a head
+// are processed in small groups that share each key/value block, and workers pull groups,
+// longest first, from a shared counter (causal tiles differ widely in cost).
+//
+// The backward recomputes P from the saved lse. dQ runs over tile groups like the forward; dK and
+// dV run over (batch, kv head, key block), each block collecting the contributions of every
+// routed row (of every query head sharing the kv head) that sees it, so no two workers write the
+// same gradient row.
 //
 // Arithmetic is in the accumulation type: float for float/half/bfloat16 storage (16-bit key and
 // value blocks are widened into a scratch buffer), double for double. The vectors are GCC/Clang
@@ -513,18 +520,19 @@ void forward(const RoutedAttentionParams& params) {
 // Backward
 // ---------------------------------------------------------------------------------------------
 
-// Everything the backward needs of one tile, gathered once and shared by both passes.
-template <typename acc_t>
-struct TileOperands {
-  static constexpr int kLanes = Simd<acc_t>::lanes;
-  Vec<acc_t>* q_t;      // [d] columns of Q · scale · log2(e)
-  Vec<acc_t>* dout_t;   // [d] columns of dO
-  Vec<acc_t>* q_rows;   // [lanes][vecs] rows of Q, zero padded to whole vectors
-  Vec<acc_t>* dout_rows;
-  Vec<acc_t>* lse_log2;  // lse · log2(e); +inf where P must be 0 (no visible key, padding lane)
-  Vec<acc_t>* dout_dot_out;  // rowsum(dO ⊙ O)
-  Vec<acc_t>* positions;
+// Everything the backward needs of one tile, gathered once and shared by both passes. `V` is
+// Vec<acc_t> while the operands are gathered and `const Vec<acc_t>` afterwards.
+template <typename V>
+struct TileOperandsOf {
+  V* q_t;           // [d] columns of Q · scale · log2(e)
+  V* dout_t;        // [d] columns of dO
+  V* q_rows;        // [lanes][vecs] rows of Q, zero padded to whole vectors
+  V* dout_rows;     // [lanes][vecs] rows of dO
+  V* lse_log2;      // lse · log2(e); +inf where P must be 0 (no visible key, padding lane)
+  V* dout_dot_out;  // rowsum(dO ⊙ O)
+  V* positions;
 };
+template <typename acc_t> using TileOperands = TileOperandsOf<const Vec<acc_t>>;
 
 template <typename scalar_t>
 class BackwardOperands {
@@ -536,21 +544,23 @@ class BackwardOperands {
       : d_(p.head_dim), vecs_((p.head_dim + kLanes - 1) / kLanes),
         per_tile_(2 * d_ + 2 * kLanes * vecs_ + 3), storage_(pb.tiles().size() * per_tile_) {
     parallel_for(static_cast<int64_t>(pb.tiles().size()), 16, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) gather(pb, p, pb.tiles()[t], tile(t));
+      for (int64_t t = begin; t < end; ++t) gather(pb, p, pb.tiles()[t], operands(storage_.data(), t));
     });
   }
 
+  TileOperands<acc_t> tile(int64_t t) const { return operands(storage_.data(), t); }
   int vecs() const { return vecs_; }
-  TileOperands<acc_t> tile(int64_t t) const {
-    Vec<acc_t>* base = const_cast<Vec<acc_t>*>(storage_.data()) + t * per_tile_;
-    return {base, base + d_, base + 2 * d_, base + 2 * d_ + kLanes * vecs_,
-            base + 2 * d_ + 2 * kLanes * vecs_, base + 2 * d_ + 2 * kLanes * vecs_ + 1,
-            base + 2 * d_ + 2 * kLanes * vecs_ + 2};
+ private:
+  template <typename V>
+  TileOperandsOf<V> operands(V* storage, int64_t t) const {
+    V* base = storage + t * per_tile_;
+    V* rows = base + 2 * d_;
+    V* stats = rows + 2 * kLanes * vecs_;
+    return {base, base + d_, rows, rows + kLanes * vecs_, stats, stats + 1, stats + 2};
   }
 
- private:
   void gather(const Problem<scalar_t>& pb, const RoutedAttentionBwdParams& p, const Tile& t,
-              const TileOperands<acc_t>& op) const {
+              const TileOperandsOf<Vec<acc_t>>& op) const {
     const int b = pb.batch_of(t.bh), h = pb.head_of(t.bh);
     auto dout_row = [&](int i) {
       return static_cast<const scalar_t*>(p.dout) + b * p.dout_batch_stride + h * p.dout_head_stride +
