@@ -253,19 +253,14 @@ class Problem {
                     i * p_.route_row_stride] != 0;
   }
 
-  // Writes 0 (and lse = -inf) for every row that is not routed, in parallel over (batch, head).
-  void zero_unrouted_rows() const {
-    const int d = p_.head_dim;
-    parallel_for(p_.batch * p_.heads, 1, [&](int64_t begin, int64_t end) {
-      for (int bh = static_cast<int>(begin); bh < end; ++bh) {
-        acc_t* lse_row = lse(bh);
-        for (int i = 0; i < p_.seqlen_q; ++i) {
-          if (routed(bh, i)) continue;
-          std::memset(static_cast<void*>(out_row(bh, i)), 0, d * sizeof(scalar_t));
-          lse_row[i] = -std::numeric_limits<acc_t>::infinity();
-        }
-      }
-    });
+  // Writes 0 (and lse = -inf) for every row of `bh` that is not routed.
+  void zero_unrouted_rows(int bh) const {
+    acc_t* lse_row = lse(bh);
+    for (int i = 0; i < p_.seqlen_q; ++i) {
+      if (routed(bh, i)) continue;
+      std::memset(static_cast<void*>(out_row(bh, i)), 0, p_.head_dim * sizeof(scalar_t));
+      lse_row[i] = -std::numeric_limits<acc_t>::infinity();
+    }
   }
 
  private:
@@ -509,11 +504,15 @@ template <typename scalar_t>
 void forward(const RoutedAttentionParams& params) {
   using acc_t = typename AccType<scalar_t>::type;
   const Problem<scalar_t> pb(params);
-  pb.zero_unrouted_rows();
   const std::vector<TileGroup> groups = tile_groups_longest_first(pb, kTilesPerGroup);
+  // One parallel region: the groups, then the cheap zeroing of each (batch, head) to fill the gaps.
+  const int64_t n_groups = static_cast<int64_t>(groups.size());
   run_dynamic(
-      static_cast<int64_t>(groups.size()), [&] { return ForwardScratch<acc_t>(params.head_dim); },
-      [&](int64_t item, ForwardScratch<acc_t>& s) { forward_group(pb, groups[item], s); });
+      n_groups + params.batch * params.heads, [&] { return ForwardScratch<acc_t>(params.head_dim); },
+      [&](int64_t item, ForwardScratch<acc_t>& s) {
+        if (item < n_groups) forward_group(pb, groups[item], s);
+        else pb.zero_unrouted_rows(static_cast<int>(item - n_groups));
+      });
 }
 
 // ---------------------------------------------------------------------------------------------
