@@ -301,17 +301,6 @@ RowsView<acc_t> rows_as_acc(const scalar_t* first, long stride, int n, int d, st
   }
 }
 
-// Asks the memory system for rows [0, n) while the current block is being computed: streaming a
-// head's keys and values from L3 or DRAM otherwise stalls the micro-kernels.
-template <typename scalar_t>
-void prefetch_rows(const scalar_t* first, long stride, int n, int d) {
-  constexpr int kLine = 64;
-  for (int j = 0; j < n; ++j) {
-    const char* row = reinterpret_cast<const char*>(first + j * stride);
-    for (long byte = 0; byte < static_cast<long>(d * sizeof(scalar_t)); byte += kLine) __builtin_prefetch(row + byte);
-  }
-}
-
 // Lane positions of a tile as a vector; padding lanes repeat the last row, so they never widen
 // the keys a tile visits.
 template <typename scalar_t, typename acc_t = typename AccType<scalar_t>::type>
@@ -483,10 +472,6 @@ void forward_group(const Problem<scalar_t>& pb, const TileGroup& g, ForwardScrat
     const int block = std::min(kKeyBlock, key_end - j0);
     const auto keys = rows_as_acc(pb.k_row(b, kvh, j0), p.k_row_stride, block, d, s.k_buffer);
     const auto values = rows_as_acc(pb.v_row(b, kvh, j0), p.v_row_stride, block, d, s.v_buffer);
-    if (j0 + kKeyBlock < key_end) {
-      prefetch_rows(pb.k_row(b, kvh, j0 + kKeyBlock), p.k_row_stride, std::min(kKeyBlock, key_end - j0 - kKeyBlock), d);
-      prefetch_rows(pb.v_row(b, kvh, j0 + kKeyBlock), p.v_row_stride, std::min(kKeyBlock, key_end - j0 - kKeyBlock), d);
-    }
     for (int i = 0; i < g.count; ++i) {
       const int n = std::min(block, pb.key_end(tiles[i]) - j0);
       if (n <= 0) continue;
