@@ -253,13 +253,25 @@ class Problem {
                     i * p_.route_row_stride] != 0;
   }
 
-  // Writes 0 (and lse = -inf) for every row of `bh` that is not routed.
+  // Writes 0 (and lse = -inf) for every row of `bh` that is not routed, a run of consecutive
+  // rows at a time (one memset when the rows are contiguous: most of the output at low routing).
   void zero_unrouted_rows(int bh) const {
-    acc_t* lse_row = lse(bh);
-    for (int i = 0; i < p_.seqlen_q; ++i) {
-      if (routed(bh, i)) continue;
-      std::memset(static_cast<void*>(out_row(bh, i)), 0, p_.head_dim * sizeof(scalar_t));
-      lse_row[i] = -std::numeric_limits<acc_t>::infinity();
+    const bool contiguous_rows = p_.out_row_stride == p_.head_dim;
+    const size_t row_bytes = p_.head_dim * sizeof(scalar_t);
+    for (int begin = 0; begin < p_.seqlen_q;) {
+      if (routed(bh, begin)) {
+        ++begin;
+        continue;
+      }
+      int end = begin + 1;
+      while (end < p_.seqlen_q && !routed(bh, end)) ++end;
+      if (contiguous_rows) {
+        std::memset(static_cast<void*>(out_row(bh, begin)), 0, (end - begin) * row_bytes);
+      } else {
+        for (int i = begin; i < end; ++i) std::memset(static_cast<void*>(out_row(bh, i)), 0, row_bytes);
+      }
+      std::fill(lse(bh) + begin, lse(bh) + end, -std::numeric_limits<acc_t>::infinity());
+      begin = end;
     }
   }
 
