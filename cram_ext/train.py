@@ -46,14 +46,19 @@ class RunConfig:
     n_layers: int = 2
     d_model: int = 64
     n_heads: int = 2
-    seq_len: int = 256
+    seq_len: int = 128
     batch_size: int = 16
-    steps: int = 1500
-    lr: float = 2e-3
+    steps: int = 400
+    lr: float = 3e-3
     warmup_steps: int = 50
     weight_decay: float = 0.01
-    temperature_steps: int = 600
-    probe_steps: int = 1000
+    temperature_steps: int = 300
+    probe_steps: int = 400
+    episodic_cost_start: int = 100
+    episodic_cost_ramp: int = 100
+    semantic_rank: int = 16       # 0: d_model // 16, the paper's rank
+    semantic_lr_mult: float = 1.0
+    working: str = "scan"         # working memory of the layers that have one: scan or ctode
     seed: int = 0                 # model initialisation and routing noise
     data_seed: int = 0            # the training stream (bindings come from binding_seed)
     binding_seed: int = 0
@@ -61,12 +66,24 @@ class RunConfig:
     eval_batches: int = 4
     checkpoint_every: int = 100
     task: str = "srcd"            # "srcd" or a transfer task ("copy", "recall")
+    init_from: str = ""           # start from this checkpoint's model weights (transfer)
+    freeze_routing: bool = False  # keep semantic memory, router and q̂ predictor fixed
     threads: int = 1
 
     def model_config(self, **overrides) -> ModelConfig:
-        return model_config(self.model, n_layers=self.n_layers, d_model=self.d_model,
-                            n_heads=self.n_heads, temperature_steps=self.temperature_steps,
-                            probe_steps=self.probe_steps, **overrides)
+        fields = dict(n_layers=self.n_layers, d_model=self.d_model, n_heads=self.n_heads,
+                      temperature_steps=self.temperature_steps, probe_steps=self.probe_steps,
+                      episodic_cost_start=self.episodic_cost_start,
+                      episodic_cost_ramp=self.episodic_cost_ramp,
+                      semantic_rank=self.semantic_rank or None,
+                      semantic_lr_mult=self.semantic_lr_mult)
+        fields.update(overrides)
+        config = model_config(self.model, **fields)
+        if self.working != "scan":
+            layers = tuple(dataclasses.replace(spec, working=self.working) if spec.working
+                           else spec for spec in config.layers)
+            config = dataclasses.replace(config, layers=layers)
+        return config
 
     def data_config(self) -> SRCDConfig:
         return SRCDConfig(seq_len=self.seq_len, binding_seed=self.binding_seed)
@@ -76,13 +93,19 @@ SIZES: Dict[str, dict] = {
     # Seconds on one CPU thread: for tests.
     "tiny": dict(n_layers=2, d_model=32, n_heads=2, seq_len=64, batch_size=4, steps=6,
                  warmup_steps=2, eval_every=3, eval_batches=1, checkpoint_every=3,
-                 temperature_steps=6, probe_steps=6),
-    # The CPU experiments: N=256, d=64, 2 layers.
+                 temperature_steps=6, probe_steps=6, episodic_cost_start=2,
+                 episodic_cost_ramp=2),
+    # The CPU experiments (the RunConfig defaults): N=128, d=64, 2 layers, 400 steps. Two
+    # departures from the paper make consolidation fit in 400 steps: semantic rank 16 (d/16
+    # would be 4, too few to hold 100 patterns) and the semantic memory at the base lr.
     "cpu": dict(),
-    # The paper's setting (GPU): d=512, 8 layers, N=2048, batch 32, 10K steps, lr 3e-4.
+    # The paper's setting (GPU): d=512, 8 layers, N=2048, batch 32, 10K steps, lr 3e-4,
+    # semantic rank d/16 = 32 at 0.1× lr, temperature annealed over the first 3K steps.
     "paper": dict(n_layers=8, d_model=512, n_heads=8, seq_len=2048, batch_size=32, steps=10_000,
                   lr=3e-4, warmup_steps=500, temperature_steps=3000, probe_steps=5000,
-                  eval_every=250, eval_batches=8, checkpoint_every=500),
+                  episodic_cost_start=1000, episodic_cost_ramp=1000, semantic_rank=0,
+                  semantic_lr_mult=0.1, eval_every=250, eval_batches=8,
+                  checkpoint_every=500),
 }
 
 
@@ -212,6 +235,13 @@ class Trainer:
         self.data = config.data_config()
         self.bindings = pattern_values(self.data)
         self.model = CRAMModel(config.model_config(**(model_overrides or {})))
+        if config.init_from:
+            self.model.load_state_dict(torch.load(config.init_from, weights_only=False)["model"])
+        if config.freeze_routing:
+            for layer in self.model.layers:
+                for part in (layer.semantic, layer.router, layer.q_predictor):
+                    if part is not None:
+                        part.requires_grad_(False)
         torch.manual_seed(config.seed * 1009 + 1 + self.rank)   # routing noise, per rank
         self.ddp = (DistributedDataParallel(self.model, find_unused_parameters=True)
                     if self.world_size > 1 else None)
@@ -347,6 +377,14 @@ class Trainer:
         return last_eval
 
 
+def parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -360,7 +398,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for field in dataclasses.fields(RunConfig):
         if field.name == "model":
             continue
-        parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default),
+        kind = type(field.default)
+        parser.add_argument("--" + field.name.replace("_", "-"),
+                            type=parse_bool if kind is bool else kind,
                             default=None, help=f"override the preset's {field.name}")
     return parser.parse_args(argv)
 

@@ -150,7 +150,8 @@ def test_layer_measures_q_and_consolidation_error_by_the_formulas():
     recalled = layer.semantic.up(F.relu(layer.semantic.down(x)))
     error = (recalled - retrieved).pow(2).sum(-1)
     torch.testing.assert_close(record.consolidation_error, error / 32)
-    q = torch.exp(-error / (config.q_sigma ** 2 * retrieved.pow(2).sum(-1)))
+    spread = retrieved.reshape(-1, 32).var(0, unbiased=False).sum()   # every row ran
+    q = torch.exp(-error / (config.q_sigma ** 2 * spread))
     torch.testing.assert_close(record.q, q)
     # the semantic path, not attention, reaches the output: out = Norm(x + y + f_sem) → FFN
     h = layer.norm_mix(x + layer.working(x, gap) + recalled)
@@ -176,8 +177,9 @@ def test_losses_match_a_hand_computation():
                         consolidation_error=error)
     losses = model.losses(batch, ModelOutput(logits, next_value, [layer, layer]))
 
-    ce = -(logits[0, 1].log_softmax(-1)[2] + logits[1, 0].log_softmax(-1)[1]) / 2
-    mse = ((0.5 - 1.0) ** 2 + 0.0 ** 2 + (1.0 - 2.0) ** 2) / 3
+    # task terms: sums over their positions divided by all 6 positions
+    ce = -(logits[0, 1].log_softmax(-1)[2] + logits[1, 0].log_softmax(-1)[1]) / 6
+    mse = ((0.5 - 1.0) ** 2 + 0.0 ** 2 + (1.0 - 2.0) ** 2) / 6
     cost = probs[..., 1].sum() / 6
     reward = (probs[..., 2] * q_hat).sum() / 6
     cons = (0.4 + 2.0 + 1.0) / 3            # both layers identical: (2·sum) / (2·3)

@@ -150,6 +150,10 @@ def test_opcheck(seed):
     torch.library.opcheck(torch.ops.cram_ext.selective_scan_fwd.default, args)
     bare = (i["u"], i["delta"], i["A"], i["B"], i["C"], None, None, None, None, False, 256)
     torch.library.opcheck(torch.ops.cram_ext.selective_scan_fwd.default, bare)
+    detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    out, states = torch.ops.cram_ext.selective_scan_fwd(*detached)
+    bwd_args = (torch.randn_like(out), *detached[:9], states, True, 4)
+    torch.library.opcheck(torch.ops.cram_ext.selective_scan_bwd.default, bwd_args)
 
 
 def test_torch_compile_fullgraph(seed):

@@ -86,3 +86,28 @@ def test_torchrun_trains_with_two_gloo_processes(tmp_path):
     config = run_config("cram", "tiny")
     queries = round(0.05 * config.seq_len)
     assert checkpoint["exposure"]["seen"].sum() == 4 * 2 * config.batch_size * round(0.7 * queries)
+
+
+def test_results_section_replaces_only_the_text_between_its_markers(tmp_path):
+    from cram_ext.experiments import SECTION_BEGIN, SECTION_END, write_section
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Results\n\n## Kernels\n\nkernel table\n")
+    write_section(str(path), f"{SECTION_BEGIN}\nfirst\n{SECTION_END}")
+    text = path.read_text()
+    assert text.startswith("# Results\n\n## Kernels\n\nkernel table\n")
+    assert "## SRCD: CRAM vs baselines" in text and "first" in text
+    path.write_text(text + "\n## Later section\n\nkept\n")
+    write_section(str(path), f"{SECTION_BEGIN}\nsecond\n{SECTION_END}")
+    text = path.read_text()
+    assert "second" in text and "first" not in text
+    assert text.count("## SRCD: CRAM vs baselines") == 1
+    assert "kernel table" in text and text.endswith("## Later section\n\nkept\n")
+
+
+def test_the_ctode_working_memory_is_a_run_option():
+    config = run_config("cram", "tiny", working="ctode").model_config()
+    assert {spec.working for spec in config.layers} == {"ctode"}
+    jamba = run_config("jamba", "tiny", n_layers=8, working="ctode").model_config()
+    assert [spec.working for spec in jamba.layers].count(None) == 1   # the attention layer
+    with pytest.raises(ValueError, match="working memory"):
+        run_config("cram", "tiny", working="lstm").model_config()

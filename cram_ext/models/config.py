@@ -18,7 +18,7 @@ cram_no_consolidation  CRAM without any consolidation signal (γ=0, no q̂ rewar
 ablate_no_semantic     router over {working, episodic} only
 ablate_no_cons_loss    CRAM with γ=0
 ablate_no_q_router     CRAM whose router does not read q̂
-ablate_semantic_lr10   CRAM with the semantic memory's learning rate ×10
+ablate_semantic_lr10   CRAM with the semantic memory's learning rate ×10 (of the configured one)
 =====================  ========================================================================
 """
 from __future__ import annotations
@@ -92,16 +92,17 @@ class ModelConfig:
     memory_size: int = 512               # M, the episodic buffer bound for "written" keys
     gap_frequencies: Tuple[float, ...] = (0.5, 1.0, 2.0)  # sin/cos(ω Δτ) input features
     # Router and consolidation (B3-B5)
-    router_episodic_bias: float = 1.0    # initial logit bonus of the episodic path
+    router_episodic_bias: float = 2.0    # initial logit bonus of the episodic path
     temperature_start: float = 1.0
     temperature_end: float = 0.1
     temperature_steps: int = 1000        # geometric anneal from start to end over these steps
     probe_rate_start: float = 0.02       # fraction of semantic-routed tokens that still attend
     probe_rate_end: float = 0.005
     probe_steps: int = 1000              # linear anneal of the probe rate
-    q_sigma: float = 0.5                 # q = exp(-‖f_sem - r‖² / (q_sigma² ‖r‖²))
+    q_sigma: float = 0.5                 # q = exp(-‖f_sem - r‖² / (q_sigma² Σ Var r))
     lambda_episodic: float = 0.1
-    episodic_cost_warmup: int = 100      # λ_E ramps linearly from 0 over these steps
+    episodic_cost_start: int = 100       # λ_E is 0 before this step ...
+    episodic_cost_ramp: int = 100        # ... then rises linearly to its value over these steps
     lambda_semantic: float = 0.05
     gamma_consolidation: float = 0.5
     use_q_reward: bool = True            # the −λ_S Σ π_S q̂ term
@@ -138,10 +139,12 @@ class ModelConfig:
         return self.temperature_start * (self.temperature_end / self.temperature_start) ** progress
 
     def episodic_cost_weight(self, step: int) -> float:
-        """λ_E at `step`: ramped up from 0 so attention can learn to retrieve before the router
-        is charged for using it (with the full charge from step 0, the router abandons attention
-        while its output is still noise, and retrieval of novel keys is never learned)."""
-        return self.lambda_episodic * min(1.0, step / max(1, self.episodic_cost_warmup))
+        """λ_E at `step`: 0 at first, so attention learns to retrieve before the router is
+        charged for using it, then ramped up. With the full charge from step 0 the router
+        abandons attention while its output is still noise and never learns to retrieve novel
+        keys (seen on SRCD: novel-key accuracy stays at chance)."""
+        progress = (step - self.episodic_cost_start) / max(1, self.episodic_cost_ramp)
+        return self.lambda_episodic * min(1.0, max(0.0, progress))
 
     def probe_rate(self, step: int) -> float:
         progress = min(1.0, step / max(1, self.probe_steps))
@@ -200,7 +203,8 @@ def model_config(name: str, n_layers: int = 2, **overrides) -> ModelConfig:
         fields.update(gamma_consolidation=0.0)
     if name == "cram_no_consolidation":
         fields.update(use_q_reward=False)
-    if name == "ablate_semantic_lr10":
-        fields.update(semantic_lr_mult=10 * ModelConfig.semantic_lr_mult)
     fields.update(overrides)
-    return dataclasses.replace(ModelConfig(), **fields)
+    config = dataclasses.replace(ModelConfig(), **fields)
+    if name == "ablate_semantic_lr10":
+        config = dataclasses.replace(config, semantic_lr_mult=10 * config.semantic_lr_mult)
+    return config

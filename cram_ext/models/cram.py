@@ -8,15 +8,18 @@ sequence length or depth:
 
     L = L_task + λ_E·mean(π_E) − λ_S·mean(π_S · sg(q̂)) + γ·L_cons + L_q̂
 
-* L_task: cross-entropy averaged over query positions + MSE of the next value averaged over
-  observation positions.
+* L_task: (Σ cross-entropy over query positions + Σ squared error of the next value over
+  observation positions) / (batch · N), a per-position mean like the routing terms. So one
+  query's loss weighs the same as one token's routing cost λ_E·π_E: a query keeps attention
+  when retrieval lowers its loss by more than λ_E, whatever the query rate or N.
 * mean(π_E), mean(π_S·q̂): over all (token, layer) pairs of the layers with a router; π is the
   router's softmax without Gumbel noise. q̂ is detached in the reward: only its regression moves it.
-  In training λ_E ramps up from 0 over `episodic_cost_warmup` steps (`episodic_cost_weight`).
+  In training λ_E is 0 for `episodic_cost_start` steps, then ramps up (`episodic_cost_weight`).
 * L_cons = mean over the (token, layer) pairs that ran attention in a layer with a semantic path
   of ‖f_sem(x_t) − sg(r^E_t)‖² / d (squared error per feature).
-* L_q̂ = mean over the same pairs of (q̂_t − sg(q_t))², q_t = exp(−‖f_sem − r^E‖² / (σ_q²‖r^E‖²)):
-  σ² is taken relative to ‖r^E_t‖² so q does not depend on the activation scale.
+* L_q̂ = mean over the same pairs of (q̂_t − sg(q_t))², q_t = exp(−‖f_sem − r^E‖² / σ²) with
+  σ² = σ_q² · Σ_features Var(r^E) over the layer's attention rows of the batch
+  (`retrieval_spread`), so q does not depend on the activation scale.
 """
 from __future__ import annotations
 
@@ -106,13 +109,26 @@ class CRAMLayer(nn.Module):
                 squared_error = (recalled - target).pow(2).sum(-1)
                 ran = rows.to(x.dtype)
                 record.consolidation_error = squared_error / x.shape[-1] * ran
-                relative = squared_error.detach() / (self.q_sigma ** 2
-                                                     * target.pow(2).sum(-1) + 1e-8)
-                record.q = torch.exp(-relative) * ran
+                record.q = torch.exp(-squared_error.detach()
+                                     / (self.q_sigma ** 2 * retrieval_spread(target, rows))) * ran
                 record.q_hat = q_hat
             record.probs, record.attention_rows = probs, rows
         h = self.norm_mix(x + mixed)
         return self.norm_ffn(h + self.ffn(h)), record
+
+
+def retrieval_spread(retrieved: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Σ_features Var(r^E) over the rows that ran attention: the scale of q's σ².
+
+    Normalising by the spread of the attention outputs, not by their norm, makes q measure
+    whether f_sem predicts what is specific to a token's retrieval: the part all retrievals
+    share (type and position features) is easy to predict and would make q high everywhere.
+    A semantic memory that only predicts the mean retrieval gets q ≈ exp(−1/σ_q²).
+    """
+    selected = retrieved[rows]
+    if selected.shape[0] < 2:
+        return retrieved.new_ones(())
+    return selected.var(0, unbiased=False).sum().clamp_min(1e-8)
 
 
 class InputEncoder(nn.Module):
@@ -204,11 +220,12 @@ class CRAMModel(nn.Module):
         cfg = self.config
         queries = batch["target_class"] != IGNORE_INDEX
         zero = output.next_value.new_zeros(())
-        retrieval = (F.cross_entropy(output.value_logits[queries], batch["target_class"][queries])
-                     if queries.any() else zero)
+        positions = queries.numel()
+        retrieval = (F.cross_entropy(output.value_logits[queries], batch["target_class"][queries],
+                                     reduction="sum") / positions if queries.any() else zero)
         observed = batch["dynamics_mask"]
-        dynamics = (F.mse_loss(output.next_value[observed], batch["target_value"][observed])
-                    if observed.any() else zero)
+        dynamics = (F.mse_loss(output.next_value[observed], batch["target_value"][observed],
+                               reduction="sum") / positions if observed.any() else zero)
         routed = [r for r in output.layers if r.probs is not None]
         episodic_cost = (torch.stack([r.probs[..., 1].mean() for r in routed]).mean()
                          if routed else zero)
@@ -238,6 +255,8 @@ class CRAMModel(nn.Module):
         and the scan's A_log, D, Δ bias."""
         semantic, decay, no_decay = [], [], []
         for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
             if ".semantic." in name:
                 semantic.append(param)
             elif param.dim() < 2 or "embedding" in name or name.endswith(("A_log", "dt_bias")):

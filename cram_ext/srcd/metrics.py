@@ -10,7 +10,7 @@
   attention), overall and per layer; attention_ops: the same pairs / (tokens × all layers), the
   paper's "attention ops vs a dense Transformer of the same depth";
 * mean_q: q over the pairs that ran attention in layers with a semantic path; mean_q_hat: q̂ over
-  query positions in those layers;
+  query positions in those layers; both also split by recurring / novel query keys;
 * query_episodic / query_semantic: fraction of (query, routed layer) pairs the router (argmax of
   π) sends to each path, split by recurring and novel keys.
 """
@@ -54,6 +54,14 @@ def batch_sums(batch: Dict[str, torch.Tensor], output, n_layers: int) -> Dict[st
             sums["q_count"] = sums.get("q_count", 0.0) + float(record.attention_rows.sum())
             sums["q_hat_sum"] = sums.get("q_hat_sum", 0.0) + float(record.q_hat[queries].sum())
             sums["q_hat_count"] = sums.get("q_hat_count", 0.0) + float(queries.sum())
+            for kind, mask in (("recurring", recurring), ("novel", novel)):
+                measured = mask & record.attention_rows
+                add = {f"q_{kind}_sum": float(record.q[measured].sum()),
+                       f"q_{kind}_count": float(measured.sum()),
+                       f"q_hat_{kind}_sum": float(record.q_hat[mask].sum()),
+                       f"q_hat_{kind}_count": float(mask.sum())}
+                for key, value in add.items():
+                    sums[key] = sums.get(key, 0.0) + value
         if record.probs is not None:
             choice = record.probs.argmax(-1)
             for kind, mask in (("recurring", recurring), ("novel", novel)):
@@ -85,6 +93,11 @@ def summarize(sums: Dict[str, float]) -> Dict[str, float]:
         "mean_q": _ratio(sums.get("q_sum", 0.0), sums.get("q_count", 0.0)),
         "mean_q_hat": _ratio(sums.get("q_hat_sum", 0.0), sums.get("q_hat_count", 0.0)),
     }
+    for kind in ("recurring", "novel"):
+        for name in ("q", "q_hat"):
+            if f"{name}_{kind}_count" in sums:
+                metrics[f"mean_{name}_{kind}"] = _ratio(sums[f"{name}_{kind}_sum"],
+                                                        sums[f"{name}_{kind}_count"])
     layer_ids = sorted(int(k.split("/")[1]) for k in sums if k.startswith("attention_rows/"))
     rows = sum(sums[f"attention_rows/{i}"] for i in layer_ids)
     possible = sum(sums[f"attention_tokens/{i}"] for i in layer_ids)

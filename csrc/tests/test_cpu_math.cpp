@@ -65,7 +65,25 @@ void test_exp_approx() {
   CRAM_EXPECT(exp_approx(0.0f) == 1.0f, "exp(0)");
 }
 
+void test_softplus_and_sigmoid() {
+  double worst_softplus = 0, worst_sigmoid = 0;
+  for (float x = -40.f; x < 30.f; x += 0.00731f) {
+    const double sp = x > 20 ? double(x) : std::log1p(std::exp(double(x)));
+    const double sg = 1.0 / (1.0 + std::exp(-double(x)));
+    worst_softplus = std::max(worst_softplus, std::fabs(softplus(x) - sp) / sp);
+    worst_sigmoid = std::max(worst_sigmoid, std::fabs(sigmoid(x) - sg) / sg);
+  }
+  CRAM_EXPECT(worst_softplus < 5e-7, "softplus worst relative error %.3g", worst_softplus);
+  CRAM_EXPECT(worst_sigmoid < 5e-7, "sigmoid worst relative error %.3g", worst_sigmoid);
+  CRAM_EXPECT(std::isnan(softplus(std::numeric_limits<float>::quiet_NaN())), "softplus(nan)");
+  for (float x = 1e-30f; x < 1e30f; x *= 1.37f) {
+    const double rel = std::fabs(log_approx(x) - std::log(double(x))) / std::fabs(std::log(double(x)) + 1e-30);
+    CRAM_EXPECT(rel < 3e-7 || std::fabs(log_approx(x) - std::log(double(x))) < 1e-7, "log(%g)", x);
+  }
+}
+
 int main() {
+  test_softplus_and_sigmoid();
   test_16bit_round_trip();
   test_16bit_rounding();
   test_exp_approx();
