@@ -142,7 +142,9 @@ template <typename T>
 Outputs run_kernels(const Inputs& in, double scale) {
   const Case& c = in.c;
   const std::vector<T> q = cast<T>(in.q), k = cast<T>(in.k), v = cast<T>(in.v), dout = cast<T>(in.dout);
-  std::vector<T> out(in.dout.size()), lse(static_cast<long>(c.batch) * c.heads * c.seqlen_q);
+  // out gets padded rows, so the kernels' zeroing of unrouted rows must honour its row stride.
+  const long out_row_stride = c.head_dim + 2, n_rows = static_cast<long>(c.batch) * c.heads * c.seqlen_q;
+  std::vector<T> out(n_rows * out_row_stride, T(7)), lse(n_rows);
   std::vector<T> dq(out.size(), T(0)), dk(k.size(), T(0)), dv(v.size(), T(0));
   RoutedAttentionBwdParams p{};
   p.dtype = dtype_of<T>();
@@ -156,9 +158,12 @@ Outputs run_kernels(const Inputs& in, double scale) {
   p.k_row_stride = p.v_row_stride = c.head_dim;
   p.k_head_stride = p.v_head_stride = static_cast<long>(c.seqlen_k) * c.head_dim;
   p.k_batch_stride = p.v_batch_stride = c.kv_heads * p.k_head_stride;
-  p.out_row_stride = p.dout_row_stride = c.head_dim;
-  p.out_head_stride = p.dout_head_stride = static_cast<long>(c.seqlen_q) * c.head_dim;
-  p.out_batch_stride = p.dout_batch_stride = c.heads * p.out_head_stride;
+  p.out_row_stride = out_row_stride;
+  p.out_head_stride = c.seqlen_q * out_row_stride;
+  p.out_batch_stride = c.heads * p.out_head_stride;
+  p.dout_row_stride = c.head_dim;
+  p.dout_head_stride = static_cast<long>(c.seqlen_q) * c.head_dim;
+  p.dout_batch_stride = c.heads * p.dout_head_stride;
   p.route_row_stride = 1;
   p.route_head_stride = c.per_head_route ? c.seqlen_q : 0;  // 0: one route per batch, shared by heads
   p.route_batch_stride = static_cast<long>(c.per_head_route ? c.heads : 1) * c.seqlen_q;
@@ -171,7 +176,10 @@ Outputs run_kernels(const Inputs& in, double scale) {
   cram::routed_attention_fwd_cpu(p);
   cram::routed_attention_bwd_cpu(p);
   auto widen = [](const std::vector<T>& x) { return std::vector<double>(x.begin(), x.end()); };
-  return {widen(out), widen(lse), widen(dq), widen(dk), widen(dv)};
+  std::vector<double> out_rows;  // without the padding
+  for (long row = 0; row < n_rows; ++row)
+    out_rows.insert(out_rows.end(), out.begin() + row * out_row_stride, out.begin() + row * out_row_stride + c.head_dim);
+  return {out_rows, widen(lse), widen(dq), widen(dk), widen(dv)};
 }
 
 int failures = 0;
