@@ -641,7 +641,7 @@ void backward_dq_group(const Problem<scalar_t>& pb, const BackwardOperands<scala
     acc_t* dq = static_cast<acc_t*>(p.dq) + static_cast<long>(t.bh) * p.seqlen_q * d;
     for (int lane = 0; lane < t.count; ++lane) {
       acc_t* row = dq + static_cast<long>(pb.position(t.first + lane)) * d;
-      for (int c = 0; c < d; ++c) row[c] = p.scale * s.grad_t[i * d + c][lane];
+      for (int c = 0; c < d; ++c) row[c] = static_cast<acc_t>(p.scale) * s.grad_t[i * d + c][lane];
     }
   }
 }
@@ -671,7 +671,7 @@ void backward_dkdv_block(const Problem<scalar_t>& pb, const BackwardOperands<sca
   acc_t* dv = static_cast<acc_t*>(p.dv) + offset;
   for (int j = 0; j < n; ++j)
     for (int c = 0; c < d; ++c) {
-      dk[j * d + c] = p.scale * s.dk_block[j * vecs + c / Simd<acc_t>::lanes][c % Simd<acc_t>::lanes];
+      dk[j * d + c] = static_cast<acc_t>(p.scale) * s.dk_block[j * vecs + c / Simd<acc_t>::lanes][c % Simd<acc_t>::lanes];
       dv[j * d + c] = s.dv_block[j * vecs + c / Simd<acc_t>::lanes][c % Simd<acc_t>::lanes];
     }
 }
