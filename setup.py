@@ -65,13 +65,16 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "expecttest"],
+        "test": ["pytest", "pytest-benchmark", "expecttest", "matplotlib"],
         "plot": ["matplotlib"],
         "analysis": ["transformers", "tokenizers", "matplotlib"],
     },
     entry_points={
         "console_scripts": [
-            "cram-demo = cram_ext.demo:main",
+            "cram-attention-demo = cram_ext.demo:main",
+            "cram-srcd-demo = cram_ext.srcd_demo:main",
+            "cram-train = cram_ext.train:main",
+            "cram-experiments = cram_ext.experiments:main",
             "cram-redundancy = cram_ext.analysis.redundancy:main",
         ],
     },
