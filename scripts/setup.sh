@@ -18,5 +18,5 @@ if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
 fi
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0"}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-.venv/bin/python -m pip install --quiet --no-build-isolation -e ".[test,plot]"
+.venv/bin/python -m pip install --quiet --no-build-isolation -e ".[test,plot,analysis]"
 .venv/bin/python -c "import cram_ext, torch; print('cram_ext', cram_ext.__version__, 'with torch', torch.__version__)"
