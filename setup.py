@@ -34,10 +34,10 @@ def sources(pattern):
 def extension():
     with_cuda = cuda_wanted()
     cpu_sources = ["csrc/bindings.cpp"] + sources("csrc/**/*_cpu.cpp")
-    cxx_flags = ["-O3", "-std=c++17", f"-march={os.environ.get('CRAM_EXT_CPU_ARCH', 'native')}"]
+    cxx_flags = ["-O3", "-std=c++20", f"-march={os.environ.get('CRAM_EXT_CPU_ARCH', 'native')}"]
     if not with_cuda:
         return CppExtension("cram_ext._C", cpu_sources, extra_compile_args={"cxx": cxx_flags})
-    nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
+    nvcc_flags = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
                   "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                   "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
     if os.environ.get("CRAM_EXT_PTXAS_VERBOSE", "0") == "1":

@@ -61,11 +61,12 @@ inline float to_float(fp16_t x) {
   return f;
 }
 
+// Stores an accumulator value (float, or double for double tensors) as element type T.
 template <typename T> inline T from_float(float x);
-template <typename T> inline T from_double(double x) { return from_float<T>(static_cast<float>(x)); }
+template <typename T> inline T from_float(double x) { return from_float<T>(static_cast<float>(x)); }
 template <> inline float from_float<float>(float x) { return x; }
 template <> inline double from_float<double>(float x) { return x; }
-template <> inline double from_double<double>(double x) { return x; }
+template <> inline double from_float<double>(double x) { return x; }
 template <> inline bf16_t from_float<bf16_t>(float x) {
   uint32_t u;
   std::memcpy(&u, &x, sizeof(u));
