@@ -16,15 +16,11 @@
 // every output element happens in one thread in a fixed order.
 #include <cmath>
 
-#include "../common/mma_sm80.cuh"
-#include "routed_attention_common.cuh"
+#include "routed_attention_tiles.cuh"
 
 namespace cram {
 namespace cuda {
 namespace {
-
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 
 // ---------------------------------------------------------------------------------------------
 // Rows that are not routed
@@ -57,29 +53,7 @@ template <int kHeadDim> struct FlashFwdTile {
   static constexpr int kBlockN = 64;           // keys per block
   static constexpr int kSmemElems = (kBlockM + 4 * kBlockN) * kHeadDim;  // Q, K x2, V x2
   static constexpr int kSmemBytes = kSmemElems * 2;
-  static_assert(kHeadDim % 64 == 0, "the swizzle needs at least 8 chunks per row");
 };
-
-// Element offset of chunk `chunk` (8 elements) of row `row` in a row-major shared tile of
-// kHeadDim columns, XOR-swizzled so that the 8 rows one ldmatrix reads fall in distinct banks.
-template <int kHeadDim> __device__ __forceinline__ int swizzled(int row, int chunk) {
-  return row * kHeadDim + ((chunk ^ (row & 7)) * 8);
-}
-
-// Issues the cp.async copies of `n_rows` rows (row r from src + row_index(r) * row_stride) into a
-// swizzled tile; rows r >= n_valid are zero-filled.
-template <int kHeadDim, int kRows, int kThreads, typename scalar_t, typename RowIndex>
-__device__ __forceinline__ void load_tile_async(scalar_t* tile, const scalar_t* src, long row_stride,
-                                                int n_valid, RowIndex row_index) {
-  constexpr int kChunks = kHeadDim / 8;
-#pragma unroll
-  for (int idx = threadIdx.x; idx < kRows * kChunks; idx += kThreads) {
-    const int r = idx / kChunks, c = idx % kChunks;
-    const bool valid = r < n_valid;
-    const scalar_t* from = valid ? src + row_index(r) * row_stride + c * 8 : src;
-    cp_async_16(tile + swizzled<kHeadDim>(r, c), from, valid);
-  }
-}
 
 template <typename scalar_t, int kHeadDim>
 __global__ void __launch_bounds__(FlashFwdTile<kHeadDim>::kThreads)
@@ -261,21 +235,6 @@ flash_fwd_kernel(const RoutedAttentionParams p, const RoutedRows rows) {
           pack2<scalar_t>(o[t][2 * r] * inv, o[t][2 * r + 1] * inv);
     if (lane % 4 == 0) lse[pos] = sum > 0.f ? row_max[r] * kLn2 + logf(sum) : -INFINITY;
   }
-}
-
-// Whether the tensor-core kernel can read these tensors: 16-byte aligned rows for cp.async and
-// 4-byte aligned output pairs.
-template <typename scalar_t> bool rows_are_16_byte_aligned(const RoutedAttentionParams& p) {
-  auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-  constexpr long kVec = 16 / sizeof(scalar_t);
-  const long strides[] = {p.q_batch_stride, p.q_head_stride, p.q_row_stride,
-                          p.k_batch_stride, p.k_head_stride, p.k_row_stride,
-                          p.v_batch_stride, p.v_head_stride, p.v_row_stride};
-  for (long s : strides)
-    if (s % kVec != 0) return false;
-  const bool out_pairs = reinterpret_cast<uintptr_t>(p.out) % 4 == 0 && p.out_batch_stride % 2 == 0 &&
-                         p.out_head_stride % 2 == 0 && p.out_row_stride % 2 == 0;
-  return aligned(p.q) && aligned(p.k) && aligned(p.v) && out_pairs;
 }
 
 template <typename scalar_t, int kHeadDim>
