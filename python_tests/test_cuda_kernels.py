@@ -73,7 +73,9 @@ def scan_inputs(batch, dim, L, N, groups, dtype, full=True, noncontiguous=False)
         return wide[:, 2:2 + shape[1]]
 
     x = dict(u=seq((batch, dim, L)),
-             delta=(0.5 * rand(batch, dim, L) - 0.5).to(dtype),
+             # Without softplus the step is delta itself and must stay positive to be stable.
+             delta=(0.5 * rand(batch, dim, L) - 0.5 if full
+                    else 0.5 * torch.rand(batch, dim, L, device=DEVICE, generator=g) + 0.01).to(dtype),
              A=-(0.1 + torch.rand(dim, N, device=DEVICE, generator=g)).to(acc),
              B=seq((batch, groups, N, L)), C=seq((batch, groups, N, L)))
     if full:
@@ -266,9 +268,16 @@ def test_attention_backward(seed, dtype, case):
         base_grads = torch.autograd.grad(base, base_leaves, grad_out)
     routed = route[:, None, :].expand(-1, heads, -1) if route.dim() == 2 else route
     assert (grads[0][~routed] == 0).all(), f"dq of rows not routed must be 0 [seed {seed}]"
+    if not routed.any():
+        assert all((gr == 0).all() for gr in grads), f"no routed row: zero gradients [seed {seed}]"
+        return
     for name, gr, rg, bg in zip("qkv", grads, ref_grads, base_grads):
         if rg.norm() == 0:
-            assert (gr == 0).all(), f"d{name} must be 0 [seed {seed}]"
+            # E.g. dq when every routed row sees one key: zero up to the rounding of dp - δ.
+            limit = max(3 * bg.abs().max().item() if bg is not None else 0.0,
+                        1e-12 if dtype == torch.float64 else 1e-5)
+            err = gr.abs().max().item()
+            assert err <= limit, f"d{name} must be ~0: {err:.3g} > {limit:.3g} [seed {seed}]"
             continue
         check(gr, rg, seed, f"d{name}", dtype, bg, factor=3.0)
 
