@@ -68,6 +68,13 @@ run_stage() {
   [ "$status" = ok ]
 }
 
+# torch finds the toolkit through CUDA_HOME, else through the `nvcc` on PATH, which may be a
+# wrapper outside the toolkit: point it at the toolkit's own directory.
+if [ -z "${CUDA_HOME:-}" ]; then
+  for candidate in /usr/local/cuda "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"; do
+    if [ -f "$candidate/include/cuda_runtime.h" ]; then export CUDA_HOME=$candidate; break; fi
+  done
+fi
 # The CUDA toolkit on some images lacks the cuSPARSE headers that torch's CUDA headers include;
 # the pip-installed NVIDIA packages carry them.
 if [ ! -f "${CUDA_HOME:-/usr/local/cuda}/include/cusparse.h" ]; then

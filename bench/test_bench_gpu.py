@@ -20,7 +20,6 @@ a run cut short still leaves its numbers; pytest-benchmark's JSON holds the rout
 own statistics with the baselines in extra_info.
 """
 import json
-import math
 import os
 import time
 

@@ -44,10 +44,20 @@ selective_scan_fwd_kernel(const SelectiveScanParams p) {
 #pragma unroll
     for (int i = 0; i < kScanItems; ++i) y[i] = D * u[i];
 
+    // B and C of state n + 1 are loaded while state n is scanned, to keep loads in flight.
+    acc_t Bn[kScanItems], Cn[kScanItems], B_next[kScanItems], C_next[kScanItems];
+    load_items(B_rows, t0, L, acc_t(0), B_next);
+    load_items(C_rows, t0, L, acc_t(0), C_next);
     for (int n = 0; n < N; ++n) {
-      acc_t Bn[kScanItems], Cn[kScanItems];
-      load_items(B_rows + n * p.B_dstate_stride, t0, L, acc_t(0), Bn);
-      load_items(C_rows + n * p.C_dstate_stride, t0, L, acc_t(0), Cn);
+#pragma unroll
+      for (int i = 0; i < kScanItems; ++i) {
+        Bn[i] = B_next[i];
+        Cn[i] = C_next[i];
+      }
+      if (n + 1 < N) {
+        load_items(B_rows + (n + 1) * p.B_dstate_stride, t0, L, acc_t(0), B_next);
+        load_items(C_rows + (n + 1) * p.C_dstate_stride, t0, L, acc_t(0), C_next);
+      }
       const acc_t A = A_row[n];
       Affine<acc_t> step_map[kScanItems];
       Affine<acc_t> lane_map = {acc_t(1), acc_t(0)};
