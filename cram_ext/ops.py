@@ -71,12 +71,12 @@ def _(u, delta, A, B, C, D, z, delta_bias, dt_scale, delta_softplus, chunk_size)
 def _(dout, u, delta, A, B, C, D, z, delta_bias, dt_scale, chunk_states, delta_softplus,
       chunk_size):
     acc = _accumulation_dtype(u.dtype)
-    maybe = lambda t, shape: None if t is None else u.new_empty(shape, dtype=acc)  # noqa: E731
-    return (u.new_empty(u.shape), delta.new_empty(delta.shape), A.new_empty(A.shape),
-            B.new_empty(B.shape), C.new_empty(C.shape), maybe(D, D.shape if D is not None else 0),
-            None if z is None else z.new_empty(z.shape),
-            maybe(delta_bias, delta_bias.shape if delta_bias is not None else 0),
-            maybe(dt_scale, dt_scale.shape if dt_scale is not None else 0))
+
+    def like(t, dtype=None):  # an optional input's gradient: same shape, or absent
+        return None if t is None else t.new_empty(t.shape, dtype=dtype or t.dtype)
+
+    return (like(u), like(delta), like(A), like(B), like(C), like(D, acc), like(z),
+            like(delta_bias, acc), like(dt_scale, acc))
 
 
 def _scan_setup_context(ctx, inputs, output):

@@ -10,8 +10,8 @@
 #include <cmath>
 
 #ifdef CRAM_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #endif
 
 #include "common/parallel.h"
@@ -77,7 +77,7 @@ void check_device_supported(const at::Tensor& t, const char* op) {
 }
 
 #ifdef CRAM_WITH_CUDA
-void* current_stream() { return at::cuda::getCurrentCUDAStream().stream(); }
+void* current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 #endif
 
 // ---------------------------------------------------------------------------------------------

@@ -40,8 +40,43 @@ inline float exp_approx(float x) {
 }
 inline double exp_approx(double x) { return std::exp(x); }
 
+// Natural log of a positive normal float: x = 2^e · m with m in [√½, √2), log m by a
+// polynomial in m - 1 (about 1 ulp).
+inline float log_approx(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  float e = static_cast<float>(static_cast<int32_t>(bits >> 23) - 127);
+  const uint32_t mbits = (bits & 0x007fffffu) | 0x3f800000u;
+  float m;
+  std::memcpy(&m, &mbits, sizeof(m));
+  const bool high = m > 1.41421356f;
+  m = high ? 0.5f * m : m;
+  e = high ? e + 1.0f : e;
+  const float f = m - 1.0f, z = f * f;
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z - 2.12194440e-4f * e - 0.5f * z;
+  return f + y + 0.693359375f * e;
+}
+
+// log(1 + e) without losing e's digits when e is small: log(u) · e / (u - 1) with u = 1 + e
+// cancels the rounding error of u.
+inline float log1p_approx(float e) {
+  const float u = 1.0f + e;
+  return u == 1.0f ? e : log_approx(u) * (e / (u - 1.0f));
+}
+
 // softplus(x) = log(1 + e^x), linear above 20 as torch.nn.functional.softplus.
-template <typename T> inline T softplus(T x) { return x > T(20) ? x : std::log1p(std::exp(x)); }
-template <typename T> inline T sigmoid(T x) { return T(1) / (T(1) + std::exp(-x)); }
+inline float softplus(float x) { return x > 20.0f ? x : log1p_approx(exp_approx(x)); }
+inline double softplus(double x) { return x > 20.0 ? x : std::log1p(std::exp(x)); }
+inline float sigmoid(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
+inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 
 }  // namespace cram

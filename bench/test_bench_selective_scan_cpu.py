@@ -1,0 +1,59 @@
+"""CPU benchmark: selective_scan forward against the reference, and its achieved memory traffic
+beside this machine's copy bandwidth measured in the same run.
+
+    pytest bench/test_bench_selective_scan_cpu.py --benchmark-json=bench/results/cpu_scan.json
+"""
+import pytest
+import torch
+
+import cram_ext
+from cram_ext.reference import selective_scan_ref
+
+BATCH, DIM, L, N = 2, 768, 2048, 16  # a Mamba-130M-sized layer
+
+
+def scan_inputs(dtype):
+    g = torch.Generator().manual_seed(0)
+    return dict(
+        u=torch.randn(BATCH, DIM, L, generator=g).to(dtype),
+        delta=(0.5 * torch.randn(BATCH, DIM, L, generator=g) - 1).to(dtype),
+        A=-torch.rand(DIM, N, generator=g) - 0.1,
+        B=torch.randn(BATCH, N, L, generator=g).to(dtype),
+        C=torch.randn(BATCH, N, L, generator=g).to(dtype),
+        D=torch.randn(DIM, generator=g),
+        z=torch.randn(BATCH, DIM, L, generator=g).to(dtype),
+        delta_bias=torch.randn(DIM, generator=g) * 0.1,
+    )
+
+
+def scan_bytes(inputs):
+    """Bytes the scan must move at least: every input read once and the output written once."""
+    return sum(t.numel() * t.element_size() for t in inputs.values()) + inputs["u"].numel() * inputs["u"].element_size()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_selective_scan_forward(benchmark, dtype):
+    inputs = scan_inputs(dtype)
+    benchmark.group = "selective_scan"
+    benchmark.extra_info.update(kernel="selective_scan", dtype=str(dtype), bytes=scan_bytes(inputs),
+                                shape=f"batch={BATCH} dim={DIM} L={L} N={N}")
+    with torch.no_grad():
+        benchmark(lambda: cram_ext.selective_scan(**inputs, delta_softplus=True))
+
+
+def test_selective_scan_reference(benchmark):
+    inputs = scan_inputs(torch.float32)
+    benchmark.group = "selective_scan"
+    benchmark.extra_info.update(kernel="selective_scan_ref", dtype=str(torch.float32), bytes=scan_bytes(inputs),
+                                shape=f"batch={BATCH} dim={DIM} L={L} N={N}")
+    with torch.no_grad():
+        benchmark.pedantic(lambda: selective_scan_ref(**inputs, delta_softplus=True), rounds=3, iterations=1)
+
+
+def test_copy_bandwidth(benchmark):
+    """Copy of a buffer far larger than the caches: bytes read + written per second."""
+    src = torch.randn(64 * 2**20 // 4 * 4)  # 256 MiB
+    dst = torch.empty_like(src)
+    benchmark.group = "selective_scan"
+    benchmark.extra_info.update(kernel="copy", bytes=2 * src.numel() * src.element_size())
+    benchmark(lambda: dst.copy_(src))

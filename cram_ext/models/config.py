@@ -1,0 +1,210 @@
+"""Model configurations: CRAM, its baselines and ablations, all built by the same `CRAMModel`.
+
+A model is a stack of layers; each layer is described by a `LayerSpec` (which memories it has and
+how attention is routed). `ModelConfig` holds the sizes and the training-time schedules of the
+router. `model_config(name, **overrides)` returns the named configurations used in the paper's
+tables:
+
+=====================  ========================================================================
+name                   what it is
+=====================  ========================================================================
+cram                   scan working memory + routed episodic attention + semantic adapter,
+                       3-way router reading q̂, consolidation loss
+transformer            dense causal attention in every layer (plus FFN), positional embedding
+mamba                  selective-scan working memory only (SSM-only)
+jamba                  1 dense-attention layer per 8, the others scan-only (Jamba's 1:7)
+seqboat                scan + episodic attention behind a static learned gate on x_t only
+cram_no_consolidation  CRAM without any consolidation signal (γ=0, no q̂ reward)
+ablate_no_semantic     router over {working, episodic} only
+ablate_no_cons_loss    CRAM with γ=0
+ablate_no_q_router     CRAM whose router does not read q̂
+ablate_semantic_lr10   CRAM with the semantic memory's learning rate ×10 (of the configured one)
+=====================  ========================================================================
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+WORKING_MEMORIES = ("scan", "ctode", None)
+ATTENTION_MODES = ("routed", "dense", None)   # routed: only router-selected rows run attention
+EPISODIC_KEYS = ("prefix", "written")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Which memories a layer has.
+
+    working: "scan" (B1 selective scan), "ctode" (the paper's K-step Euler CT-ODE) or None.
+    attention: "routed" (rows chosen by the router), "dense" (every row) or None.
+    semantic: whether the low-rank semantic adapter is one of the router's paths.
+    router_reads_state: the router sees log-gap, working-memory norm (and q̂ when
+        `router_reads_q`) besides x_t; False makes it a static gate on x_t alone (SeqBoat).
+    router_reads_q: the router reads the q̂ predictor.
+    """
+
+    working: Optional[str] = "scan"
+    attention: Optional[str] = "routed"
+    semantic: bool = True
+    router_reads_state: bool = True
+    router_reads_q: bool = True
+
+    def __post_init__(self):
+        if self.working not in WORKING_MEMORIES:
+            raise ValueError(f"working memory must be one of {WORKING_MEMORIES}, "
+                             f"got {self.working!r}")
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+        if self.semantic and self.attention != "routed":
+            raise ValueError("the semantic path needs routed attention to consolidate from")
+        if self.attention == "dense" and self.working is not None:
+            raise ValueError("dense-attention layers carry no working memory "
+                             "(interleave layers instead, as `jamba` does)")
+        if self.router_reads_q and not (self.semantic and self.router_reads_state):
+            raise ValueError("router_reads_q needs a semantic path and a state-reading router")
+
+    @property
+    def has_router(self) -> bool:
+        return self.attention == "routed"
+
+    @property
+    def paths(self) -> Tuple[str, ...]:
+        """The router's choices for this layer, in logit order."""
+        if not self.has_router:
+            return ()
+        return ("working", "episodic", "semantic") if self.semantic else ("working", "episodic")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "cram"
+    layers: Tuple[LayerSpec, ...] = (LayerSpec(),) * 2
+    d_model: int = 64
+    n_heads: int = 2
+    d_state: int = 16
+    expand: int = 2                      # scan width = expand · d_model (Mamba)
+    ffn_mult: int = 4
+    semantic_rank: Optional[int] = None  # None: d_model // 16 (the paper), at least 1
+    ctode_steps: int = 3
+    positional_embedding: bool = False   # sinusoidal positions, for the attention-only model
+    episodic_keys: str = "written"       # "written": keys are the tokens that wrote a binding
+    memory_size: int = 512               # M, the episodic buffer bound for "written" keys
+    gap_frequencies: Tuple[float, ...] = (0.5, 1.0, 2.0)  # sin/cos(ω Δτ) input features
+    # Router and consolidation (B3-B5)
+    router_episodic_bias: float = 2.0    # initial logit bonus of the episodic path
+    temperature_start: float = 1.0
+    temperature_end: float = 0.1
+    temperature_steps: int = 1000        # geometric anneal from start to end over these steps
+    probe_rate_start: float = 0.02       # fraction of semantic-routed tokens that still attend
+    probe_rate_end: float = 0.005
+    probe_steps: int = 1000              # linear anneal of the probe rate
+    q_sigma: float = 0.5                 # q = exp(-‖f_sem - r‖² / (q_sigma² Σ Var r))
+    lambda_episodic: float = 0.1
+    episodic_cost_start: int = 100       # λ_E is 0 before this step ...
+    episodic_cost_ramp: int = 100        # ... then rises linearly to its value over these steps
+    lambda_semantic: float = 0.05
+    gamma_consolidation: float = 0.5
+    use_q_reward: bool = True            # the −λ_S Σ π_S q̂ term
+    semantic_lr_mult: float = 0.1        # the paper's consolidation lr: 0.1 × base lr
+    # Data interface (SRCD vocabulary)
+    n_keys: int = 512
+    n_values: int = 64
+
+    def __post_init__(self):
+        if not self.layers:
+            raise ValueError("a model needs at least one layer")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.episodic_keys not in EPISODIC_KEYS:
+            raise ValueError(f"episodic_keys must be one of {EPISODIC_KEYS}")
+        if not 0.0 < self.temperature_end <= self.temperature_start:
+            raise ValueError("need 0 < temperature_end <= temperature_start")
+        for rate in (self.probe_rate_start, self.probe_rate_end):
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"probe rates must be in [0, 1], got {rate}")
+        if self.memory_size < 1:
+            raise ValueError("memory_size must be positive")
+
+    @property
+    def rank(self) -> int:
+        return self.semantic_rank or max(1, self.d_model // 16)
+
+    @property
+    def n_attention_layers(self) -> int:
+        return sum(spec.attention is not None for spec in self.layers)
+
+    def temperature(self, step: int) -> float:
+        progress = min(1.0, step / max(1, self.temperature_steps))
+        return self.temperature_start * (self.temperature_end / self.temperature_start) ** progress
+
+    def episodic_cost_weight(self, step: int) -> float:
+        """λ_E at `step`: 0 at first, so attention learns to retrieve before the router is
+        charged for using it, then ramped up. With the full charge from step 0 the router
+        abandons attention while its output is still noise and never learns to retrieve novel
+        keys (seen on SRCD: novel-key accuracy stays at chance)."""
+        progress = (step - self.episodic_cost_start) / max(1, self.episodic_cost_ramp)
+        return self.lambda_episodic * min(1.0, max(0.0, progress))
+
+    def probe_rate(self, step: int) -> float:
+        progress = min(1.0, step / max(1, self.probe_steps))
+        return self.probe_rate_start + (self.probe_rate_end - self.probe_rate_start) * progress
+
+
+def _cram_layers(n_layers: int, **spec) -> Tuple[LayerSpec, ...]:
+    return (LayerSpec(**spec),) * n_layers
+
+
+def _jamba_layers(n_layers: int) -> Tuple[LayerSpec, ...]:
+    """One dense-attention layer in every 8 (Jamba's 1:7), at the middle of each block of 8;
+    a stack shorter than 8 gets one attention layer in its middle."""
+    attention_at = {min(i + 4, n_layers - 1) for i in range(0, n_layers, 8)}
+    return tuple(LayerSpec(working=None, attention="dense", semantic=False,
+                           router_reads_state=False, router_reads_q=False)
+                 if i in attention_at else
+                 LayerSpec(working="scan", attention=None, semantic=False,
+                           router_reads_state=False, router_reads_q=False)
+                 for i in range(n_layers))
+
+
+MODEL_NAMES = ("cram", "transformer", "mamba", "jamba", "seqboat", "cram_no_consolidation",
+               "ablate_no_semantic", "ablate_no_cons_loss", "ablate_no_q_router",
+               "ablate_semantic_lr10")
+TABLE1_MODELS = ("transformer", "mamba", "jamba", "seqboat", "cram", "cram_no_consolidation")
+ABLATIONS = ("cram", "ablate_no_semantic", "ablate_no_cons_loss", "ablate_no_q_router",
+             "ablate_semantic_lr10")
+
+
+def model_config(name: str, n_layers: int = 2, **overrides) -> ModelConfig:
+    """The named configuration, with `n_layers` layers and any `ModelConfig` field overridden."""
+    no_router = dict(semantic=False, router_reads_state=False, router_reads_q=False)
+    if name in ("cram", "ablate_no_cons_loss", "ablate_semantic_lr10", "cram_no_consolidation"):
+        layers = _cram_layers(n_layers)
+    elif name == "ablate_no_q_router":
+        layers = _cram_layers(n_layers, router_reads_q=False)
+    elif name == "ablate_no_semantic":
+        layers = _cram_layers(n_layers, semantic=False, router_reads_q=False)
+    elif name == "seqboat":
+        layers = _cram_layers(n_layers, **no_router)
+    elif name == "transformer":
+        layers = _cram_layers(n_layers, working=None, attention="dense", **no_router)
+    elif name == "mamba":
+        layers = _cram_layers(n_layers, attention=None, **no_router)
+    elif name == "jamba":
+        layers = _jamba_layers(n_layers)
+    else:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
+    fields = dict(name=name, layers=layers)
+    if name == "transformer":
+        fields.update(positional_embedding=True, episodic_keys="prefix")
+    if name == "jamba":
+        fields.update(episodic_keys="prefix")
+    if name in ("ablate_no_cons_loss", "cram_no_consolidation"):
+        fields.update(gamma_consolidation=0.0)
+    if name == "cram_no_consolidation":
+        fields.update(use_q_reward=False)
+    fields.update(overrides)
+    config = dataclasses.replace(ModelConfig(), **fields)
+    if name == "ablate_semantic_lr10":
+        config = dataclasses.replace(config, semantic_lr_mult=10 * config.semantic_lr_mult)
+    return config

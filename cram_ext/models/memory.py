@@ -1,0 +1,191 @@
+"""The three memories of a CRAM layer and the router that chooses between them.
+
+The two kernels are reached through `scan_op` and `attention_op` only, so tests can wrap them
+(for example to count the rows that really ran attention).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import cram_ext
+
+
+def scan_op(u, delta, A, B, C, D, z, delta_bias, dt_scale):
+    """`cram_ext.selective_scan` with softplus on delta (Mamba's convention)."""
+    return cram_ext.selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                   delta_softplus=True, dt_scale=dt_scale)
+
+
+def attention_op(q, k, v, route, key_mask):
+    """`cram_ext.routed_attention`, causal: rows where `route` is False cost nothing, output 0."""
+    return cram_ext.routed_attention(q, k, v, route, is_causal=True, key_mask=key_mask)
+
+
+def gap_scale(gap: torch.Tensor) -> torch.Tensor:
+    """g(Δτ) = log(1 + Δτ): the time-gap multiplier of the scan step.
+
+    Monotone and 0 at Δτ = 0 like Δτ itself, but it compresses the Pareto tail (gaps up to 1000)
+    so a long gap forgets more without the input drive Δ·B·u blowing up.
+    """
+    return torch.log1p(gap)
+
+
+class SelectiveScanMemory(nn.Module):
+    """Working memory (B1): a Mamba-style selective scan whose step is scaled by the time gap,
+    Δ_t = softplus(W_Δ u_t + b_Δ) · g(Δτ_t). State carries across tokens.
+
+    Mamba's block without the short convolution: in-projection to (u, z), input-dependent
+    (Δ, B, C), the scan with D skip and silu(z) gate, out-projection.
+    """
+
+    def __init__(self, d_model: int, d_state: int, expand: int):
+        super().__init__()
+        d_inner = expand * d_model
+        self.dt_rank = max(1, math.ceil(d_model / 16))
+        self.d_state = d_state
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
+        self.x_proj = nn.Linear(d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, d_inner, bias=False)
+        # Mamba's initialisation: A = -(1..N) per channel, Δ bias so softplus(b) ∈ [1e-3, 0.1].
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)
+                                            ).repeat(d_inner, 1))
+        self.D = nn.Parameter(torch.ones(d_inner))
+        dt = torch.exp(torch.empty(d_inner).uniform_(math.log(1e-3), math.log(0.1)))
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, gap: torch.Tensor) -> torch.Tensor:
+        u, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)          # (batch, d_inner, L)
+        dt, B, C = self.x_proj(u.transpose(1, 2)).split(
+            [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = self.dt_proj(dt).transpose(1, 2)
+        y = scan_op(u.contiguous(), delta.contiguous(), -torch.exp(self.A_log),
+                    B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), self.D,
+                    z.contiguous(), self.dt_bias, gap_scale(gap).to(torch.float32).contiguous())
+        return self.out_proj(y.transpose(1, 2))
+
+
+class CTODEMemory(nn.Module):
+    """The paper's working memory: K Euler steps of a gated continuous-time ODE per token,
+
+        h⁽ᵏ⁺¹⁾ = h⁽ᵏ⁾ + (1/K)·σ(W_τ log(1+Δτ_t)) ⊙ tanh(W1 h⁽ᵏ⁾ + W2 x_t),   f = W_o h⁽ᴷ⁾,
+
+    with the state carried from token to token (h_t⁽⁰⁾ = h_{t−1}⁽ᴷ⁾). A Python loop over tokens:
+    kept as the paper's option, not as a fast path. The residual `+ x_t` of the paper is the
+    layer's Add&Norm.
+    """
+
+    def __init__(self, d_model: int, steps: int):
+        super().__init__()
+        if steps < 1:
+            raise ValueError("ctode_steps must be at least 1")
+        self.steps = steps
+        self.W1 = nn.Linear(d_model, d_model, bias=False)
+        self.W2 = nn.Linear(d_model, d_model)
+        self.W_tau = nn.Linear(1, d_model)
+        self.W_o = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, gap: torch.Tensor) -> torch.Tensor:
+        drive = self.W2(x)                                              # (batch, L, d)
+        rate = torch.sigmoid(self.W_tau(torch.log1p(gap)[..., None])) / self.steps
+        h = x.new_zeros(x.shape[0], x.shape[2])
+        states = []
+        for t in range(x.shape[1]):
+            for _ in range(self.steps):
+                h = h + rate[:, t] * torch.tanh(self.W1(h) + drive[:, t])
+            states.append(h)
+        return self.W_o(torch.stack(states, dim=1))
+
+
+class EpisodicAttention(nn.Module):
+    """Episodic memory (B2): causal multi-head attention over the prefix, run only for the query
+    rows in `route` (through `routed_attention`); the keys can be limited by `key_mask`."""
+
+    def __init__(self, d_model: int, n_heads: int, qk_init_scale: float = 2.0):
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.out_proj = nn.Linear(d_model, d_model, bias=False)
+        # Start with W_q = W_k, scaled up: a token then attends sharply to the tokens that share
+        # its content (a query to the write of the same key), so retrieval is there from the
+        # first steps and training only has to learn to read the value out.
+        with torch.no_grad():
+            self.qkv.weight[:d_model].mul_(qk_init_scale)
+            self.qkv.weight[d_model:2 * d_model].copy_(self.qkv.weight[:d_model])
+
+    def forward(self, x: torch.Tensor, route: torch.Tensor,
+                key_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        batch, length, d_model = x.shape
+        q, k, v = (t.view(batch, length, self.n_heads, -1).transpose(1, 2)
+                   for t in self.qkv(x).chunk(3, dim=-1))
+        out = attention_op(q, k, v, route, key_mask)                    # 0 on rows not routed
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, d_model))
+
+
+class SemanticAdapter(nn.Module):
+    """Semantic memory: f_sem(x) = W_up ReLU(W_down x), rank d/16 by default."""
+
+    def __init__(self, d_model: int, rank: int):
+        super().__init__()
+        self.down = nn.Linear(d_model, rank)
+        self.up = nn.Linear(rank, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(F.relu(self.down(x)))
+
+
+class QualityPredictor(nn.Module):
+    """q̂_t ∈ (0, 1) from x_t (B4): regressed on the q_t measured wherever attention ran, so the
+    router can know how well semantic memory would stand in for attention without running it.
+    Reads x_t detached: its regression loss trains the predictor only."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_model, d_model), nn.ReLU(), nn.Linear(d_model, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.net(x.detach())).squeeze(-1)
+
+
+class Router(nn.Module):
+    """Per-token choice among the layer's paths (B3, B4).
+
+    Features: x_t (the token content: without it no router can tell a query from an
+    observation) and, unless the router is a static gate, log(1 + Δτ_t), the working-memory
+    readout norm ‖y_t‖/√d (our stand-in for the state norm, which the fused scan does not
+    return) and q̂_t. Training samples a straight-through Gumbel-softmax: the forward uses the
+    hard one-hot, the backward the softmax at temperature τ. Inference takes the argmax.
+    """
+
+    def __init__(self, d_model: int, n_paths: int, reads_state: bool, reads_q: bool,
+                 episodic_bias: float):
+        super().__init__()
+        self.reads_state, self.reads_q = reads_state, reads_q
+        n_features = d_model + (3 if reads_state else 0)
+        self.proj = nn.Linear(n_features, n_paths)
+        with torch.no_grad():
+            self.proj.weight.mul_(0.1)
+            self.proj.bias.zero_()
+            self.proj.bias[1] = episodic_bias   # path 1 is episodic: attention starts in use
+
+    def features(self, x, gap, working_out, q_hat):
+        if not self.reads_state:
+            return x
+        state_norm = working_out.norm(dim=-1) / math.sqrt(x.shape[-1])
+        q_feature = q_hat.detach() if self.reads_q else torch.zeros_like(q_hat)
+        return torch.cat([x, torch.log1p(gap)[..., None], state_norm.detach()[..., None],
+                          q_feature[..., None]], dim=-1)
+
+    def forward(self, x, gap, working_out, q_hat, temperature: Optional[float]):
+        """Returns (probabilities π, gates): gates are one-hot in value; in training their
+        gradient is the Gumbel-softmax's (straight-through). `temperature=None`: argmax."""
+        logits = self.proj(self.features(x, gap, working_out, q_hat))
+        probs = logits.softmax(-1)
+        if temperature is None:
+            return probs, F.one_hot(logits.argmax(-1), logits.shape[-1]).to(x.dtype)
+        return probs, F.gumbel_softmax(logits, tau=temperature, hard=True)

@@ -1,0 +1,265 @@
+"""CRAM model and baselines: shapes, routing that really skips attention, the loss terms by
+hand, the memories' formulas, configuration errors."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cram_ext
+from cram_ext.models import (MODEL_NAMES, CRAMLayer, CRAMModel, LayerRecord, LayerSpec,
+                             ModelConfig, ModelOutput, model_config)
+from cram_ext.models import memory
+from cram_ext.srcd import SRCDConfig, batch_at
+
+torch.set_num_threads(1)
+DATA = SRCDConfig(seq_len=64)
+
+
+def tiny(name, **overrides):
+    return model_config(name, d_model=32, n_heads=2, **overrides)
+
+
+@pytest.fixture
+def batch():
+    return batch_at(DATA, seed=0, step=0, batch_size=3)
+
+
+class AttentionCounter:
+    """Wraps `cram_ext.routed_attention` to record the route of every call."""
+
+    def __init__(self, monkeypatch):
+        self.routes = []
+        original = cram_ext.routed_attention
+
+        def counted(q, k, v, route=None, **kwargs):
+            self.routes.append(route.clone())
+            out = original(q, k, v, route, **kwargs)
+            assert (out[~route[:, None, :].expand(out.shape[:3])] == 0).all()
+            return out
+        monkeypatch.setattr(cram_ext, "routed_attention", counted)
+
+    @property
+    def rows(self):
+        return sum(int(r.sum()) for r in self.routes)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_named_model_runs_forward_and_backward(name, batch):
+    torch.manual_seed(0)
+    model = CRAMModel(tiny(name))
+    output = model(batch, step=0)
+    assert output.value_logits.shape == (3, 64, DATA.n_values)
+    assert output.next_value.shape == (3, 64)
+    assert len(output.layers) == 2
+    losses = model.losses(batch, output)
+    assert all(torch.isfinite(v) for v in losses.values())
+    losses["total"].backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_routed_attention_runs_exactly_the_rows_routed_to_episodic_memory(monkeypatch, batch):
+    torch.manual_seed(0)
+    model = CRAMModel(tiny("cram", router_episodic_bias=0.0)).eval()
+    counter = AttentionCounter(monkeypatch)
+    with torch.no_grad():
+        output = model(batch)
+    assert len(counter.routes) == 2
+    for route, record in zip(counter.routes, output.layers):
+        episodic = record.probs.argmax(-1) == 1
+        assert torch.equal(route, episodic)
+        assert torch.equal(record.attention_rows, episodic)
+        assert 0 < int(route.sum()) < route.numel()   # a real mix, not all or nothing
+
+
+def test_training_routing_runs_sampled_episodic_rows_plus_probes(monkeypatch, batch):
+    torch.manual_seed(1)
+    config = tiny("cram", probe_rate_start=1.0, probe_rate_end=1.0)
+    model = CRAMModel(config).train()
+    counter = AttentionCounter(monkeypatch)
+    gates = []
+    original_router = memory.Router.forward
+
+    def recording_router(self, *args):
+        probs, gate = original_router(self, *args)
+        gates.append(gate.detach())
+        return probs, gate
+    monkeypatch.setattr(memory.Router, "forward", recording_router)
+    output = model(batch, step=0)
+    for route, gate, record in zip(counter.routes, gates, output.layers):
+        # probe rate 1: every semantic-routed token also runs attention, working ones never do
+        assert torch.equal(route, (gate[..., 1] > 0.5) | (gate[..., 2] > 0.5))
+        assert not route[gate[..., 0] > 0.5].any()
+    assert counter.rows == sum(int(r.attention_rows.sum()) for r in output.layers)
+
+
+def test_baselines_spend_the_attention_their_design_says(monkeypatch, batch):
+    counter = AttentionCounter(monkeypatch)
+    CRAMModel(tiny("transformer")).eval()(batch)
+    assert counter.rows == 2 * batch["gap"].numel()
+    counter.routes.clear()
+    CRAMModel(tiny("mamba")).eval()(batch)
+    assert counter.rows == 0
+    jamba = model_config("jamba", n_layers=8, d_model=32)
+    assert [spec.attention for spec in jamba.layers].count("dense") == 1
+    jamba16 = model_config("jamba", n_layers=16, d_model=32)
+    assert [spec.attention for spec in jamba16.layers].count("dense") == 2
+
+
+def test_episodic_keys_are_the_written_entries(monkeypatch, batch):
+    seen = {}
+    original = cram_ext.routed_attention
+
+    def record_mask(q, k, v, route=None, key_mask=None, **kwargs):
+        seen["key_mask"] = key_mask
+        return original(q, k, v, route, key_mask=key_mask, **kwargs)
+    monkeypatch.setattr(cram_ext, "routed_attention", record_mask)
+    CRAMModel(tiny("cram")).eval()(batch)
+    assert torch.equal(seen["key_mask"], batch["value"] != DATA.n_values)
+    small_buffer = CRAMModel(tiny("cram", memory_size=2))
+    with pytest.raises(ValueError, match="memory_size"):
+        small_buffer(batch)
+
+
+def hand_attention(layer, x, key_mask):
+    """Causal multi-head softmax attention over the written keys, every row, by hand."""
+    att = layer.episodic
+    batch, length, d = x.shape
+    q, k, v = (t.view(batch, length, att.n_heads, -1).transpose(1, 2)
+               for t in att.qkv(x).chunk(3, dim=-1))
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    visible = torch.ones(length, length, dtype=torch.bool).tril() & key_mask[:, None, None, :]
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1).nan_to_num(0.0)
+    return att.out_proj((probs @ v).transpose(1, 2).reshape(batch, length, d))
+
+
+def test_layer_measures_q_and_consolidation_error_by_the_formulas():
+    torch.manual_seed(2)
+    config = tiny("cram", probe_rate_start=1.0, probe_rate_end=1.0)
+    layer = CRAMLayer(config, config.layers[0]).train()
+    with torch.no_grad():   # force every token onto the semantic path: all run as probes
+        layer.router.proj.bias.copy_(torch.tensor([-50.0, -50.0, 50.0]))
+        layer.router.proj.weight.zero_()
+    x, gap = torch.randn(2, 10, 32), torch.rand(2, 10)
+    key_mask = torch.rand(2, 10) < 0.5
+    key_mask[:, 0] = True
+    out, record = layer(x, gap, key_mask, temperature=1.0, probe_rate=1.0)
+    assert record.attention_rows.all()
+    retrieved = hand_attention(layer, x, key_mask)
+    recalled = layer.semantic.up(F.relu(layer.semantic.down(x)))
+    error = (recalled - retrieved).pow(2).sum(-1)
+    torch.testing.assert_close(record.consolidation_error, error / 32)
+    spread = retrieved.reshape(-1, 32).var(0, unbiased=False).sum()   # every row ran
+    q = torch.exp(-error / (config.q_sigma ** 2 * spread))
+    torch.testing.assert_close(record.q, q)
+    # the semantic path, not attention, reaches the output: out = Norm(x + y + f_sem) → FFN
+    h = layer.norm_mix(x + layer.working(x, gap) + recalled)
+    torch.testing.assert_close(out, layer.norm_ffn(h + layer.ffn(h)))
+
+
+def test_losses_match_a_hand_computation():
+    config = tiny("cram", lambda_episodic=0.1, lambda_semantic=0.05, gamma_consolidation=0.5)
+    model = CRAMModel(config)
+    batch = {"target_class": torch.tensor([[-100, 2, -100], [1, -100, -100]]),
+             "dynamics_mask": torch.tensor([[True, False, True], [False, False, True]]),
+             "target_value": torch.tensor([[1.0, 0.0, -1.0], [0.0, 0.0, 2.0]])}
+    torch.manual_seed(3)
+    logits = torch.randn(2, 3, config.n_values)
+    next_value = torch.tensor([[0.5, 9.0, -1.0], [9.0, 9.0, 1.0]])
+    probs = torch.tensor([[[0.2, 0.5, 0.3], [0.1, 0.1, 0.8], [0.6, 0.2, 0.2]],
+                          [[0.3, 0.3, 0.4], [0.5, 0.4, 0.1], [0.2, 0.7, 0.1]]])
+    rows = torch.tensor([[True, False, False], [False, True, True]])
+    q_hat = torch.tensor([[0.9, 0.5, 0.1], [0.2, 0.3, 0.4]])
+    q = torch.tensor([[0.7, 0.0, 0.0], [0.0, 0.1, 0.6]])
+    error = torch.tensor([[0.4, 0.0, 0.0], [0.0, 2.0, 1.0]])
+    layer = LayerRecord(attention_rows=rows, probs=probs, q_hat=q_hat, q=q,
+                        consolidation_error=error)
+    losses = model.losses(batch, ModelOutput(logits, next_value, [layer, layer]))
+
+    # task terms: sums over their positions divided by all 6 positions
+    ce = -(logits[0, 1].log_softmax(-1)[2] + logits[1, 0].log_softmax(-1)[1]) / 6
+    mse = ((0.5 - 1.0) ** 2 + 0.0 ** 2 + (1.0 - 2.0) ** 2) / 6
+    cost = probs[..., 1].sum() / 6
+    reward = (probs[..., 2] * q_hat).sum() / 6
+    cons = (0.4 + 2.0 + 1.0) / 3            # both layers identical: (2·sum) / (2·3)
+    q_reg = ((0.9 - 0.7) ** 2 + (0.3 - 0.1) ** 2 + (0.4 - 0.6) ** 2) / 3
+    expected = ce + mse + 0.1 * cost - 0.05 * reward + 0.5 * cons + q_reg
+    for name, value in (("retrieval", ce), ("dynamics", mse), ("episodic_cost", cost),
+                        ("semantic_reward", reward), ("consolidation", cons),
+                        ("q_regression", q_reg), ("total", expected)):
+        assert float(losses[name]) == pytest.approx(float(value), rel=1e-5), name
+
+
+def test_q_hat_reward_is_detached_and_router_learns_through_straight_through(batch):
+    torch.manual_seed(4)
+    model = CRAMModel(tiny("cram")).train()
+    output = model(batch, step=0)
+    losses = model.losses(batch, output)
+    q_net = model.layers[0].q_predictor.net[0].weight
+    reward_grad = torch.autograd.grad(losses["semantic_reward"], q_net, allow_unused=True)[0]
+    assert reward_grad is None or (reward_grad == 0).all()
+    task = losses["retrieval"] + losses["dynamics"]
+    router_grad = torch.autograd.grad(task, model.layers[0].router.proj.weight)[0]
+    assert router_grad.abs().sum() > 0
+
+
+def test_selective_scan_memory_is_the_scan_with_log_gap_steps():
+    torch.manual_seed(5)
+    wm = memory.SelectiveScanMemory(d_model=8, d_state=4, expand=2)
+    x, gap = torch.randn(2, 6, 8), torch.rand(2, 6) * 5
+    u, z = wm.in_proj(x).transpose(1, 2).chunk(2, dim=1)
+    dt, B, C = wm.x_proj(u.transpose(1, 2)).split([wm.dt_rank, 4, 4], dim=-1)
+    y = cram_ext.reference.selective_scan_ref(
+        u, wm.dt_proj(dt).transpose(1, 2), -torch.exp(wm.A_log), B.transpose(1, 2),
+        C.transpose(1, 2), wm.D, z, wm.dt_bias, True, torch.log1p(gap))
+    torch.testing.assert_close(wm(x, gap), wm.out_proj(y.transpose(1, 2)), rtol=1e-4, atol=1e-5)
+
+
+def test_ctode_memory_follows_the_euler_steps_and_carries_state():
+    torch.manual_seed(6)
+    wm = memory.CTODEMemory(d_model=4, steps=3)
+    x, gap = torch.randn(1, 2, 4), torch.tensor([[0.5, 3.0]])
+    h = torch.zeros(1, 4)
+    expected = []
+    for t in range(2):
+        rate = torch.sigmoid(wm.W_tau(torch.log1p(gap[:, t:t + 1]))) / 3
+        for _ in range(3):
+            h = h + rate * torch.tanh(wm.W1(h) + wm.W2(x[:, t]))
+        expected.append(wm.W_o(h))
+    torch.testing.assert_close(wm(x, gap), torch.stack(expected, dim=1))
+    model = CRAMModel(tiny("cram", layers=(LayerSpec(working="ctode"),)))
+    assert model(batch_at(DATA, 0, 0, 1)).value_logits.shape == (1, 64, DATA.n_values)
+
+
+def test_schedules_and_parameter_groups():
+    config = tiny("cram", temperature_steps=100, probe_steps=10)
+    assert config.temperature(0) == pytest.approx(1.0)
+    assert config.temperature(50) == pytest.approx(math.sqrt(0.1))
+    assert config.temperature(500) == pytest.approx(0.1)
+    assert config.probe_rate(0) == pytest.approx(0.02)
+    assert config.probe_rate(10) == pytest.approx(0.005)
+    model = CRAMModel(config)
+    groups = model.param_groups(lr=1e-3, weight_decay=0.01)
+    assert groups[-1]["lr"] == pytest.approx(1e-4)
+    semantic = {id(p) for layer in model.layers for p in layer.semantic.parameters()}
+    assert {id(p) for p in groups[-1]["params"]} == semantic
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    assert tiny("ablate_semantic_lr10").semantic_lr_mult == pytest.approx(1.0)
+    assert tiny("ablate_no_cons_loss").gamma_consolidation == 0.0
+    assert not tiny("ablate_no_q_router").layers[0].router_reads_q
+    assert tiny("ablate_no_semantic").layers[0].paths == ("working", "episodic")
+    assert tiny("seqboat").layers[0].router_reads_state is False
+
+
+def test_bad_configurations_raise_clear_errors():
+    with pytest.raises(ValueError, match="unknown model"):
+        model_config("gpt")
+    with pytest.raises(ValueError, match="divisible"):
+        ModelConfig(d_model=30, n_heads=4)
+    with pytest.raises(ValueError, match="semantic path needs routed attention"):
+        LayerSpec(attention="dense", semantic=True)
+    with pytest.raises(ValueError, match="working memory"):
+        LayerSpec(working="lstm")
+    with pytest.raises(ValueError, match="temperature"):
+        ModelConfig(temperature_start=0.1, temperature_end=1.0)

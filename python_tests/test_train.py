@@ -1,0 +1,113 @@
+"""Training loop: per-step log, atomic checkpoints, bit-exact resume, DDP with 2 gloo processes."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from cram_ext import train
+from cram_ext.train import PatternExposure, run_config
+
+TINY = ["--size", "tiny", "--steps", "6"]
+LOGGED = {"step", "loss/total", "loss/retrieval", "loss/dynamics", "loss/episodic_cost",
+          "loss/semantic_reward", "loss/consolidation", "loss/q_regression", "accuracy",
+          "dynamics_mse", "attention_fraction", "mean_q", "mean_q_hat", "temperature",
+          "probe_rate", "lr", "q_histogram"}
+
+
+def read_log(directory):
+    with open(os.path.join(directory, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_a_run_logs_every_step_and_checkpoints_atomically(tmp_path):
+    final = train.main(["--config", "cram", *TINY, "--out", str(tmp_path)])
+    log = read_log(tmp_path)
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert all(LOGGED <= set(r) for r in log)
+    assert "eval" in log[2] and "eval" in log[5] and "eval" not in log[0]
+    assert log[-1]["eval"] == final
+    assert log[0]["temperature"] == pytest.approx(1.0) and log[-1]["temperature"] < 1.0
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "log.jsonl"]   # no .tmp left over
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert checkpoint["step"] == 6 and checkpoint["config"]["model"] == "cram"
+
+
+@pytest.mark.parametrize("model", ["cram", "seqboat"])
+def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, model):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train.main(["--config", model, *TINY, "--out", str(straight)])
+    train.main(["--config", model, *TINY, "--out", str(split), "--stop-at", "4"])
+    # a crash after step 4's checkpoint loses the log lines written after it; resume redoes them
+    with open(split / "log.jsonl", "a") as f:
+        f.write(json.dumps({"step": 5, "stale": True}) + "\n")
+    train.main(["--config", model, *TINY, "--out", str(split), "--resume"])
+    assert read_log(split) == read_log(straight)
+    a = torch.load(straight / "checkpoint.pt", weights_only=False)
+    b = torch.load(split / "checkpoint.pt", weights_only=False)
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    np.testing.assert_array_equal(a["exposure"]["total"], b["exposure"]["total"])
+
+
+def test_pattern_exposure_bins_queries_by_times_seen():
+    exposure = PatternExposure(n_patterns=3)
+    exposure.update(np.array([0, 0, 0, 1]), np.array([True, False, True, True]))
+    # pattern 0 seen for the 1st, 2nd, 3rd time: bins ⌊log2 k⌋ = 0, 1, 1
+    assert exposure.total[0, :2].tolist() == [1, 2]
+    assert exposure.episodic[0, :2].tolist() == [1, 1]
+    assert exposure.seen.tolist() == [3, 1, 0]
+
+
+def test_unknown_names_are_rejected():
+    with pytest.raises(ValueError, match="unknown size"):
+        run_config("cram", size="huge")
+    with pytest.raises(ValueError, match="unknown model"):
+        run_config("gpt")
+
+
+def test_torchrun_trains_with_two_gloo_processes(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", "29517", "-m", "cram_ext.train", "--config", "cram",
+               "--size", "tiny", "--steps", "4", "--out", str(tmp_path)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = read_log(tmp_path)
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert checkpoint["world_size"] == 2 and len(checkpoint["rng"]) == 2
+    # the two ranks drew different routing noise: their RNG states differ
+    assert not torch.equal(checkpoint["rng"][0], checkpoint["rng"][1])
+    # both ranks' recurring queries count in the exposure statistics
+    config = run_config("cram", "tiny")
+    queries = round(0.05 * config.seq_len)
+    assert checkpoint["exposure"]["seen"].sum() == 4 * 2 * config.batch_size * round(0.7 * queries)
+
+
+def test_results_section_replaces_only_the_text_between_its_markers(tmp_path):
+    from cram_ext.experiments import SECTION_BEGIN, SECTION_END, write_section
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Results\n\n## Kernels\n\nkernel table\n")
+    write_section(str(path), f"{SECTION_BEGIN}\nfirst\n{SECTION_END}")
+    text = path.read_text()
+    assert text.startswith("# Results\n\n## Kernels\n\nkernel table\n")
+    assert "## SRCD: CRAM vs baselines" in text and "first" in text
+    path.write_text(text + "\n## Later section\n\nkept\n")
+    write_section(str(path), f"{SECTION_BEGIN}\nsecond\n{SECTION_END}")
+    text = path.read_text()
+    assert "second" in text and "first" not in text
+    assert text.count("## SRCD: CRAM vs baselines") == 1
+    assert "kernel table" in text and text.endswith("## Later section\n\nkept\n")
+
+
+def test_the_ctode_working_memory_is_a_run_option():
+    config = run_config("cram", "tiny", working="ctode").model_config()
+    assert {spec.working for spec in config.layers} == {"ctode"}
+    jamba = run_config("jamba", "tiny", n_layers=8, working="ctode").model_config()
+    assert [spec.working for spec in jamba.layers].count(None) == 1   # the attention layer
+    with pytest.raises(ValueError, match="working memory"):
+        run_config("cram", "tiny", working="lstm").model_config()
