@@ -50,6 +50,9 @@ inline void check_scan_launch(const SelectiveScanParams& p, const char* op) {
     throw std::invalid_argument(std::string(op) + ": chunk_size must be " + std::to_string(kScanChunk) +
                                 " (the kernels' chunk: 32 lanes x " + std::to_string(kScanItems) +
                                 " steps), got " + std::to_string(p.chunk_size));
+  if (p.batch > 65535)
+    throw std::invalid_argument(std::string(op) + ": batch must be at most 65535 (grid y), got " +
+                                std::to_string(p.batch));
   if (p.dstate > kScanMaxDState)
     throw std::invalid_argument(std::string(op) + ": N must be at most " +
                                 std::to_string(kScanMaxDState) + ", got " + std::to_string(p.dstate));
