@@ -26,17 +26,10 @@ namespace {
 
 constexpr int kBwdWarps = 4;    // query rows visited at once, one per warp
 constexpr int kBwdKeys = 16;    // keys per block: lanes 0-15 score them, lanes 16-31 take dout v
-constexpr int kMaxHeadDim = 256;
 // The block's 128 threads own the dK/dV accumulators of (key, dim) pairs: key = thread / 8,
 // dims thread % 8 + 8 i.
 constexpr int kThreadsPerKey = kBwdWarps * 32 / kBwdKeys;
 constexpr int kAccPerThread = kMaxHeadDim / kThreadsPerKey;
-
-template <typename acc_t> __device__ __forceinline__ acc_t warp_sum(acc_t x) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
-  return x;
-}
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kBwdWarps * 32)
@@ -427,10 +420,7 @@ void launch_flash_bwd(const RoutedAttentionBwdParams& p, const RoutedRows& rows,
 void routed_attention_bwd_cuda(const RoutedAttentionBwdParams& params, void* workspace, void* stream) {
   using namespace cuda;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (static_cast<long>(params.batch) * params.heads > 65535)
-    throw std::invalid_argument("routed_attention backward (CUDA): batch * heads must be at most 65535");
-  if (params.head_dim > kMaxHeadDim)
-    throw std::invalid_argument("routed_attention backward (CUDA): head_dim must be at most 256");
+  check_attention_launch(params, "routed_attention backward (CUDA)");
   const RoutedRows rows = routed_rows(params, workspace);
   compact_routed_rows(params, rows, s);
   CRAM_CUDA_DTYPE_SWITCH(params.dtype, "routed_attention backward (CUDA)", [&] {

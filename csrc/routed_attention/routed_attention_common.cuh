@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "../common/cuda_dtype.cuh"
+#include "../common/warp_reduce.cuh"
 #include "routed_attention.h"
 
 namespace cram {
@@ -22,6 +23,8 @@ struct RoutedRows {
   void* row_dot;   // (batch * heads, seqlen_q), accumulation type: the backward's
                    // rowsum(dout * out) per compacted row
 };
+
+constexpr int kMaxHeadDim = 256;  // the binding layer's limit
 
 constexpr long kWorkspaceAlign = 256;
 inline long align_up(long bytes) { return (bytes + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign; }
@@ -38,6 +41,16 @@ inline RoutedRows routed_rows(const RoutedAttentionParams& p, void* workspace) {
   base += align_up(bh * p.seqlen_q * sizeof(int));
   r.row_dot = base;
   return r;
+}
+
+// The launch limits of these kernels (one grid row per (batch, head)), checked before launching.
+inline void check_attention_launch(const RoutedAttentionParams& p, const char* op) {
+  if (static_cast<long>(p.batch) * p.heads > 65535)
+    throw std::invalid_argument(std::string(op) + ": batch * heads must be at most 65535, got " +
+                                std::to_string(static_cast<long>(p.batch) * p.heads));
+  if (p.head_dim > kMaxHeadDim)
+    throw std::invalid_argument(std::string(op) + ": head_dim must be at most " +
+                                std::to_string(kMaxHeadDim) + ", got " + std::to_string(p.head_dim));
 }
 
 // Fills rows.count and rows.positions from params.route (kernel in routed_attention_compact.cu).

@@ -252,19 +252,7 @@ void launch_flash_fwd(const RoutedAttentionParams& p, const RoutedRows& rows, cu
 // ---------------------------------------------------------------------------------------------
 
 constexpr int kSimtWarps = 4;
-constexpr int kMaxHeadDim = 256;
 constexpr int kDimsPerLane = kMaxHeadDim / 32;
-
-template <typename acc_t> __device__ __forceinline__ acc_t warp_max(acc_t x) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) x = max(x, __shfl_xor_sync(0xffffffffu, x, offset));
-  return x;
-}
-template <typename acc_t> __device__ __forceinline__ acc_t warp_sum(acc_t x) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
-  return x;
-}
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kSimtWarps * 32)
@@ -334,10 +322,7 @@ simt_fwd_kernel(const RoutedAttentionParams p, const RoutedRows rows) {
 void routed_attention_fwd_cuda(const RoutedAttentionParams& params, void* workspace, void* stream) {
   using namespace cuda;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (static_cast<long>(params.batch) * params.heads > 65535)
-    throw std::invalid_argument("routed_attention (CUDA): batch * heads must be at most 65535");
-  if (params.head_dim > kMaxHeadDim)
-    throw std::invalid_argument("routed_attention (CUDA): head_dim must be at most 256");
+  check_attention_launch(params, "routed_attention (CUDA)");
   const RoutedRows rows = routed_rows(params, workspace);
   compact_routed_rows(params, rows, s);
   CRAM_CUDA_DTYPE_SWITCH(params.dtype, "routed_attention (CUDA)", [&] {

@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "../common/cuda_dtype.cuh"
+#include "../common/warp_reduce.cuh"
 #include "selective_scan.h"
 
 namespace cram {
@@ -95,12 +96,6 @@ __device__ __forceinline__ Affine<acc_t> warp_exclusive_scan(Affine<acc_t> v, Af
   exclusive.b = kForward ? __shfl_up_sync(0xffffffffu, v.b, 1) : __shfl_down_sync(0xffffffffu, v.b, 1);
   if (lane == (kForward ? 0 : 31)) exclusive = {acc_t(1), acc_t(0)};
   return exclusive;
-}
-
-template <typename acc_t> __device__ __forceinline__ acc_t warp_sum(acc_t x) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
-  return x;
 }
 
 // Loads this lane's kScanItems consecutive steps [t0, t0 + kScanItems) of a row whose L stride
