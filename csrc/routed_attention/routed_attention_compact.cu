@@ -1,9 +1,10 @@
 // Row compaction for routed attention (layout: routed_attention_common.cuh), and the workspace
 // size the binding layer allocates for it.
 //
-// One block per (batch, head) walks the route flags in tiles of one flag per thread and appends
-// the routed positions with a block-wide prefix sum (warp ballots, then the warps' counts), so
-// the list comes out ascending and the same on every run.
+// One block per (batch, head) walks the route flags in tiles of kFlagsPerThread consecutive
+// flags per thread (all loaded before use, so a long sequence costs a few round trips to memory,
+// not one per 256 rows) and appends the routed positions after a block-wide exclusive prefix sum
+// of the threads' counts. The list comes out ascending and the same on every run.
 #include "routed_attention_common.cuh"
 
 namespace cram {
@@ -11,32 +12,45 @@ namespace cuda {
 namespace {
 
 constexpr int kCompactThreads = 256;
+constexpr int kFlagsPerThread = 16;
+constexpr int kCompactTile = kCompactThreads * kFlagsPerThread;
 
 __global__ void __launch_bounds__(kCompactThreads)
 compact_routed_rows_kernel(const RoutedAttentionParams p, const RoutedRows rows) {
   constexpr int kWarps = kCompactThreads / 32;
-  __shared__ int warp_counts[kWarps];
+  __shared__ int warp_totals[kWarps];
   const int b = blockIdx.x / p.heads, h = blockIdx.x % p.heads;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const uint8_t* route = p.route + b * p.route_batch_stride + h * p.route_head_stride;
   int* positions = rows.positions + static_cast<long>(blockIdx.x) * p.seqlen_q;
   int written = 0;  // routed rows found in earlier tiles (the same in every thread)
-  for (int tile = 0; tile < p.seqlen_q; tile += kCompactThreads) {
-    const int i = tile + threadIdx.x;
-    const bool routed = i < p.seqlen_q && route[i * p.route_row_stride] != 0;
-    const unsigned ballot = __ballot_sync(0xffffffffu, routed);
-    if (lane == 0) warp_counts[warp] = __popc(ballot);
+  for (int tile = 0; tile < p.seqlen_q; tile += kCompactTile) {
+    const int first = tile + threadIdx.x * kFlagsPerThread;
+    unsigned flags = 0;  // bit i: row first + i is routed
+#pragma unroll
+    for (int i = 0; i < kFlagsPerThread; ++i)
+      if (first + i < p.seqlen_q && route[(first + i) * p.route_row_stride]) flags |= 1u << i;
+    const int count = __popc(flags);
+    // Block-wide exclusive prefix sum of `count`: within the warp by shuffles, then the warps.
+    int inclusive = count;
+#pragma unroll
+    for (int offset = 1; offset < 32; offset *= 2) {
+      const int before = __shfl_up_sync(0xffffffffu, inclusive, offset);
+      if (lane >= offset) inclusive += before;
+    }
+    if (lane == 31) warp_totals[warp] = inclusive;
     __syncthreads();
-    int before = written + __popc(ballot & ((1u << lane) - 1u));
-    int tile_count = 0;
+    int slot = written + inclusive - count, tile_total = 0;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) {
-      before += w < warp ? warp_counts[w] : 0;
-      tile_count += warp_counts[w];
+      slot += w < warp ? warp_totals[w] : 0;
+      tile_total += warp_totals[w];
     }
-    if (routed) positions[before] = i;
-    written += tile_count;
-    __syncthreads();  // warp_counts is rewritten by the next tile
+#pragma unroll
+    for (int i = 0; i < kFlagsPerThread; ++i)
+      if (flags & (1u << i)) positions[slot++] = first + i;
+    written += tile_total;
+    __syncthreads();  // warp_totals is rewritten by the next tile
   }
   if (threadIdx.x == 0) rows.count[blockIdx.x] = written;
 }
