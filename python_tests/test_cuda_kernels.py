@@ -201,6 +201,9 @@ ATTENTION_CASES = [
     (1, 2, 2, 300, 80, 0.5, True, False, "bhld"),        # head_dim without a tensor-core tile
     (1, 2, 1, 300, 64, 0.5, False, True, "unaligned"),   # rows the tensor-core path cannot load
     (1, 2, 2, 200, 256, 1.0, False, False, "bhld"),      # the largest head_dim
+    # 288 tiles of 64 rows: more than one per multiprocessor, so the tensor-core forward runs
+    # without key splits (the small cases above all take the split-and-merge path).
+    (2, 8, 4, 1100, 64, 1.0, False, False, "bhld"),
 ]
 CASE_IDS = [f"b{c[0]}h{c[1]}kv{c[2]}L{c[3]}d{c[4]}r{c[5]}{'-mask' if c[6] else ''}-{c[8]}"
             for c in ATTENTION_CASES]

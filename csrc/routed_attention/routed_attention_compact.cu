@@ -55,7 +55,55 @@ compact_routed_rows_kernel(const RoutedAttentionParams p, const RoutedRows rows)
   if (threadIdx.x == 0) rows.count[blockIdx.x] = written;
 }
 
+// One block: tile_offset = exclusive prefix sum of the pairs' tile counts, then the plan. The key
+// split S is 1 unless the tiles are fewer than half of `target_tiles` (kTilesPerSm per
+// multiprocessor); then S = ceil(target / tiles), at most kMaxKeySplits, so tiles * S stays
+// under tiles + target <= 1.5 target, within the partial buffers (and is cut back if not).
+__global__ void __launch_bounds__(kCompactThreads)
+plan_tiles_kernel(const RoutedAttentionParams p, const RoutedRows rows, int target_tiles) {
+  constexpr int kWarps = kCompactThreads / 32;
+  __shared__ int warp_totals[kWarps];
+  const int n_pairs = p.batch * p.heads;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  int total = 0;  // tiles of earlier pairs (the same in every thread)
+  for (int base = 0; base < n_pairs; base += kCompactThreads) {
+    const int pair = base + threadIdx.x;
+    const int tiles = pair < n_pairs ? (rows.count[pair] + kTileRows - 1) / kTileRows : 0;
+    int inclusive = tiles;
+#pragma unroll
+    for (int offset = 1; offset < 32; offset *= 2) {
+      const int before = __shfl_up_sync(0xffffffffu, inclusive, offset);
+      if (lane >= offset) inclusive += before;
+    }
+    if (lane == 31) warp_totals[warp] = inclusive;
+    __syncthreads();
+    int first = total + inclusive - tiles, chunk_total = 0;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      first += w < warp ? warp_totals[w] : 0;
+      chunk_total += warp_totals[w];
+    }
+    if (pair < n_pairs) rows.tile_offset[pair] = first;
+    total += chunk_total;
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    rows.tile_offset[n_pairs] = total;
+    int splits = 1;
+    if (total > 0 && 2 * total < target_tiles)
+      splits = min(kMaxKeySplits, (target_tiles + total - 1) / total);
+    while (splits > 1 && total * splits > rows.partial_tiles) --splits;
+    rows.plan[0] = total;
+    rows.plan[1] = splits;
+  }
+}
+
 }  // namespace
+
+void plan_tiles(const RoutedAttentionParams& p, const RoutedRows& rows, cudaStream_t stream) {
+  plan_tiles_kernel<<<1, kCompactThreads, 0, stream>>>(p, rows, kTilesPerSm * multiprocessor_count());
+  CRAM_CUDA_CHECK_LAUNCH();
+}
 
 void compact_routed_rows(const RoutedAttentionParams& p, const RoutedRows& rows, cudaStream_t stream) {
   compact_routed_rows_kernel<<<p.batch * p.heads, kCompactThreads, 0, stream>>>(p, rows);
@@ -65,9 +113,9 @@ void compact_routed_rows(const RoutedAttentionParams& p, const RoutedRows& rows,
 }  // namespace cuda
 
 long routed_attention_cuda_workspace_bytes(const RoutedAttentionParams& p) {
-  const long bh = static_cast<long>(p.batch) * p.heads;
-  return cuda::align_up(bh * sizeof(int)) + cuda::align_up(bh * p.seqlen_q * sizeof(int)) +
-         cuda::align_up(bh * p.seqlen_q * cuda::acc_bytes(p.dtype));
+  long bytes = 0;
+  cuda::routed_rows(p, nullptr, &bytes);
+  return bytes;
 }
 
 }  // namespace cram

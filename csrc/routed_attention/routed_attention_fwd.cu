@@ -14,6 +14,7 @@
 //        this path on purpose: tensor cores would compute in tf32 and miss fp32 accuracy.
 // Both write lse = log Σ exp(s) in the accumulation type, and are deterministic: the work of
 // every output element happens in one thread in a fixed order.
+#include <algorithm>
 #include <cmath>
 
 #include "routed_attention_tiles.cuh"
@@ -64,13 +65,15 @@ flash_fwd_kernel(const RoutedAttentionParams p, const RoutedRows rows) {
   constexpr int kKeyTiles = kBlockN / 8;   // n-tiles of S
   constexpr int kDimTiles = kHeadDim / 8;  // n-tiles of O
 
-  const int bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
+  static_assert(kBlockM == kTileRows, "tiles of the scheduling list (routed_attention_common.cuh)");
+  // Block -> (list tile, key split); the grid's surplus blocks leave at once.
+  const int n_tiles = rows.plan[0], splits = rows.plan[1];
+  if (static_cast<int>(blockIdx.x) >= n_tiles * splits) return;
+  const int list_index = blockIdx.x / splits, split = blockIdx.x % splits;
+  const ListTile tile = list_tile(rows, p.batch * p.heads, list_index);
+  const int bh = tile.bh, row0 = tile.row0, b = bh / p.heads, h = bh % p.heads;
   const int hk = h / (p.heads / p.kv_heads);
   const int count = rows.count[bh];
-  // Tiles are launched last first: under causal masking later rows see more keys, so the
-  // longest tiles start first.
-  const int row0 = (gridDim.x - 1 - blockIdx.x) * kBlockM;
-  if (row0 >= count) return;
   const int* positions = rows.positions + static_cast<long>(bh) * p.seqlen_q + row0;
   const int n_rows = min(kBlockM, count - row0);
   const int first_pos = positions[0], last_pos = positions[n_rows - 1];
@@ -86,6 +89,8 @@ flash_fwd_kernel(const RoutedAttentionParams p, const RoutedRows rows) {
 
   int n_blocks = (p.seqlen_k + kBlockN - 1) / kBlockN;
   if (p.is_causal) n_blocks = min(n_blocks, last_pos / kBlockN + 1);
+  // This block's share of the tile's key blocks (all of them without a split).
+  const int block_begin = split * n_blocks / splits, block_end = (split + 1) * n_blocks / splits;
 
   load_tile_async<kHeadDim, kBlockM, kThreads>(q_tile, q, p.q_row_stride, n_rows,
                                                [&](int r) { return positions[r]; });
@@ -99,7 +104,7 @@ flash_fwd_kernel(const RoutedAttentionParams p, const RoutedRows rows) {
                                                  v + key0 * p.v_row_stride, p.v_row_stride, n_keys,
                                                  [](int r) { return r; });
   };
-  if (n_blocks > 0) load_kv(0, 0);
+  if (block_begin < block_end) load_kv(block_begin, 0);
   cp_async_commit();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -116,9 +121,9 @@ flash_fwd_kernel(const RoutedAttentionParams p, const RoutedRows rows) {
   const int row_pos[2] = {positions[min(warp * 16 + quad_row, n_rows - 1)],
                           positions[min(warp * 16 + quad_row + 8, n_rows - 1)]};
 
-  for (int block = 0; block < n_blocks; ++block) {
-    const int buffer = block & 1;
-    if (block + 1 < n_blocks) {
+  for (int block = block_begin; block < block_end; ++block) {
+    const int buffer = (block - block_begin) & 1;
+    if (block + 1 < block_end) {
       load_kv(block + 1, buffer ^ 1);
       cp_async_commit();
       cp_async_wait<1>();
@@ -126,7 +131,7 @@ flash_fwd_kernel(const RoutedAttentionParams p, const RoutedRows rows) {
       cp_async_wait<0>();
     }
     __syncthreads();
-    if (block == 0) {
+    if (block == block_begin) {
 #pragma unroll
       for (int ks = 0; ks < kKSteps; ++ks)
         ldmatrix_x4<false>(q_frag[ks], q_tile + swizzled<kHeadDim>(warp * 16 + lane % 16, ks * 2 + lane / 16));
@@ -213,12 +218,13 @@ flash_fwd_kernel(const RoutedAttentionParams p, const RoutedRows rows) {
     }
     __syncthreads();  // this buffer is refilled by the next iteration's prefetch
   }
-  cp_async_wait<0>();  // without key blocks (seqlen_k = 0) the Q copies are still in flight
+  cp_async_wait<0>();  // without key blocks (seqlen_k = 0, or a split with none) Q is in flight
 
-  // Normalise and scatter the rows back to their positions.
-  using acc_t = float;
-  acc_t* lse = static_cast<acc_t*>(p.lse) + static_cast<long>(bh) * p.seqlen_q;
+  // Normalise; scatter the rows back to their positions, or, for a split tile, store this
+  // split's rows (output and lse) for merge_key_splits_kernel.
+  float* lse = static_cast<float*>(p.lse) + static_cast<long>(bh) * p.seqlen_q;
   scalar_t* out = static_cast<scalar_t*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride;
+  const long partial = static_cast<long>(list_index) * splits + split;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float sum = row_sum[r];
@@ -226,15 +232,63 @@ flash_fwd_kernel(const RoutedAttentionParams p, const RoutedRows rows) {
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
     const int row = warp * 16 + quad_row + 8 * r;
     if (row >= n_rows) continue;
-    const int pos = positions[row];
     const float inv = sum > 0.f ? 1.f / sum : 0.f;  // no visible key: output 0
-    scalar_t* out_row = out + pos * p.out_row_stride;
+    const float row_lse = sum > 0.f ? row_max[r] * kLn2 + logf(sum) : -INFINITY;
+    if (splits == 1) {
+      const int pos = positions[row];
+      scalar_t* out_row = out + pos * p.out_row_stride;
 #pragma unroll
-    for (int t = 0; t < kDimTiles; ++t)
-      *reinterpret_cast<uint32_t*>(out_row + t * 8 + quad_col) =
-          pack2<scalar_t>(o[t][2 * r] * inv, o[t][2 * r + 1] * inv);
-    if (lane % 4 == 0) lse[pos] = sum > 0.f ? row_max[r] * kLn2 + logf(sum) : -INFINITY;
+      for (int t = 0; t < kDimTiles; ++t)
+        *reinterpret_cast<uint32_t*>(out_row + t * 8 + quad_col) =
+            pack2<scalar_t>(o[t][2 * r] * inv, o[t][2 * r + 1] * inv);
+      if (lane % 4 == 0) lse[pos] = row_lse;
+    } else {
+      float* out_row = rows.partial_out + (partial * kBlockM + row) * kHeadDim;
+#pragma unroll
+      for (int t = 0; t < kDimTiles; ++t)
+        *reinterpret_cast<float2*>(out_row + t * 8 + quad_col) =
+            make_float2(o[t][2 * r] * inv, o[t][2 * r + 1] * inv);
+      if (lane % 4 == 0) rows.partial_lse[partial * kBlockM + row] = row_lse;
+    }
   }
+}
+
+// Combines the key splits of split tiles: out = Σ_s exp(lse_s - lse) out_s with
+// lse = log Σ_s exp(lse_s). One warp per row; does nothing when the plan has no split.
+constexpr int kMergeWarps = 8;
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kMergeWarps * 32)
+merge_key_splits_kernel(const RoutedAttentionParams p, const RoutedRows rows) {
+  const int splits = rows.plan[1];
+  if (splits == 1) return;
+  const int lane = threadIdx.x % 32;
+  const int item = blockIdx.x * kMergeWarps + threadIdx.x / 32;
+  const int list_index = item / kTileRows, row = item % kTileRows;
+  if (list_index >= rows.plan[0]) return;
+  const ListTile tile = list_tile(rows, p.batch * p.heads, list_index);
+  const int bh = tile.bh, b = bh / p.heads, h = bh % p.heads;
+  if (tile.row0 + row >= rows.count[bh]) return;
+  const int pos = rows.positions[static_cast<long>(bh) * p.seqlen_q + tile.row0 + row];
+  const long first_partial = static_cast<long>(list_index) * splits;
+  const float split_lse = lane < splits ? rows.partial_lse[(first_partial + lane) * kTileRows + row] : -INFINITY;
+  const float max_lse = warp_max(split_lse);
+  // Splits whose keys this row cannot see have lse = -inf and weight 0; if all do, output 0.
+  const float weight = max_lse == -INFINITY ? 0.f : expf(split_lse - max_lse);
+  const float weight_sum = warp_sum(weight);
+  const float inv = weight_sum > 0.f ? 1.f / weight_sum : 0.f;
+  scalar_t* out_row = static_cast<scalar_t*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride +
+                      pos * p.out_row_stride;
+  for (int c = lane; c < p.head_dim; c += 32) {
+    float acc = 0.f;
+    for (int s = 0; s < splits; ++s)
+      acc += __shfl_sync(0xffffffffu, weight, s) *
+             rows.partial_out[((first_partial + s) * kTileRows + row) * p.head_dim + c];
+    out_row[c] = from_acc<scalar_t>(acc * inv);
+  }
+  if (lane == 0)
+    static_cast<float*>(p.lse)[static_cast<long>(bh) * p.seqlen_q + pos] =
+        weight_sum > 0.f ? max_lse + logf(weight_sum) : -INFINITY;
 }
 
 template <typename scalar_t, int kHeadDim>
@@ -242,8 +296,17 @@ void launch_flash_fwd(const RoutedAttentionParams& p, const RoutedRows& rows, cu
   using Tile = FlashFwdTile<kHeadDim>;
   auto kernel = flash_fwd_kernel<scalar_t, kHeadDim>;
   CRAM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes));
-  const dim3 grid((p.seqlen_q + Tile::kBlockM - 1) / Tile::kBlockM, p.batch * p.heads);
-  kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(p, rows);
+  plan_tiles(p, rows, stream);
+  // Enough blocks for every tile when all rows are routed, and for the most (tile, split) pairs
+  // a plan can make; which of them work is decided on the device.
+  const long max_tiles = static_cast<long>(p.batch) * p.heads * ((p.seqlen_q + kTileRows - 1) / kTileRows);
+  const long blocks = std::max<long>(max_tiles, rows.partial_tiles);
+  if (blocks > 0x7fffffffL)
+    throw std::invalid_argument("routed_attention (CUDA): too many query tiles for one grid");
+  kernel<<<static_cast<unsigned>(blocks), Tile::kThreads, Tile::kSmemBytes, stream>>>(p, rows);
+  CRAM_CUDA_CHECK_LAUNCH();
+  const long merge_blocks = (static_cast<long>(rows.partial_tiles) * kTileRows + kMergeWarps - 1) / kMergeWarps;
+  merge_key_splits_kernel<scalar_t><<<static_cast<unsigned>(merge_blocks), kMergeWarps * 32, 0, stream>>>(p, rows);
   CRAM_CUDA_CHECK_LAUNCH();
 }
 
