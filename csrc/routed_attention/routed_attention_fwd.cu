@@ -8,12 +8,15 @@
 //        Q K^T and P V on tensor cores (mma.sync m16n8k16, float accumulators), online softmax
 //        in registers, K/V double-buffered through cp.async. Under causal masking a tile stops
 //        at the key block holding its last row's position, and masks only the blocks that
-//        straddle a row's position, the sequence end or a key_mask.
+//        straddle a row's position, the sequence end or a key_mask. plan_tiles lists the tiles
+//        of all (batch, head) pairs; with few tiles (sparse routing) each one's key blocks are
+//        split over several blocks and merge_key_splits_kernel combines their partial rows
+//        (scheduling: routed_attention_common.cuh).
 //      - simt_fwd_kernel (every other case: fp32, fp64, other head dims up to 256, unaligned
 //        rows): one warp per routed row, one key per lane for the scores, plain FMAs. fp32 uses
 //        this path on purpose: tensor cores would compute in tf32 and miss fp32 accuracy.
-// Both write lse = log Σ exp(s) in the accumulation type, and are deterministic: the work of
-// every output element happens in one thread in a fixed order.
+// Both write lse = log Σ exp(s) in the accumulation type, and are deterministic: every output
+// element is computed by one thread in a fixed order (the merge sums the splits in order).
 #include <algorithm>
 #include <cmath>
 
