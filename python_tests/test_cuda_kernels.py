@@ -283,6 +283,33 @@ def test_attention_backward(seed, dtype, case):
         check(gr, rg, seed, f"d{name}", dtype, bg, factor=3.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_attention_more_keys_than_queries(seed, dtype, causal):
+    # Lq != Lk (causal stays top-left aligned, as in SDPA), both directions.
+    batch, heads, kv_heads, Lq, Lk, d = 2, 4, 2, 300, 517, 64
+    q = torch.randn(batch, heads, Lq, d, device=DEVICE).to(dtype).requires_grad_()
+    k, v = (torch.randn(batch, kv_heads, Lk, d, device=DEVICE).to(dtype).requires_grad_()
+            for _ in range(2))
+    route = torch.rand(batch, Lq, device=DEVICE) < 0.5
+    mask = torch.rand(batch, Lk, device=DEVICE) < 0.8
+    grad_out = torch.randn(q.shape, device=DEVICE).to(dtype)
+    poison_allocator()
+    out = cram_ext.routed_attention(q, k, v, route, is_causal=causal, key_mask=mask)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = routed_attention_ref(*ref_leaves, route, is_causal=causal, key_mask=mask)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, grad_out.double())
+    base, base_grads = None, [None] * 3
+    if dtype in LOW_PRECISION:
+        base_leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        base = sdpa_same_dtype(*base_leaves, route, mask, causal)
+        base_grads = torch.autograd.grad(base, base_leaves, grad_out)
+    check(out, ref, seed, "out", dtype, base)
+    for name, gr, rg, bg in zip("qkv", grads, ref_grads, base_grads):
+        check(gr, rg, seed, f"d{name}", dtype, bg, factor=3.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Op contracts and determinism
 # ---------------------------------------------------------------------------------------------
