@@ -133,6 +133,8 @@ def aggregate(results: Dict[str, List[dict]]) -> Dict[str, dict]:
                            "oracle_mse", "attention_fraction", "attention_ops", "mean_q",
                            "mean_q_hat")
                if all(np.isfinite(f.get(key, np.nan)) for f in finals)}
+        layer_keys = sorted(k for k in finals[0] if k.startswith("attention_fraction/"))
+        row["attention_by_layer"] = [mean_std([f[k] for f in finals]) for k in layer_keys]
         for key in ("peak_attention", "final_attention", "fall_factor"):
             values = [r["consolidation"][key] for r in runs]
             if all(v is not None and np.isfinite(v) for v in values):
@@ -201,20 +203,22 @@ def markdown_section(summary: dict) -> str:
               "i.e. relative to a dense Transformer of the same depth.", "",
               "### Table 1: SRCD", "",
               "| model | dyn. MSE | retrieval acc. | recurring / novel acc. | attention fraction "
-              "| attention ops | paper (MSE / acc. / ops) |",
-              "|---|---|---|---|---|---|---|"]
+              "| by layer | attention ops | paper (MSE / acc. / ops) |",
+              "|---|---|---|---|---|---|---|---|"]
     for model in TABLE1_MODELS:
         row = table1.get(model)
         paper = PAPER_TABLE1[model]
         paper_text = f"{paper[0]:.3f} / {100 * paper[1]:.0f}% / {paper[2]:.3f}"
         if not row:
-            lines.append(f"| {model} | not run | | | | | {paper_text} |")
+            lines.append(f"| {model} | not run | | | | | | {paper_text} |")
             continue
+        by_layer = " / ".join(f"{100 * s['mean']:.2f}%" for s in row["attention_by_layer"])
         lines.append(f"| {model} | {fmt(row.get('dynamics_mse'), digits=4)} "
                      f"| {fmt(row.get('accuracy'), digits=1, percent=True)} "
                      f"| {fmt(row.get('accuracy_recurring'), digits=1, percent=True)} / "
                      f"{fmt(row.get('accuracy_novel'), digits=1, percent=True)} "
                      f"| {fmt(row.get('attention_fraction'), digits=2, percent=True)} "
+                     f"| {by_layer or '–'} "
                      f"| {fmt(row.get('attention_ops'), digits=3)} | {paper_text} |")
     lines += ["", f"Noise floor σ_ε² = {summary['noise_floor']:.4f}; the Bayes predictor's MSE "
               f"on these sequences (values skipped at key and query tokens) is "
@@ -238,15 +242,17 @@ def markdown_section(summary: dict) -> str:
                      f"CI over patterns {law['gamma_ci95'][0]:.2f}–{law['gamma_ci95'][1]:.2f}); "
                      "paper: 0.89·k^−0.43, γ = 0.43 ± 0.04.")
     lines += ["", "### Table 4: ablations", "",
-              "| variant | retrieval acc. | final attention fraction | peak → final (smoothed) "
-              "| paper attention |", "|---|---|---|---|---|"]
+              "| variant | retrieval acc. | final attention fraction | by layer "
+              "| peak → final (smoothed) | paper attention |", "|---|---|---|---|---|---|"]
     for model in ABLATIONS:
         row = ablations.get(model)
         if not row:
-            lines.append(f"| {model} | not run | | | {PAPER_ABLATION_ATTENTION[model]:.3f} |")
+            lines.append(f"| {model} | not run | | | | {PAPER_ABLATION_ATTENTION[model]:.3f} |")
             continue
+        by_layer = " / ".join(f"{100 * s['mean']:.2f}%" for s in row["attention_by_layer"])
         lines.append(f"| {model} | {fmt(row.get('accuracy'), digits=1, percent=True)} "
                      f"| {fmt(row.get('attention_fraction'), digits=2, percent=True)} "
+                     f"| {by_layer} "
                      f"| {fmt(row.get('peak_attention'), digits=1, percent=True)} → "
                      f"{fmt(row.get('final_attention'), digits=2, percent=True)} "
                      f"| {PAPER_ABLATION_ATTENTION[model]:.3f} |")

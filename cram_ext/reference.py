@@ -79,6 +79,9 @@ def routed_attention_ref(q, k, v, route=None, *, is_causal=True, scale=None, key
 
     Rows not routed output exactly 0; a routed row with no visible key outputs 0. With every row
     routed and no key_mask this is `scaled_dot_product_attention(q, k, v, is_causal=...)`.
+    A row never reads the keys and values it cannot see, so NaN/Inf there does not reach it in
+    the kernels; this dense formulation multiplies them by a zero weight (NaN for Inf values),
+    so compare the two only where non-finite values sit at visible positions.
     """
     batch, heads, Lq, d = q.shape
     kv_heads, Lk = k.shape[1], k.shape[2]

@@ -376,7 +376,7 @@ void fill_attention_params(RoutedAttentionParams& p, const AttentionInputs& in, 
   p.seqlen_q = in.q.size(2);
   p.seqlen_k = in.k.size(2);
   p.head_dim = in.q.size(3);
-  p.scale = static_cast<float>(scale);
+  p.scale = scale;
   p.is_causal = is_causal;
   p.q_batch_stride = in.q.stride(0);
   p.q_head_stride = in.q.stride(1);

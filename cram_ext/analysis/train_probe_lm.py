@@ -21,7 +21,7 @@ step, a heatmap of the final checkpoint, and, under ``--run-dir``, the saved
 checkpoints plus ``heldout.txt`` so that the command-line tool can
 re-measure any checkpoint::
 
-    python -m cram_ext.analysis.train_probe_lm --run-dir runs/probe_lm \\
+    python -m cram_ext.analysis.train_probe_lm --run-dir runs/redundancy_probe_lm --threads 1 \\
         --out-json docs/results/redundancy_probe_lm_training.json \\
         --plot docs/figures/redundancy_probe_lm_training.png \\
         --heatmap docs/figures/redundancy_probe_lm_heatmap.png
@@ -182,7 +182,7 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--checkpoints", default="0,125,250,500,1000,1500,2000", help="comma-separated steps; the last is the training length")
+    parser.add_argument("--checkpoints", default="0,25,50,125,250,500,1000,1500,2000", help="comma-separated steps; the last is the training length")
     parser.add_argument("--heldout-percent", type=int, default=10, help="share of files held out from training")
     parser.add_argument("--probe-tokens", type=int, default=131_072, help="held-out bytes used for the probe")
     parser.add_argument("--holdout-every", type=int, default=5)

@@ -145,11 +145,12 @@ def plot_q_distribution(distributions: Dict[str, np.ndarray], path: str) -> None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     centres = (np.arange(10) + 0.5) / 10
-    for name, color in (("before", "C3"), ("after", "C0")):
+    for name, color, label in (("before", "C3", "10% of steps before the transition"),
+                               ("after", "C0", "last 10% of training")):
         counts = np.asarray(distributions[name], dtype=float)
         density = counts / counts.sum() if counts.sum() else counts
         ax.bar(centres + (-0.02 if name == "before" else 0.02), density, width=0.04,
-               color=color, label=f"{name} the transition (n={int(counts.sum())})")
+               color=color, label=f"{label} (n={int(counts.sum())})")
     ax.set_xlabel("measured q (where attention ran)")
     ax.set_ylabel("share of tokens")
     ax.legend(fontsize=8)

@@ -9,7 +9,8 @@
 //
 // Layout: q, out: (batch, heads, Lq, d); k, v: (batch, kv_heads, Lk, d); d contiguous, other
 // strides free. route: bool (uint8) with free strides (head stride 0 broadcasts a per-batch
-// route). key_mask: bool (batch, Lk). lse: float32 (batch, heads, Lq), contiguous.
+// route). key_mask: bool (batch, Lk). lse: (batch, heads, Lq), contiguous, in the accumulation
+// type (float64 for float64 inputs, float32 otherwise) so the backward is exact in float64.
 #pragma once
 
 #include <cstdint>
@@ -21,7 +22,7 @@ namespace cram {
 struct RoutedAttentionParams {
   DType dtype;  // q, k, v, out (and dout, dq, dk, dv)
   int batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim;
-  float scale;
+  double scale;  // kernels use it in their accumulation type
   bool is_causal;
 
   long q_batch_stride, q_head_stride, q_row_stride;

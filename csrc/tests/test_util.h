@@ -25,11 +25,19 @@ inline int& failures() {
   } while (0)
 
 // Largest |a - b| / (atol + rtol |b|) over two equally long arrays; <= 1 means all close.
+// NaN in one array where the other has a number (or different sizes) counts as infinitely far.
 template <typename A, typename B>
 double close_ratio(const std::vector<A>& a, const std::vector<B>& b, double atol, double rtol) {
+  if (a.size() != b.size()) return INFINITY;
   double worst = 0;
-  for (size_t i = 0; i < a.size(); ++i)
-    worst = std::max(worst, std::fabs(double(a[i]) - double(b[i])) / (atol + rtol * std::fabs(double(b[i]))));
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double x = double(a[i]), y = double(b[i]);
+    if (std::isnan(x) || std::isnan(y)) {
+      if (!(std::isnan(x) && std::isnan(y))) return INFINITY;
+      continue;
+    }
+    worst = std::max(worst, std::fabs(x - y) / (atol + rtol * std::fabs(y)));
+  }
   return worst;
 }
 

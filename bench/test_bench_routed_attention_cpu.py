@@ -1,0 +1,46 @@
+"""CPU benchmark: routed attention against dense causal SDPA on the same tensors.
+
+fp32, batch 1, 8 heads, head_dim 64. The route is a uniformly random set of positions (fixed
+seed) shared by the heads. Run with `pytest bench/ --benchmark-json=...`; the SDPA baseline of
+each length is its own case, and `extra_info` records L, the route fraction and routed rows.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cram_ext import routed_attention
+
+HEADS, HEAD_DIM = 8, 64
+LENGTHS = [1024, 4096]
+FRACTIONS = [0.016, 0.1, 0.5, 1.0]
+
+
+def qkv(L):
+    g = torch.Generator().manual_seed(L)
+    return [torch.randn(1, HEADS, L, HEAD_DIM, generator=g) for _ in range(3)]
+
+
+def random_route(L, fraction):
+    g = torch.Generator().manual_seed(1000 + L)
+    route = torch.zeros(1, L, dtype=torch.bool)
+    route[0, torch.randperm(L, generator=g)[:round(fraction * L)]] = True
+    return route
+
+
+@pytest.mark.parametrize("L", LENGTHS)
+def test_sdpa_causal(benchmark, L):
+    q, k, v = qkv(L)
+    benchmark.group = f"L={L}"
+    benchmark.extra_info.update(kernel="sdpa", L=L, fraction=1.0, routed_rows=L)
+    benchmark(F.scaled_dot_product_attention, q, k, v, is_causal=True)
+
+
+@pytest.mark.parametrize("fraction", FRACTIONS)
+@pytest.mark.parametrize("L", LENGTHS)
+def test_routed_attention(benchmark, L, fraction):
+    q, k, v = qkv(L)
+    route = random_route(L, fraction)
+    benchmark.group = f"L={L}"
+    benchmark.extra_info.update(kernel="routed_attention", L=L, fraction=fraction,
+                                routed_rows=int(route.sum()))
+    benchmark(routed_attention, q, k, v, route, is_causal=True)

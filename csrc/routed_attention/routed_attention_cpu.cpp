@@ -1,0 +1,712 @@
+// Routed attention on the CPU: FlashAttention-style forward and backward over the routed rows.
+//
+// Per (batch, head) the routed query rows are compacted into a list of positions, and the list is
+// cut into tiles of one SIMD vector's worth of rows (16 in float, 8 in double with AVX-512). A
+// tile is kept transposed, one vector per head-dim column with a lane per query row, so that
+//   * scores come out as one vector per key (key rows of K are broadcast, never transposed),
+//   * the online softmax statistics (running max, running sum) are per-lane vectors: no
+//     horizontal reductions anywhere,
+//   * P·V accumulates into the transposed output tile, broadcasting V's rows.
+// A tile visits only the key blocks its rows can see (causal: up to its last row's position), so
+// a causal row costs about its position and unrouted rows cost only their zeros. Tiles of a head
+// are processed in small groups that share each key/value block, and workers pull groups,
+// longest first, from a shared counter (causal tiles differ widely in cost).
+//
+// The backward recomputes P from the saved lse. dQ runs over tile groups like the forward; dK and
+// dV run over (batch, kv head, key block), each block collecting the contributions of every
+// routed row (of every query head sharing the kv head) that sees it, so no two workers write the
+// same gradient row.
+//
+// Arithmetic is in the accumulation type: float for float/half/bfloat16 storage (16-bit key and
+// value blocks are widened into a scratch buffer), double for double. The vectors are GCC/Clang
+// vector extensions sized to the widest unit the target has, so one generic code path serves
+// every element type and instruction set.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "../common/parallel.h"
+#include "routed_attention.h"
+
+namespace cram {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// SIMD vectors
+// ---------------------------------------------------------------------------------------------
+
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64;
+constexpr int kVectorRegisters = 32;
+#elif defined(__AVX__)
+constexpr int kVectorBytes = 32;
+constexpr int kVectorRegisters = 16;
+#else
+constexpr int kVectorBytes = 16;
+constexpr int kVectorRegisters = 16;
+#endif
+
+template <typename T>
+struct Simd {
+  typedef T vec __attribute__((vector_size(kVectorBytes)));
+  static constexpr int lanes = kVectorBytes / sizeof(T);
+};
+template <typename T> using Vec = typename Simd<T>::vec;
+typedef int32_t VecI32 __attribute__((vector_size(kVectorBytes)));
+
+template <typename T> inline Vec<T> splat(T x) { return Vec<T>{} + x; }
+
+// 2^x, lane-wise, for x <= 127 (softmax arguments are <= 0): range reduction to x = n + f with
+// |f| <= 1/2, a degree-6 polynomial for 2^f (relative error < 1 ulp), 2^n built in the exponent
+// bits. x < -126 (including -inf) gives exactly 0; NaN stays NaN.
+inline Vec<float> exp2_vec(Vec<float> x) {
+  const Vec<float> clamped = x < splat(-127.0f) ? splat(-127.0f) : x;
+  const Vec<float> round_shift = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to integer
+  const Vec<float> shifted = clamped + round_shift;
+  const Vec<float> n = shifted - round_shift;
+  const Vec<float> f = clamped - n;
+  Vec<float> p = splat(1.5370705e-04f);
+  p = p * f + 1.3399848e-03f;
+  p = p * f + 9.6183736e-03f;
+  p = p * f + 5.5503290e-02f;
+  p = p * f + 2.4022648e-01f;
+  p = p * f + 6.9314718e-01f;
+  p = p * f + 1.0f;
+  const VecI32 n_int = (VecI32)shifted - (VecI32)round_shift;
+  const Vec<float> two_to_n = (Vec<float>)((n_int + 127) << 23);
+  const Vec<float> result = p * two_to_n;
+  return x < splat(-126.0f) ? splat(0.0f) : result;
+}
+
+// Double inputs are for exactness (gradcheck), not speed: the library exp2 per lane.
+inline Vec<double> exp2_vec(Vec<double> x) {
+  for (int i = 0; i < Simd<double>::lanes; ++i) x[i] = std::exp2(x[i]);
+  return x;
+}
+
+template <typename T> inline Vec<T> max_vec(Vec<T> a, Vec<T> b) { return b > a ? b : a; }
+
+// ---------------------------------------------------------------------------------------------
+// Micro-kernels. A "tile" holds one query row per lane; `tile_t[c]` is column c of the tile.
+// ---------------------------------------------------------------------------------------------
+
+// Rows of a key or value block, in the accumulation type, with a unit stride along head_dim.
+template <typename T>
+struct RowsView {
+  const T* data;
+  long stride;
+  const T* row(int j) const { return data + j * stride; }
+};
+
+constexpr int kRowsPerStep = 8;                       // key rows per scores step
+constexpr int kColumnsPerStep = kVectorRegisters / 2;  // head-dim columns per P·V step
+constexpr int kOuterRows = 4;                          // key rows per dK/dV step
+constexpr int kOuterVectors = kVectorRegisters / 8;    // head-dim vectors per dK/dV step
+
+// out[j] = Σ_c rows[j][c] · tile_t[c] for j < n: the scores of n keys against every lane.
+template <typename T>
+void rows_dot_tile(RowsView<T> rows, int n, const Vec<T>* tile_t, int d, Vec<T>* out) {
+  for (int j0 = 0; j0 < n; j0 += kRowsPerStep) {
+    const T* row[kRowsPerStep];
+    for (int r = 0; r < kRowsPerStep; ++r) row[r] = rows.row(std::min(j0 + r, n - 1));  // past n: unused
+    Vec<T> acc[kRowsPerStep] = {};
+    for (int c = 0; c < d; ++c) {
+      const Vec<T> column = tile_t[c];
+      for (int r = 0; r < kRowsPerStep; ++r) acc[r] += row[r][c] * column;
+    }
+    for (int r = 0; r < kRowsPerStep && j0 + r < n; ++r) out[j0 + r] = acc[r];
+  }
+}
+
+template <typename T, int kColumns>
+void accumulate_column_block(RowsView<T> rows, int n, const Vec<T>* weights, int c0, Vec<T>* tile_t) {
+  Vec<T> acc[kColumns];
+  for (int k = 0; k < kColumns; ++k) acc[k] = tile_t[c0 + k];
+  for (int j = 0; j < n; ++j) {
+    const Vec<T> w = weights[j];
+    const T* row = rows.row(j) + c0;
+    for (int k = 0; k < kColumns; ++k) acc[k] += row[k] * w;
+  }
+  for (int k = 0; k < kColumns; ++k) tile_t[c0 + k] = acc[k];
+}
+
+// tile_t[c] += Σ_j rows[j][c] · weights[j] for c < d: P·V (or dS·K) into a transposed tile.
+template <typename T>
+void accumulate_weighted_rows(RowsView<T> rows, int n, const Vec<T>* weights, int d, Vec<T>* tile_t) {
+  int c = 0;
+  for (; c + kColumnsPerStep <= d; c += kColumnsPerStep)
+    accumulate_column_block<T, kColumnsPerStep>(rows, n, weights, c, tile_t);
+  for (; c + 4 <= d; c += 4) accumulate_column_block<T, 4>(rows, n, weights, c, tile_t);
+  for (; c < d; ++c) accumulate_column_block<T, 1>(rows, n, weights, c, tile_t);
+}
+
+template <typename T, int kRows, int kVectors>
+void accumulate_outer_block(const Vec<T>* weights, int j0, const Vec<T>* tile_rows, int vecs, int v0,
+                            Vec<T>* out) {
+  Vec<T> acc[kRows][kVectors];
+  for (int r = 0; r < kRows; ++r)
+    for (int v = 0; v < kVectors; ++v) acc[r][v] = out[(j0 + r) * vecs + v0 + v];
+  for (int lane = 0; lane < Simd<T>::lanes; ++lane) {
+    const Vec<T>* tile_row = tile_rows + lane * vecs + v0;
+    for (int r = 0; r < kRows; ++r) {
+      const T w = weights[j0 + r][lane];
+      for (int v = 0; v < kVectors; ++v) acc[r][v] += w * tile_row[v];
+    }
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int v = 0; v < kVectors; ++v) out[(j0 + r) * vecs + v0 + v] = acc[r][v];
+}
+
+template <typename T, int kRows>
+void accumulate_outer_rows(const Vec<T>* weights, int j0, const Vec<T>* tile_rows, int vecs, Vec<T>* out) {
+  int v = 0;
+  for (; v + kOuterVectors <= vecs; v += kOuterVectors)
+    accumulate_outer_block<T, kRows, kOuterVectors>(weights, j0, tile_rows, vecs, v, out);
+  for (; v < vecs; ++v) accumulate_outer_block<T, kRows, 1>(weights, j0, tile_rows, vecs, v, out);
+}
+
+// out[j] += Σ_lane weights[j][lane] · tile_rows[lane] for j < n, rows of `vecs` vectors:
+// the per-key reductions over query rows of the backward (dV += Pᵀ dO, dK += dSᵀ Q).
+template <typename T>
+void accumulate_outer(const Vec<T>* weights, int n, const Vec<T>* tile_rows, int vecs, Vec<T>* out) {
+  int j = 0;
+  for (; j + kOuterRows <= n; j += kOuterRows) accumulate_outer_rows<T, kOuterRows>(weights, j, tile_rows, vecs, out);
+  for (; j < n; ++j) accumulate_outer_rows<T, 1>(weights, j, tile_rows, vecs, out);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Problem layout: routed rows, tiles, tensor addressing
+// ---------------------------------------------------------------------------------------------
+
+constexpr int kKeyBlock = 64;
+constexpr double kLog2e = 1.4426950408889634;
+constexpr double kLn2 = 0.6931471805599453;
+
+// A tile: up to one vector's worth of consecutive routed rows of one (batch, head).
+struct Tile {
+  int32_t bh;     // batch * heads + head
+  int32_t first;  // index of its first row in the routed-row list
+  int32_t count;
+};
+
+template <typename acc_t, typename scalar_t> inline acc_t load_acc(scalar_t x) {
+  return static_cast<acc_t>(to_float(x));
+}
+
+template <typename scalar_t>
+class Problem {
+ public:
+  using acc_t = typename AccType<scalar_t>::type;
+  static constexpr int kLanes = Simd<acc_t>::lanes;
+
+  explicit Problem(const RoutedAttentionParams& p) : p_(p), group_(p.heads / p.kv_heads) {
+    compact_routed_rows();
+  }
+
+  const RoutedAttentionParams& params() const { return p_; }
+  int head_dim() const { return p_.head_dim; }
+  const std::vector<Tile>& tiles() const { return tiles_; }
+  // Tiles of one (batch, head) are contiguous: [tile_begin[bh], tile_begin[bh + 1]).
+  int tile_begin(int bh) const { return tile_begin_[bh]; }
+  int32_t position(int index) const { return positions_[index]; }
+  int32_t last_position(const Tile& t) const { return positions_[t.first + t.count - 1]; }
+  int batch_of(int bh) const { return bh / p_.heads; }
+  int head_of(int bh) const { return bh % p_.heads; }
+
+  // Number of keys [0, end) some row of the tile can see.
+  int key_end(const Tile& t) const {
+    return p_.is_causal ? std::min(last_position(t) + 1, p_.seqlen_k) : p_.seqlen_k;
+  }
+  // First tile of `bh` with a row that sees key j.
+  int first_tile_seeing(int bh, int j) const {
+    if (!p_.is_causal) return tile_begin_[bh];
+    const auto begin = tiles_.begin() + tile_begin_[bh], end = tiles_.begin() + tile_begin_[bh + 1];
+    return static_cast<int>(
+        std::partition_point(begin, end, [&](const Tile& t) { return last_position(t) < j; }) - tiles_.begin());
+  }
+
+  const scalar_t* q_row(int bh, int i) const {
+    return static_cast<const scalar_t*>(p_.q) + batch_of(bh) * p_.q_batch_stride +
+           head_of(bh) * p_.q_head_stride + i * p_.q_row_stride;
+  }
+  scalar_t* out_row(int bh, int i) const {
+    return static_cast<scalar_t*>(p_.out) + batch_of(bh) * p_.out_batch_stride +
+           head_of(bh) * p_.out_head_stride + i * p_.out_row_stride;
+  }
+  acc_t* lse(int bh) const { return static_cast<acc_t*>(p_.lse) + static_cast<long>(bh) * p_.seqlen_q; }
+  int kv_head(int bh) const { return head_of(bh) / group_; }
+  int group_size() const { return group_; }
+  const scalar_t* k_row(int b, int kvh, int j) const {
+    return static_cast<const scalar_t*>(p_.k) + b * p_.k_batch_stride + kvh * p_.k_head_stride + j * p_.k_row_stride;
+  }
+  const scalar_t* v_row(int b, int kvh, int j) const {
+    return static_cast<const scalar_t*>(p_.v) + b * p_.v_batch_stride + kvh * p_.v_head_stride + j * p_.v_row_stride;
+  }
+  const uint8_t* key_mask(int b) const { return p_.key_mask ? p_.key_mask + b * p_.key_mask_batch_stride : nullptr; }
+  bool routed(int bh, int i) const {
+    return p_.route[batch_of(bh) * p_.route_batch_stride + head_of(bh) * p_.route_head_stride +
+                    i * p_.route_row_stride] != 0;
+  }
+
+  // Writes 0 (and lse = -inf) for every row of `bh` that is not routed, a run of consecutive
+  // rows at a time (one memset when the rows are contiguous: most of the output at low routing).
+  void zero_unrouted_rows(int bh) const {
+    const bool contiguous_rows = p_.out_row_stride == p_.head_dim;
+    const size_t row_bytes = p_.head_dim * sizeof(scalar_t);
+    for (int begin = 0; begin < p_.seqlen_q;) {
+      if (routed(bh, begin)) {
+        ++begin;
+        continue;
+      }
+      int end = begin + 1;
+      while (end < p_.seqlen_q && !routed(bh, end)) ++end;
+      if (contiguous_rows) {
+        std::memset(static_cast<void*>(out_row(bh, begin)), 0, (end - begin) * row_bytes);
+      } else {
+        for (int i = begin; i < end; ++i) std::memset(static_cast<void*>(out_row(bh, i)), 0, row_bytes);
+      }
+      std::fill(lse(bh) + begin, lse(bh) + end, -std::numeric_limits<acc_t>::infinity());
+      begin = end;
+    }
+  }
+
+ private:
+  void compact_routed_rows() {
+    const int n_bh = p_.batch * p_.heads;
+    tile_begin_.assign(1, 0);
+    for (int bh = 0; bh < n_bh; ++bh) {
+      const int first = static_cast<int>(positions_.size());
+      for (int i = 0; i < p_.seqlen_q; ++i)
+        if (routed(bh, i)) positions_.push_back(i);
+      const int last = static_cast<int>(positions_.size());
+      // Full tiles, except the first: a causal tile costs as much as its last row, so the
+      // partly filled tile goes where rows are cheapest.
+      const int partial = (last - first) % kLanes;
+      if (partial) tiles_.push_back({bh, first, partial});
+      for (int t = first + partial; t < last; t += kLanes) tiles_.push_back({bh, t, kLanes});
+      tile_begin_.push_back(static_cast<int>(tiles_.size()));
+    }
+  }
+
+  const RoutedAttentionParams& p_;
+  const int group_;
+  std::vector<int32_t> positions_;  // routed rows of every (batch, head), in order
+  std::vector<Tile> tiles_;
+  std::vector<int> tile_begin_;     // (batch * heads + 1) offsets into tiles_
+};
+
+// Rows [j0, j0 + n) of a key or value head in the accumulation type: the tensor itself when it
+// already is, else widened into `buffer`.
+template <typename acc_t, typename scalar_t>
+RowsView<acc_t> rows_as_acc(const scalar_t* first, long stride, int n, int d, std::vector<acc_t>& buffer) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return {first, stride};
+  } else {
+    for (int j = 0; j < n; ++j)
+      for (int c = 0; c < d; ++c) buffer[j * d + c] = to_float(first[j * stride + c]);
+    return {buffer.data(), d};
+  }
+}
+
+// Lane positions of a tile as a vector; padding lanes repeat the last row, so they never widen
+// the keys a tile visits.
+template <typename scalar_t, typename acc_t = typename AccType<scalar_t>::type>
+Vec<acc_t> lane_positions(const Problem<scalar_t>& pb, const Tile& t) {
+  Vec<acc_t> pos{};
+  for (int lane = 0; lane < Simd<acc_t>::lanes; ++lane)
+    pos[lane] = static_cast<acc_t>(pb.position(t.first + std::min(lane, t.count - 1)));
+  return pos;
+}
+
+// Sets to -inf the scores of keys [j0, j0 + n) that a lane cannot see: keys after its position
+// (causal) and keys absent from key_mask.
+template <typename scalar_t, typename acc_t = typename AccType<scalar_t>::type>
+void mask_scores(const Problem<scalar_t>& pb, const Tile& t, Vec<acc_t> positions, int j0, int n,
+                 Vec<acc_t>* scores) {
+  const uint8_t* key_mask = pb.key_mask(pb.batch_of(t.bh));
+  const int first_cut = pb.params().is_causal ? pb.position(t.first) + 1 : pb.params().seqlen_k;
+  if (!key_mask && j0 + n <= first_cut) return;
+  const Vec<acc_t> minus_inf = splat(-std::numeric_limits<acc_t>::infinity());
+  for (int j = 0; j < n; ++j) {
+    const int key = j0 + j;
+    if (key_mask && !key_mask[key]) {
+      scores[j] = minus_inf;
+    } else if (key >= first_cut) {
+      scores[j] = positions < splat(static_cast<acc_t>(key)) ? minus_inf : scores[j];
+    }
+  }
+}
+
+// Gathers column c of the tile's rows of `row(i)`, times `factor`, into tile_t[c]; padding lanes
+// are 0.
+template <typename scalar_t, typename acc_t, typename RowOf>
+void gather_transposed(const Problem<scalar_t>& pb, const Tile& t, RowOf row, acc_t factor, Vec<acc_t>* tile_t) {
+  const int d = pb.head_dim();
+  for (int c = 0; c < d; ++c) tile_t[c] = Vec<acc_t>{};
+  for (int lane = 0; lane < t.count; ++lane) {
+    const scalar_t* src = row(pb.position(t.first + lane));
+    for (int c = 0; c < d; ++c) tile_t[c][lane] = load_acc<acc_t>(src[c]) * factor;
+  }
+}
+
+// Calls work(item, scratch) for every item in [0, n_items) on the thread pool. Items differ a lot
+// in cost (a causal tile costs its position), and cram::parallel_for splits a range statically,
+// so each worker instead takes the next item from a shared counter; callers order items longest
+// first. Each worker makes its scratch once.
+template <typename MakeScratch, typename Work>
+void run_dynamic(int64_t n_items, MakeScratch make_scratch, Work work) {
+  std::atomic<int64_t> next{0};
+  parallel_for(n_items, 1, [&](int64_t, int64_t) {
+    auto scratch = make_scratch();
+    for (int64_t item = next++; item < n_items; item = next++) work(item, scratch);
+  });
+}
+
+// Consecutive tiles of one (batch, head), processed together so that each key/value block is
+// read from memory once for all of them instead of once per tile (a head's keys and values
+// outgrow the L2 cache at a few thousand positions).
+struct TileGroup {
+  int first_tile, count;
+  long cost;  // visible keys summed over the tiles
+};
+
+constexpr int kTilesPerGroup = 8;
+
+// Groups of up to `tiles_per_group` tiles, most work first.
+template <typename scalar_t>
+std::vector<TileGroup> tile_groups_longest_first(const Problem<scalar_t>& pb, int tiles_per_group) {
+  std::vector<TileGroup> groups;
+  const int n_bh = pb.params().batch * pb.params().heads;
+  for (int bh = 0; bh < n_bh; ++bh)
+    for (int t = pb.tile_begin(bh); t < pb.tile_begin(bh + 1); t += tiles_per_group) {
+      TileGroup g{t, std::min(tiles_per_group, pb.tile_begin(bh + 1) - t), 0};
+      for (int i = 0; i < g.count; ++i) g.cost += pb.key_end(pb.tiles()[t + i]);
+      groups.push_back(g);
+    }
+  std::stable_sort(groups.begin(), groups.end(),
+                   [](const TileGroup& a, const TileGroup& b) { return a.cost > b.cost; });
+  return groups;
+}
+
+// Keys [0, end) some tile of the group can see.
+template <typename scalar_t>
+int group_key_end(const Problem<scalar_t>& pb, const TileGroup& g) {
+  int end = 0;
+  for (int i = 0; i < g.count; ++i) end = std::max(end, pb.key_end(pb.tiles()[g.first_tile + i]));
+  return end;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------
+
+// Online-softmax state of one tile: transposed query (pre-scaled) and output, running max/sum.
+template <typename acc_t>
+struct ForwardTileState {
+  Vec<acc_t>* q_t;
+  Vec<acc_t>* out_t;
+  Vec<acc_t> running_max, running_sum, positions;
+};
+
+template <typename acc_t>
+struct ForwardScratch {
+  explicit ForwardScratch(int d)
+      : q_t(kTilesPerGroup * d), out_t(kTilesPerGroup * d), tiles(kTilesPerGroup), scores(kKeyBlock),
+        k_buffer(kKeyBlock * d), v_buffer(kKeyBlock * d) {
+    for (int i = 0; i < kTilesPerGroup; ++i) {
+      tiles[i].q_t = &q_t[i * d];
+      tiles[i].out_t = &out_t[i * d];
+    }
+  }
+  std::vector<Vec<acc_t>> q_t, out_t;
+  std::vector<ForwardTileState<acc_t>> tiles;
+  std::vector<Vec<acc_t>> scores;
+  std::vector<acc_t> k_buffer, v_buffer;
+};
+
+// Online softmax over one key block, in base 2: updates the running max and sum, rescales the
+// output tile, and turns the block's scores into unnormalised probabilities.
+template <typename acc_t>
+void softmax_update(Vec<acc_t>* scores, int n, ForwardTileState<acc_t>& state, int d) {
+  Vec<acc_t> block_max = state.running_max;
+  for (int j = 0; j < n; ++j) block_max = max_vec<acc_t>(block_max, scores[j]);
+  // A lane that has seen only masked keys keeps max -inf; subtract 0 there to avoid -inf - -inf.
+  const Vec<acc_t> minus_inf = splat(-std::numeric_limits<acc_t>::infinity());
+  const Vec<acc_t> shift = block_max == minus_inf ? Vec<acc_t>{} : block_max;
+  const Vec<acc_t> rescale = exp2_vec(state.running_max - shift);
+  Vec<acc_t> block_sum{};
+  for (int j = 0; j < n; ++j) {
+    scores[j] = exp2_vec(scores[j] - shift);
+    block_sum += scores[j];
+  }
+  state.running_sum = state.running_sum * rescale + block_sum;
+  state.running_max = block_max;
+  for (int c = 0; c < d; ++c) state.out_t[c] *= rescale;
+}
+
+template <typename scalar_t, typename acc_t = typename AccType<scalar_t>::type>
+void start_tile(const Problem<scalar_t>& pb, const Tile& t, ForwardTileState<acc_t>& state) {
+  const acc_t scale_log2 = static_cast<acc_t>(pb.params().scale * kLog2e);
+  gather_transposed(pb, t, [&](int i) { return pb.q_row(t.bh, i); }, scale_log2, state.q_t);
+  for (int c = 0; c < pb.head_dim(); ++c) state.out_t[c] = Vec<acc_t>{};
+  state.running_max = splat(-std::numeric_limits<acc_t>::infinity());
+  state.running_sum = Vec<acc_t>{};
+  state.positions = lane_positions(pb, t);
+}
+
+template <typename scalar_t, typename acc_t = typename AccType<scalar_t>::type>
+void finish_tile(const Problem<scalar_t>& pb, const Tile& t, const ForwardTileState<acc_t>& state) {
+  acc_t* lse = pb.lse(t.bh);
+  for (int lane = 0; lane < t.count; ++lane) {
+    const int i = pb.position(t.first + lane);
+    const acc_t sum = state.running_sum[lane];
+    const acc_t inv_sum = sum == 0 ? acc_t(0) : acc_t(1) / sum;  // no visible key: output 0
+    scalar_t* out = pb.out_row(t.bh, i);
+    for (int c = 0; c < pb.head_dim(); ++c) out[c] = from_float<scalar_t>(state.out_t[c][lane] * inv_sum);
+    lse[i] = sum == 0 ? -std::numeric_limits<acc_t>::infinity()
+                      : static_cast<acc_t>(state.running_max[lane] * kLn2 + std::log(sum));
+  }
+}
+
+template <typename scalar_t, typename acc_t = typename AccType<scalar_t>::type>
+void forward_group(const Problem<scalar_t>& pb, const TileGroup& g, ForwardScratch<acc_t>& s) {
+  const RoutedAttentionParams& p = pb.params();
+  const Tile* tiles = &pb.tiles()[g.first_tile];
+  const int d = p.head_dim, b = pb.batch_of(tiles[0].bh), kvh = pb.kv_head(tiles[0].bh);
+  for (int i = 0; i < g.count; ++i) start_tile(pb, tiles[i], s.tiles[i]);
+  const int key_end = group_key_end(pb, g);
+  for (int j0 = 0; j0 < key_end; j0 += kKeyBlock) {
+    const int block = std::min(kKeyBlock, key_end - j0);
+    const auto keys = rows_as_acc(pb.k_row(b, kvh, j0), p.k_row_stride, block, d, s.k_buffer);
+    const auto values = rows_as_acc(pb.v_row(b, kvh, j0), p.v_row_stride, block, d, s.v_buffer);
+    for (int i = 0; i < g.count; ++i) {
+      const int n = std::min(block, pb.key_end(tiles[i]) - j0);
+      if (n <= 0) continue;
+      ForwardTileState<acc_t>& state = s.tiles[i];
+      rows_dot_tile(keys, n, state.q_t, d, s.scores.data());
+      mask_scores(pb, tiles[i], state.positions, j0, n, s.scores.data());
+      softmax_update(s.scores.data(), n, state, d);
+      accumulate_weighted_rows(values, n, s.scores.data(), d, state.out_t);
+    }
+  }
+  for (int i = 0; i < g.count; ++i) finish_tile(pb, tiles[i], s.tiles[i]);
+}
+
+template <typename scalar_t>
+void forward(const RoutedAttentionParams& params) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const Problem<scalar_t> pb(params);
+  const std::vector<TileGroup> groups = tile_groups_longest_first(pb, kTilesPerGroup);
+  // One parallel region: the groups, then the cheap zeroing of each (batch, head) to fill the gaps.
+  const int64_t n_groups = static_cast<int64_t>(groups.size());
+  run_dynamic(
+      n_groups + params.batch * params.heads, [&] { return ForwardScratch<acc_t>(params.head_dim); },
+      [&](int64_t item, ForwardScratch<acc_t>& s) {
+        if (item < n_groups) forward_group(pb, groups[item], s);
+        else pb.zero_unrouted_rows(static_cast<int>(item - n_groups));
+      });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+
+// Everything the backward needs of one tile, gathered once and shared by both passes. `V` is
+// Vec<acc_t> while the operands are gathered and `const Vec<acc_t>` afterwards.
+template <typename V>
+struct TileOperandsOf {
+  V* q_t;           // [d] columns of Q · scale · log2(e)
+  V* dout_t;        // [d] columns of dO
+  V* q_rows;        // [lanes][vecs] rows of Q, zero padded to whole vectors
+  V* dout_rows;     // [lanes][vecs] rows of dO
+  V* lse_log2;      // lse · log2(e); +inf where P must be 0 (no visible key, padding lane)
+  V* dout_dot_out;  // rowsum(dO ⊙ O)
+  V* positions;
+};
+template <typename acc_t> using TileOperands = TileOperandsOf<const Vec<acc_t>>;
+
+template <typename scalar_t>
+class BackwardOperands {
+ public:
+  using acc_t = typename AccType<scalar_t>::type;
+  static constexpr int kLanes = Simd<acc_t>::lanes;
+
+  BackwardOperands(const Problem<scalar_t>& pb, const RoutedAttentionBwdParams& p)
+      : d_(p.head_dim), vecs_((p.head_dim + kLanes - 1) / kLanes),
+        per_tile_(2 * d_ + 2 * kLanes * vecs_ + 3), storage_(pb.tiles().size() * per_tile_) {
+    parallel_for(static_cast<int64_t>(pb.tiles().size()), 16, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) gather(pb, p, pb.tiles()[t], operands(storage_.data(), t));
+    });
+  }
+
+  TileOperands<acc_t> tile(int64_t t) const { return operands(storage_.data(), t); }
+  int vecs() const { return vecs_; }
+ private:
+  template <typename V>
+  TileOperandsOf<V> operands(V* storage, int64_t t) const {
+    V* base = storage + t * per_tile_;
+    V* rows = base + 2 * d_;
+    V* stats = rows + 2 * kLanes * vecs_;
+    return {base, base + d_, rows, rows + kLanes * vecs_, stats, stats + 1, stats + 2};
+  }
+
+  void gather(const Problem<scalar_t>& pb, const RoutedAttentionBwdParams& p, const Tile& t,
+              const TileOperandsOf<Vec<acc_t>>& op) const {
+    const int b = pb.batch_of(t.bh), h = pb.head_of(t.bh);
+    auto dout_row = [&](int i) {
+      return static_cast<const scalar_t*>(p.dout) + b * p.dout_batch_stride + h * p.dout_head_stride +
+             i * p.dout_row_stride;
+    };
+    auto q_row = [&](int i) { return pb.q_row(t.bh, i); };
+    gather_transposed(pb, t, q_row, static_cast<acc_t>(p.scale * kLog2e), op.q_t);
+    gather_transposed(pb, t, dout_row, acc_t(1), op.dout_t);
+    *op.positions = lane_positions(pb, t);
+    *op.lse_log2 = splat(std::numeric_limits<acc_t>::infinity());
+    *op.dout_dot_out = Vec<acc_t>{};
+    for (int v = 0; v < kLanes * vecs_; ++v) op.q_rows[v] = op.dout_rows[v] = Vec<acc_t>{};
+    const acc_t* lse = pb.lse(t.bh);
+    for (int lane = 0; lane < t.count; ++lane) {
+      const int i = pb.position(t.first + lane);
+      const scalar_t* q = q_row(i);
+      const scalar_t* dout = dout_row(i);
+      const scalar_t* out = pb.out_row(t.bh, i);
+      acc_t dot = 0;
+      for (int c = 0; c < d_; ++c) {
+        const acc_t dout_c = load_acc<acc_t>(dout[c]);
+        op.q_rows[lane * vecs_ + c / kLanes][c % kLanes] = load_acc<acc_t>(q[c]);
+        op.dout_rows[lane * vecs_ + c / kLanes][c % kLanes] = dout_c;
+        dot += dout_c * load_acc<acc_t>(out[c]);
+      }
+      (*op.dout_dot_out)[lane] = dot;
+      if (lse[i] != -std::numeric_limits<acc_t>::infinity()) (*op.lse_log2)[lane] = lse[i] * kLog2e;
+    }
+  }
+
+  const int d_, vecs_;
+  const long per_tile_;
+  std::vector<Vec<acc_t>> storage_;
+};
+
+template <typename acc_t>
+struct BackwardScratch {
+  explicit BackwardScratch(int d, int vecs)
+      : grad_t(kTilesPerGroup * d), probs(kKeyBlock), dprobs(kKeyBlock), dk_block(kKeyBlock * vecs),
+        dv_block(kKeyBlock * vecs), k_buffer(kKeyBlock * d), v_buffer(kKeyBlock * d) {}
+  std::vector<Vec<acc_t>> grad_t;  // transposed dQ of each tile of a group
+  std::vector<Vec<acc_t>> probs, dprobs, dk_block, dv_block;
+  std::vector<acc_t> k_buffer, v_buffer;
+};
+
+// P and dS of one tile against keys [j0, j0 + n): P = exp2(S·log2e − lse·log2e),
+// dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O)). dS overwrites dprobs.
+template <typename scalar_t, typename acc_t = typename AccType<scalar_t>::type>
+void probabilities_and_score_grads(const Problem<scalar_t>& pb, const Tile& t, const TileOperands<acc_t>& op,
+                                   RowsView<acc_t> keys, RowsView<acc_t> values, int j0, int n,
+                                   BackwardScratch<acc_t>& s) {
+  const int d = pb.head_dim();
+  rows_dot_tile(keys, n, op.q_t, d, s.probs.data());
+  mask_scores(pb, t, *op.positions, j0, n, s.probs.data());
+  for (int j = 0; j < n; ++j) s.probs[j] = exp2_vec(s.probs[j] - *op.lse_log2);
+  rows_dot_tile(values, n, op.dout_t, d, s.dprobs.data());
+  for (int j = 0; j < n; ++j) s.dprobs[j] = s.probs[j] * (s.dprobs[j] - *op.dout_dot_out);
+}
+
+// dQ of a group of tiles: Σ over visible key blocks of scale · dS K, each key/value block read
+// once for the group.
+template <typename scalar_t, typename acc_t = typename AccType<scalar_t>::type>
+void backward_dq_group(const Problem<scalar_t>& pb, const BackwardOperands<scalar_t>& ops,
+                       const RoutedAttentionBwdParams& p, const TileGroup& g, BackwardScratch<acc_t>& s) {
+  const Tile* tiles = &pb.tiles()[g.first_tile];
+  const int d = p.head_dim, b = pb.batch_of(tiles[0].bh), kvh = pb.kv_head(tiles[0].bh);
+  std::fill(s.grad_t.begin(), s.grad_t.end(), Vec<acc_t>{});
+  const int key_end = group_key_end(pb, g);
+  for (int j0 = 0; j0 < key_end; j0 += kKeyBlock) {
+    const int block = std::min(kKeyBlock, key_end - j0);
+    const auto keys = rows_as_acc(pb.k_row(b, kvh, j0), p.k_row_stride, block, d, s.k_buffer);
+    const auto values = rows_as_acc(pb.v_row(b, kvh, j0), p.v_row_stride, block, d, s.v_buffer);
+    for (int i = 0; i < g.count; ++i) {
+      const int n = std::min(block, pb.key_end(tiles[i]) - j0);
+      if (n <= 0) continue;
+      probabilities_and_score_grads(pb, tiles[i], ops.tile(g.first_tile + i), keys, values, j0, n, s);
+      accumulate_weighted_rows(keys, n, s.dprobs.data(), d, &s.grad_t[i * d]);
+    }
+  }
+  for (int i = 0; i < g.count; ++i) {
+    const Tile& t = tiles[i];
+    acc_t* dq = static_cast<acc_t*>(p.dq) + static_cast<long>(t.bh) * p.seqlen_q * d;
+    for (int lane = 0; lane < t.count; ++lane) {
+      acc_t* row = dq + static_cast<long>(pb.position(t.first + lane)) * d;
+      for (int c = 0; c < d; ++c) row[c] = static_cast<acc_t>(p.scale) * s.grad_t[i * d + c][lane];
+    }
+  }
+}
+
+// dK and dV of one key block of one (batch, kv head), from every routed row of the heads that
+// share it that can see the block: each key block has one owner, so no write races.
+template <typename scalar_t, typename acc_t = typename AccType<scalar_t>::type>
+void backward_dkdv_block(const Problem<scalar_t>& pb, const BackwardOperands<scalar_t>& ops,
+                         const RoutedAttentionBwdParams& p, int b, int kvh, int j0, BackwardScratch<acc_t>& s) {
+  const int d = p.head_dim, vecs = ops.vecs();
+  const int n = std::min(kKeyBlock, p.seqlen_k - j0);
+  const auto keys = rows_as_acc(pb.k_row(b, kvh, j0), p.k_row_stride, n, d, s.k_buffer);
+  const auto values = rows_as_acc(pb.v_row(b, kvh, j0), p.v_row_stride, n, d, s.v_buffer);
+  std::fill(s.dk_block.begin(), s.dk_block.end(), Vec<acc_t>{});
+  std::fill(s.dv_block.begin(), s.dv_block.end(), Vec<acc_t>{});
+  for (int h = kvh * pb.group_size(); h < (kvh + 1) * pb.group_size(); ++h) {
+    const int bh = b * p.heads + h;
+    for (int ti = pb.first_tile_seeing(bh, j0); ti < pb.tile_begin(bh + 1); ++ti) {
+      const TileOperands<acc_t> op = ops.tile(ti);
+      probabilities_and_score_grads(pb, pb.tiles()[ti], op, keys, values, j0, n, s);
+      accumulate_outer<acc_t>(s.probs.data(), n, op.dout_rows, vecs, s.dv_block.data());
+      accumulate_outer<acc_t>(s.dprobs.data(), n, op.q_rows, vecs, s.dk_block.data());
+    }
+  }
+  const long offset = ((static_cast<long>(b) * p.kv_heads + kvh) * p.seqlen_k + j0) * d;
+  acc_t* dk = static_cast<acc_t*>(p.dk) + offset;
+  acc_t* dv = static_cast<acc_t*>(p.dv) + offset;
+  for (int j = 0; j < n; ++j)
+    for (int c = 0; c < d; ++c) {
+      dk[j * d + c] = static_cast<acc_t>(p.scale) * s.dk_block[j * vecs + c / Simd<acc_t>::lanes][c % Simd<acc_t>::lanes];
+      dv[j * d + c] = s.dv_block[j * vecs + c / Simd<acc_t>::lanes][c % Simd<acc_t>::lanes];
+    }
+}
+
+template <typename scalar_t>
+void backward(const RoutedAttentionBwdParams& params) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const Problem<scalar_t> pb(params);
+  if (pb.tiles().empty()) return;  // nothing routed: all gradients stay zero
+  const BackwardOperands<scalar_t> ops(pb, params);
+  auto make_scratch = [&] { return BackwardScratch<acc_t>(params.head_dim, ops.vecs()); };
+
+  const std::vector<TileGroup> groups = tile_groups_longest_first(pb, kTilesPerGroup);
+  run_dynamic(static_cast<int64_t>(groups.size()), make_scratch, [&](int64_t item, BackwardScratch<acc_t>& s) {
+    backward_dq_group(pb, ops, params, groups[item], s);
+  });
+
+  // Key blocks in order of the work they get: with a causal mask, early blocks are seen by most rows.
+  const int blocks = (params.seqlen_k + kKeyBlock - 1) / kKeyBlock;
+  const int64_t n_items = static_cast<int64_t>(params.batch) * params.kv_heads * blocks;
+  run_dynamic(n_items, make_scratch, [&](int64_t item, BackwardScratch<acc_t>& s) {
+    const int block = static_cast<int>(item / (params.batch * params.kv_heads));
+    const int bkv = static_cast<int>(item % (params.batch * params.kv_heads));
+    backward_dkdv_block(pb, ops, params, bkv / params.kv_heads, bkv % params.kv_heads, block * kKeyBlock, s);
+  });
+}
+
+}  // namespace
+
+void routed_attention_fwd_cpu(const RoutedAttentionParams& params) {
+  CRAM_DTYPE_SWITCH(params.dtype, "routed_attention_fwd_cpu", [&] { forward<scalar_t>(params); });
+}
+
+void routed_attention_bwd_cpu(const RoutedAttentionBwdParams& params) {
+  CRAM_DTYPE_SWITCH(params.dtype, "routed_attention_bwd_cpu", [&] { backward<scalar_t>(params); });
+}
+
+}  // namespace cram
