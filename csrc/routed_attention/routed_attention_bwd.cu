@@ -87,7 +87,7 @@ simt_bwd_kernel(const RoutedAttentionBwdParams p, const RoutedRows rows) {
   const int key0 = blockIdx.x * kBwdKeys;
   const int b = blockIdx.y / p.kv_heads, hk = blockIdx.y % p.kv_heads;
   const int group = p.heads / p.kv_heads;
-  const acc_t scale = p.scale;
+  const acc_t scale = static_cast<acc_t>(p.scale);
 
   const scalar_t* k = static_cast<const scalar_t*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
   const scalar_t* v = static_cast<const scalar_t*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
@@ -230,7 +230,8 @@ flash_bwd_kernel(const RoutedAttentionBwdParams p, const RoutedRows rows) {
   const int group = p.heads / p.kv_heads;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int quad_row = lane / 4, quad_col = (lane % 4) * 2;
-  const float scale_log2 = p.scale * kLog2e;
+  const float scale = static_cast<float>(p.scale);  // float arithmetic, as the whole kernel
+  const float scale_log2 = scale * kLog2e;
   const int n_keys = min(kBlockN, p.seqlen_k - key0);
 
   const scalar_t* k = static_cast<const scalar_t*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
@@ -380,8 +381,8 @@ flash_bwd_kernel(const RoutedAttentionBwdParams p, const RoutedRows rows) {
           float* dq_row = dq + static_cast<long>(pos_tile[my_rows[r]]) * kHeadDim + pair * 16 + quad_col;
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
-            atomicAdd(dq_row + half * 8, p.scale * acc[half][2 * r]);
-            atomicAdd(dq_row + half * 8 + 1, p.scale * acc[half][2 * r + 1]);
+            atomicAdd(dq_row + half * 8, scale * acc[half][2 * r]);
+            atomicAdd(dq_row + half * 8 + 1, scale * acc[half][2 * r + 1]);
           }
         }
       }
@@ -398,7 +399,7 @@ flash_bwd_kernel(const RoutedAttentionBwdParams p, const RoutedRows rows) {
     float* dv_row = static_cast<float*>(p.dv) + (kv_base + my_keys[r]) * kHeadDim + quad_col;
 #pragma unroll
     for (int t = 0; t < kDimTiles; ++t) {
-      *reinterpret_cast<float2*>(dk_row + t * 8) = make_float2(p.scale * dk[t][2 * r], p.scale * dk[t][2 * r + 1]);
+      *reinterpret_cast<float2*>(dk_row + t * 8) = make_float2(scale * dk[t][2 * r], scale * dk[t][2 * r + 1]);
       *reinterpret_cast<float2*>(dv_row + t * 8) = make_float2(dv[t][2 * r], dv[t][2 * r + 1]);
     }
   }

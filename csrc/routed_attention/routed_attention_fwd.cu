@@ -112,7 +112,7 @@ flash_fwd_kernel(const RoutedAttentionParams p, const RoutedRows rows) {
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int quad_row = lane / 4, quad_col = (lane % 4) * 2;
-  const float scale_log2 = p.scale * kLog2e;
+  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
   uint32_t q_frag[kKSteps][4];
   float o[kDimTiles][4];
 #pragma unroll
@@ -335,7 +335,7 @@ simt_fwd_kernel(const RoutedAttentionParams p, const RoutedRows rows) {
   const scalar_t* q_row = static_cast<const scalar_t*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + pos * p.q_row_stride;
   const scalar_t* k = static_cast<const scalar_t*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
   const scalar_t* v = static_cast<const scalar_t*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
-  for (int c = lane; c < d; c += 32) q_scaled[warp][c] = to_acc(q_row[c]) * acc_t(p.scale);
+  for (int c = lane; c < d; c += 32) q_scaled[warp][c] = to_acc(q_row[c]) * static_cast<acc_t>(p.scale);
   __syncwarp();
 
   const int n_keys = p.is_causal ? min(p.seqlen_k, pos + 1) : p.seqlen_k;
