@@ -214,11 +214,13 @@ def test_gpt2_hooks_capture_the_attention_sublayer():
     ids = _random_windows(3, 16, vocab=256)
     with rd.ActivationRecorder(taps) as recorder:
         hidden_states = model(ids, output_hidden_states=True).hidden_states
-        captured = recorder.captured
+        captured = recorder.take()
     for layer, block in enumerate(model.transformer.h):
         expected = _manual_gpt2_attention(block, hidden_states[layer], 4)
         for got, want in zip(captured[layer], expected):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="did not reach"):
+        recorder.take()
 
 
 def test_llama_layout_is_supported():

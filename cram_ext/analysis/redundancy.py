@@ -296,8 +296,8 @@ register_adapter("llama", _llama_adapter)
 class ActivationRecorder:
     """Context manager that keeps the latest tensor seen at each layer's taps.
 
-    ``recorder.captured[layer]`` is ``(pre_attention, attention_output, heads)``
-    for the most recent forward pass.
+    After a forward pass, ``recorder.take()[layer]`` is
+    ``(pre_attention, attention_output, heads)``.
     """
 
     def __init__(self, taps: Sequence[AttentionTaps]):
@@ -326,13 +326,19 @@ class ActivationRecorder:
 
         return tap.module.register_forward_hook(keep)
 
-    @property
-    def captured(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def take(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per layer ``(pre_attention, attention_output, heads)`` of the last forward pass.
+
+        The tensors are forgotten once taken, so a tap that a later pass
+        fails to reach is reported instead of silently reusing old values.
+        """
         roles = ("pre_attention", "attention_output", "per_head")
         missing = [(layer, role) for layer in range(len(self.taps)) for role in roles if (layer, role) not in self._latest]
         if missing:
             raise RuntimeError(f"the forward pass did not reach taps {missing}; check the adapter")
-        return [tuple(self._latest[(layer, role)] for role in roles) for layer in range(len(self.taps))]
+        layers = [tuple(self._latest[(layer, role)] for role in roles) for layer in range(len(self.taps))]
+        self._latest.clear()
+        return layers
 
 
 # --------------------------------------------------------------------------
@@ -429,7 +435,7 @@ class _LayerAccumulator:
             self.output_dim = out.shape[-1]
             self.splits = {split: ProbeStatistics(pre.shape[-1], target.shape[-1], pre.device) for split in (False, True)}
         for split, stats in self.splits.items():
-            rows = heldout == split
+            rows = (heldout == split).to(pre.device)
             if rows.any():
                 stats.update(pre[rows].reshape(-1, pre.shape[-1]), target[rows].reshape(-1, target.shape[-1]))
 
@@ -444,6 +450,7 @@ def _run_backbone(model: nn.Module, token_ids: torch.Tensor) -> None:
 
 
 def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter (where token ids are sent)."""
     parameter = next(model.parameters(), None)
     return parameter.device if parameter is not None else torch.device("cpu")
 
@@ -484,7 +491,7 @@ def measure_redundancy(
             heldout = window_index % holdout_every == holdout_every - 1
             windows_seen += batch.shape[0]
             _run_backbone(model, batch.to(device))
-            for accumulator, (pre, out, heads) in zip(layers, recorder.captured):
+            for accumulator, (pre, out, heads) in zip(layers, recorder.take()):
                 accumulator.update(pre, out, heads, heldout)
             if bar is not None:
                 bar.update(batch.numel())
@@ -494,6 +501,7 @@ def measure_redundancy(
 
 
 def _progress_bar(total: Optional[int], enabled: bool):
+    """A tqdm bar counting tokens, or None when progress is off (tqdm is imported only then)."""
     if not enabled:
         return None
     from tqdm.auto import tqdm
