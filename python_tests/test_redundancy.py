@@ -279,3 +279,27 @@ def test_training_corpus_split_keeps_files_apart():
     assert set(train).isdisjoint(heldout) and set(train) | set(heldout) == set(files)
     assert 0.03 < len(heldout) / len(files) < 0.2
     assert train_probe_lm.split_by_file(files, heldout_percent=10) == (train, heldout)
+
+
+def test_command_line_uses_the_model_tokenizer(tmp_path, monkeypatch):
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    text = "".join(f"for item_{i} in range({i}):\n    total += item_{i}\n" for i in range(300))
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tokenizers.decoders.ByteLevel()
+    bpe.train_from_iterator(
+        [text], tokenizers.trainers.BpeTrainer(vocab_size=300, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    )
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe)
+    _tiny_gpt2(vocab_size=320).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "corpus.txt").write_text(text)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out_json = tmp_path / "r.json"
+    argv = ["--model", str(tmp_path / "model"), "--text", str(tmp_path / "corpus.txt"), "--context", "16",
+            "--max-tokens", "100000", "--out-json", str(out_json), "--no-progress"]
+    assert rd.main(argv) == 0
+    windows = len(tokenizer(text)["input_ids"]) // 16
+    result = json.loads(out_json.read_text())
+    assert result["train_tokens"] + result["heldout_tokens"] == windows * 16
