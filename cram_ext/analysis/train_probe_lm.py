@@ -152,7 +152,7 @@ def plot_r_vs_step(records: list[dict], path: str) -> None:
     for third, color in (("early", "tab:blue"), ("middle", "tab:green"), ("late", "tab:red")):
         ax.plot(steps, [s["thirds_r"][third] for s in summaries], "-", color=color, alpha=0.8, label=f"R {third} layers")
     ax.plot(steps, [s["overall_r_centered"] for s in summaries], "k--", alpha=0.6, label="R centered (variance denominator)")
-    ax.set_xscale("symlog", linthresh=max(1, min(s for s in steps if s > 0)))
+    ax.set_xscale("symlog", linthresh=min((s for s in steps if s > 0), default=1))
     ax.set_xlabel("training step (log scale above the first checkpoint)")
     ax.set_ylabel("held-out R")
     ax.set_ylim(min(0.0, *(s["overall_r_centered"] for s in summaries)) - 0.02, 1.0)
