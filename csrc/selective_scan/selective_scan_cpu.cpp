@@ -78,14 +78,6 @@ struct ScanBlock {
     }
   }
 
-  // Loads B or C steps [t0, t0 + len) as tile[t * N + n].
-  void load_bc(acc_t* tile, const void* base, long batch_stride, long group_stride,
-               long dstate_stride, int t0, int len) const {
-    const scalar_t* src = static_cast<const scalar_t*>(base) + b * batch_stride + group * group_stride + t0;
-    for (int n = 0; n < p.dstate; ++n)
-      for (int t = 0; t < len; ++t) tile[t * p.dstate + n] = to_float(src[n * dstate_stride + t]);
-  }
-
   // Turns raw delta into its pre-softplus argument x = delta + bias (in place) and the step
   // Δ = softplus(x) · dt_scale. Flat loops without branches inside, so they vectorise.
   void steps(acc_t* x, acc_t* step, int t0, int len) const {
@@ -142,13 +134,42 @@ inline void scan_step(acc_t* __restrict__ h, const acc_t* __restrict__ A, const 
   }
 }
 
+// B and C in time-major order, (batch, groups, L, N) in the accumulation type: all channel
+// blocks of a group read the same B_t and C_t, so they are transposed once, not per block.
+template <typename scalar_t, typename acc_t>
+struct TimeMajorBC {
+  int L, N, groups;
+  std::vector<acc_t> B, C;
+
+  explicit TimeMajorBC(const SelectiveScanParams& p)
+      : L(p.seqlen), N(p.dstate), groups(p.n_groups),
+        B(int64_t(p.batch) * p.n_groups * p.seqlen * p.dstate), C(B.size()) {
+    parallel_for(int64_t(p.batch) * p.n_groups, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bg = begin; bg < end; ++bg) {
+        const int64_t b = bg / groups, g = bg % groups;
+        transpose(&B[bg * L * N], static_cast<const scalar_t*>(p.B) + b * p.B_batch_stride + g * p.B_group_stride,
+                  p.B_dstate_stride);
+        transpose(&C[bg * L * N], static_cast<const scalar_t*>(p.C) + b * p.C_batch_stride + g * p.C_group_stride,
+                  p.C_dstate_stride);
+      }
+    });
+  }
+  void transpose(acc_t* dst, const scalar_t* src, long dstate_stride) const {
+    for (int n = 0; n < N; ++n)
+      for (int t = 0; t < L; ++t) dst[int64_t(t) * N + n] = to_float(src[n * dstate_stride + t]);
+  }
+  // B_t (or C_t) of steps t0, t0 + 1, ... as [t][n].
+  const acc_t* B_at(int b, int g, int t0) const { return &B[((int64_t(b) * groups + g) * L + t0) * N]; }
+  const acc_t* C_at(int b, int g, int t0) const { return &C[((int64_t(b) * groups + g) * L + t0) * N]; }
+};
+
 // Per-thread buffers for one chunk of up to `len` steps.
 template <typename acc_t>
 struct Tiles {
-  std::vector<acc_t> u, x, step, z, dout, y, B, C;
-  Tiles(int len, int N)
+  std::vector<acc_t> u, x, step, z, dout, y;
+  explicit Tiles(int len)
       : u(len * kLanes), x(len * kLanes), step(len * kLanes), z(len * kLanes), dout(len * kLanes),
-        y(len * kLanes), B(len * N), C(len * N) {}
+        y(len * kLanes) {}
 
   template <typename scalar_t>
   void load(const ScanBlock<scalar_t, acc_t>& sb, int t0, int len) {
@@ -156,8 +177,6 @@ struct Tiles {
     sb.template load<scalar_t>(u.data(), p.u, p.u_batch_stride, p.u_d_stride, t0, len);
     sb.template load<scalar_t>(x.data(), p.delta, p.delta_batch_stride, p.delta_d_stride, t0, len);
     if (p.z) sb.template load<scalar_t>(z.data(), p.z, p.z_batch_stride, p.z_d_stride, t0, len);
-    sb.load_bc(B.data(), p.B, p.B_batch_stride, p.B_group_stride, p.B_dstate_stride, t0, len);
-    sb.load_bc(C.data(), p.C, p.C_batch_stride, p.C_group_stride, p.C_dstate_stride, t0, len);
     sb.steps(x.data(), step.data(), t0, len);
   }
 };
@@ -166,8 +185,9 @@ template <typename scalar_t>
 void scan_fwd(const SelectiveScanParams& p) {
   using acc_t = typename AccType<scalar_t>::type;
   const ChannelBlocks blocks(p);
+  const TimeMajorBC<scalar_t, acc_t> bc(p);
   parallel_for(int64_t(p.batch) * blocks.count(p), 1, [&](int64_t begin, int64_t end) {
-    Tiles<acc_t> tile(kTimeTile, p.dstate);
+    Tiles<acc_t> tile(kTimeTile);
     std::vector<acc_t> h(p.dstate * kLanes);
     for (int64_t item = begin; item < end; ++item) {
       const ScanBlock<scalar_t, acc_t> sb(p, item, blocks);
@@ -175,9 +195,11 @@ void scan_fwd(const SelectiveScanParams& p) {
       for (int t0 = 0; t0 < p.seqlen; t0 += kTimeTile) {
         const int len = std::min(kTimeTile, p.seqlen - t0);
         tile.load(sb, t0, len);
+        const acc_t* B = bc.B_at(sb.b, sb.group, t0);
+        const acc_t* C = bc.C_at(sb.b, sb.group, t0);
         for (int t = 0; t < len; ++t) {
-          scan_step(h.data(), sb.A.data(), &tile.step[t * kLanes], &tile.u[t * kLanes], &tile.B[t * p.dstate],
-                    &tile.C[t * p.dstate], p.dstate, &tile.y[t * kLanes]);
+          scan_step(h.data(), sb.A.data(), &tile.step[t * kLanes], &tile.u[t * kLanes], &B[t * p.dstate],
+                    &C[t * p.dstate], p.dstate, &tile.y[t * kLanes]);
           const int pos = t0 + t + 1;
           if (pos % p.chunk_size == 0 || pos == p.seqlen) sb.save_state(h.data(), (pos - 1) / p.chunk_size);
         }
@@ -206,9 +228,10 @@ void scan_bwd(const SelectiveScanBwdParams& p) {
   std::vector<acc_t> dB_part(n_items * N * L), dC_part(n_items * N * L);
   std::vector<acc_t> ddt_part(p.dt_scale ? n_items * L : 0);
 
+  const TimeMajorBC<scalar_t, acc_t> bc(p);
   parallel_for(n_items, 1, [&](int64_t begin, int64_t end) {
     const int len_max = std::min(p.chunk_size, L);
-    Tiles<acc_t> tile(len_max, N);
+    Tiles<acc_t> tile(len_max);
     std::vector<acc_t> H(int64_t(len_max) * N * kLanes), h_start(N * kLanes), g(N * kLanes);
     std::vector<acc_t> du(len_max * kLanes), dx(len_max * kLanes), dz(len_max * kLanes);
     for (int64_t item = begin; item < end; ++item) {
@@ -224,18 +247,19 @@ void scan_bwd(const SelectiveScanBwdParams& p) {
         sb.template load<scalar_t>(tile.dout.data(), p.dout, p.dout_batch_stride, p.dout_d_stride, t0, len);
         sb.restore_state(h_start.data(), chunk - 1);
         std::copy(h_start.begin(), h_start.end(), H.begin());
+        const acc_t* B = bc.B_at(sb.b, sb.group, t0);
+        const acc_t* C = bc.C_at(sb.b, sb.group, t0);
         for (int t = 0; t < len; ++t) {
           acc_t y[kLanes];
           acc_t* Ht = &H[int64_t(t) * N * kLanes];
           if (t > 0) std::copy(Ht - N * kLanes, Ht, Ht);
-          scan_step(Ht, sb.A.data(), &tile.step[t * kLanes], &tile.u[t * kLanes], &tile.B[t * N],
-                    &tile.C[t * N], N, y);
+          scan_step(Ht, sb.A.data(), &tile.step[t * kLanes], &tile.u[t * kLanes], &B[t * N], &C[t * N], N, y);
         }
         for (int t = len - 1; t >= 0; --t) {
           const acc_t* Ht = &H[int64_t(t) * N * kLanes];
           const acc_t* Hprev = t > 0 ? Ht - N * kLanes : h_start.data();
-          const acc_t* Bt = &tile.B[t * N];
-          const acc_t* Ct = &tile.C[t * N];
+          const acc_t* Bt = &B[t * N];
+          const acc_t* Ct = &C[t * N];
           const acc_t* u = &tile.u[t * kLanes];
           const acc_t* step = &tile.step[t * kLanes];
           acc_t dy[kLanes], dstep[kLanes] = {}, dut[kLanes];
