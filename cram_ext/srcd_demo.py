@@ -27,7 +27,9 @@ def main(argv=None) -> dict:
                         help="training steps; the routing cost starts at step 100 and reaches "
                              "its full weight at 200, so fewer than ~300 steps end mid-way")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; the model is small enough that one is fastest "
+                             "on a shared 2-core machine")
     parser.add_argument("--plot", default="docs/figures/cram_demo_attention.png")
     parser.add_argument("--out", default=None, help="run directory (default: a temporary one)")
     args = parser.parse_args(argv)
