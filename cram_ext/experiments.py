@@ -2,7 +2,7 @@
 training, transition, q before/after), Fig. 4 (P(episodic | pattern seen k times) and its power
 law), Table 4 (ablations) and Table 2 (transfer to Copy and Associative recall).
 
-    python -m cram_ext.experiments --size cpu      # this project's CPU run (about 2 hours, 1 core)
+    python -m cram_ext.experiments --size cpu      # this project's CPU run (1 core, 2-3 hours)
     python -m cram_ext.experiments --size paper    # the paper's setting: a GPU run
 
 Every (model, seed) run trains under `<runs>/<model>_s<seed>/` (log, checkpoint) and leaves a
@@ -54,8 +54,9 @@ class ExperimentPlan:
 
 
 PLANS = {
-    # 2-core CPU: N=128 tokens, d=64, 2 layers, 400 steps (`cram_ext.train`'s cpu preset);
-    # about 2 hours for the 50 SRCD runs and 8 transfer runs on one core of an idle machine.
+    # 2-core CPU: N=128 tokens, d=64, 2 layers, 400 steps (`cram_ext.train`'s cpu preset).
+    # Measured on a shared 2-core machine: 22-40 min per seed (10 SRCD runs + 4 transfer runs
+    # for the first two seeds), so 2-3 hours for the 50 + 8 runs.
     "cpu": ExperimentPlan(run_size="cpu", seeds=5, steps=400, transfer_steps=200,
                           transfer_seeds=2, final_eval_batches=8,
                           overrides=(("eval_every", 25), ("checkpoint_every", 100))),
