@@ -79,6 +79,32 @@ def test_index_rows_must_name_one_sequence():
         feeder.batch(torch.zeros(1, DATA.seq_len + 1, dtype=torch.long))
 
 
+def test_token_subsets_partition_the_tokens_and_all_matches_the_report():
+    model = tiny("transformer")
+    feeder = cm.SRCDSequenceFeeder(model, DATA, seed=3)
+    batches = lambda: cm.sequence_index_batches(30, DATA.seq_len, batch_size=8)
+    report = rd.measure_redundancy(feeder, batches())
+    subsets = cm.measure_token_subsets(feeder, batches())
+    assert subsets["all"]["layer_r"] == pytest.approx(report.layer_r, abs=1e-9)
+    assert subsets["all"]["heldout_tokens"] == [report.heldout_tokens] * 2
+    parts = [subsets[name]["heldout_tokens"][0] for name in ("observation", "key_write", "query")]
+    assert sum(parts) == report.heldout_tokens
+    # Held-out sequences are 4, 9, ..., 29 of stream 3: count their queries directly.
+    heldout = batch_at(DATA, seed=3, step=0, batch_size=30)["token_type"][4::5]
+    assert parts[2] == int((heldout == 2).sum())
+
+
+def test_routed_layers_keep_only_the_rows_that_ran_attention():
+    model = tiny("cram", router_episodic_bias=0.0)
+    feeder = cm.SRCDSequenceFeeder(model, DATA, seed=0)
+    subsets = cm.measure_token_subsets(feeder, cm.sequence_index_batches(10, DATA.seq_len, 10))
+    with torch.no_grad():
+        output = model(feeder.batch(next(cm.sequence_index_batches(10, DATA.seq_len, 10))))
+    ran = [int(r.attention_rows.sum()) for r in output.layers]
+    counted = [a + b for a, b in zip(subsets["all"]["train_tokens"], subsets["all"]["heldout_tokens"])]
+    assert counted == ran and 0 < sum(ran) < 2 * 10 * DATA.seq_len
+
+
 def _tiny_checkpoint(tmp_path, model):
     trainer = Trainer(run_config(model, "tiny"), str(tmp_path / model), show_progress=False)
     trainer.fit(stop_at=1)          # one step, then a checkpoint at the stop
@@ -89,7 +115,8 @@ def test_command_line_end_to_end(tmp_path, capsys):
     checkpoint = _tiny_checkpoint(tmp_path, "transformer")
     out_json, heatmap = tmp_path / "r.json", tmp_path / "r.png"
     assert cm.main(["--checkpoint", str(checkpoint), "--sequences", "25", "--batch-size", "4",
-                    "--no-progress", "--out-json", str(out_json), "--heatmap", str(heatmap)]) == 0
+                    "--no-progress", "--token-subsets", "--out-json", str(out_json),
+                    "--heatmap", str(heatmap)]) == 0
     assert "overall" in capsys.readouterr().out
     report = json.loads(out_json.read_text())
     assert heatmap.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -99,6 +126,7 @@ def test_command_line_end_to_end(tmp_path, capsys):
     assert len(report["layer_r"]) == 2 and all(len(h) == 2 for h in report["head_r"])
     assert all(r <= 1 for r in report["layer_r"])
     assert report["extra"]["data_seed"] == cm.HELDOUT_SEED_OFFSET
+    assert report["token_subsets"]["all"]["layer_r"] == pytest.approx(report["layer_r"], abs=1e-9)
 
     # The command's numbers are the library's on the same held-out stream.
     model, config = cm.load_checkpoint(checkpoint)
@@ -114,5 +142,7 @@ def test_command_line_explains_a_model_without_attention(tmp_path):
     checkpoint = _tiny_checkpoint(tmp_path, "mamba")
     with pytest.raises(SystemExit, match="no dense attention layer"):
         cm.main(["--checkpoint", str(checkpoint), "--sequences", "10", "--no-progress"])
+    with pytest.raises(SystemExit, match="no episodic attention layer"):
+        cm.main(["--checkpoint", str(checkpoint), "--sequences", "10", "--token-subsets"])
     with pytest.raises(SystemExit, match="training or evaluation stream"):
         cm.main(["--checkpoint", str(checkpoint), "--sequences", "10", "--data-seed", "0"])

@@ -22,8 +22,12 @@ the model with token windows.  A `CRAMModel` needs two things that module does n
 
 Routed layers (CRAM's own) run attention only for the tokens their router picks; elsewhere
 ``out_proj`` sees zeros and writes zeros, which the probe would count as perfectly predicted
-tokens.  This module therefore measures only dense-attention layers (the Transformer baseline
-and the attention layers of Jamba) and says so when a model has none.
+tokens.  The adapter (and so `measure_redundancy` and the report) therefore covers only
+dense-attention layers (the Transformer baseline, Jamba's attention layers) and says so when a
+model has none.  `measure_token_subsets` (``--token-subsets``) fits separate probes on chosen
+tokens instead: each SRCD token type (observation, key-write, query), and, in routed layers,
+only the rows that ran attention.  SRCD is 90% observations, so the all-token R mostly says how
+attention treats them; the query subset is where retrieval happens.
 
 Command line::
 
@@ -46,8 +50,10 @@ from torch import nn
 
 from ..models import CRAMModel
 from ..srcd.generator import SRCDConfig, collate, generate_sequence, pattern_values
-from .redundancy import (AttentionTaps, RedundancyReport, Tap, UnsupportedArchitectureError,
-                         measure_redundancy, register_adapter, save_heatmap, write_json)
+from ..srcd.generator import KEY_WRITE, OBSERVATION, QUERY
+from .redundancy import (ActivationRecorder, AttentionTaps, ProbeStatistics, RedundancyReport,
+                         Tap, UnsupportedArchitectureError, measure_redundancy, model_device,
+                         register_adapter, save_heatmap, score_layer, write_json)
 
 HELDOUT_SEED_OFFSET = 2_000_029   # probe stream: seed offset from the training data seed
 
@@ -104,9 +110,21 @@ def sequence_index_batches(n_sequences: int, seq_len: int, batch_size: int,
 # --------------------------------------------------------------------------
 
 
-def attention_layers(model: CRAMModel) -> list[int]:
-    """Indices of the layers whose episodic path runs dense (every-token) attention."""
-    return [i for i, layer in enumerate(model.layers) if layer.spec.attention == "dense"]
+def attention_layers(model: CRAMModel, kinds: tuple = ("dense",)) -> list[int]:
+    """Indices of the layers whose episodic path is of one of ``kinds`` ("dense", "routed")."""
+    return [i for i, layer in enumerate(model.layers) if layer.spec.attention in kinds]
+
+
+def episodic_taps(model: CRAMModel, layers: Sequence[int]) -> list[AttentionTaps]:
+    """Probe input = input of ``layer.episodic``; targets = ``out_proj`` output and input."""
+    taps = []
+    for i in layers:
+        episodic = model.layers[i].episodic
+        taps.append(AttentionTaps(pre_attention=Tap(episodic, "input"),
+                                  attention_output=Tap(episodic.out_proj, "output"),
+                                  per_head=Tap(episodic.out_proj, "input"),
+                                  n_heads=episodic.n_heads))
+    return taps
 
 
 def cram_adapter(model: nn.Module) -> Optional[list[AttentionTaps]]:
@@ -124,18 +142,117 @@ def cram_adapter(model: nn.Module) -> Optional[list[AttentionTaps]]:
         raise UnsupportedArchitectureError(
             f"this CRAMModel has no dense attention layer (layer attention kinds: {kinds}); "
             "redundancy is measured on the episodic attention of dense layers only, so a "
-            "recurrent model such as mamba has nothing to measure")
-    taps = []
-    for i in layers:
-        episodic = cram.layers[i].episodic
-        taps.append(AttentionTaps(pre_attention=Tap(episodic, "input"),
-                                  attention_output=Tap(episodic.out_proj, "output"),
-                                  per_head=Tap(episodic.out_proj, "input"),
-                                  n_heads=episodic.n_heads))
-    return taps
+            "recurrent model such as mamba has nothing to measure; for routed attention "
+            "use measure_token_subsets (--token-subsets), which keeps only the rows that ran it")
+    return episodic_taps(cram, layers)
 
 
 register_adapter("cram", cram_adapter)
+
+
+# --------------------------------------------------------------------------
+# R over chosen tokens: token types, and the rows routed attention ran for
+# --------------------------------------------------------------------------
+
+TOKEN_SUBSETS = {"all": None, "observation": OBSERVATION, "key_write": KEY_WRITE, "query": QUERY}
+
+
+class _SubsetAccumulator:
+    """Fitting and held-out probe moments of one (subset, layer) pair."""
+
+    def __init__(self) -> None:
+        self.splits: dict[bool, ProbeStatistics] = {}
+        self.output_dim = 0
+
+    def update(self, pre, out, heads, heldout) -> None:
+        """``pre``, ``out``, ``heads``: (tokens, features); ``heldout``: a bool per token."""
+        target = torch.cat([out, heads], dim=-1)
+        if not self.splits:
+            self.output_dim = out.shape[-1]
+            self.splits = {split: ProbeStatistics(pre.shape[-1], target.shape[-1], pre.device)
+                           for split in (False, True)}
+        for split, stats in self.splits.items():
+            rows = heldout == split
+            if rows.any():
+                stats.update(pre[rows], target[rows])
+
+    def counts(self) -> tuple[int, int]:
+        return tuple(self.splits[split].count if self.splits else 0 for split in (False, True))
+
+
+@torch.no_grad()
+def measure_token_subsets(feeder: SRCDSequenceFeeder, index_batches, *, ridge: float = 1e-6,
+                          holdout_every: int = 5) -> dict:
+    """R of every episodic layer, fitted and scored separately on each token subset.
+
+    A token of layer ℓ enters the probe only if layer ℓ ran attention for it (every token in
+    a dense layer; the router's picks in a routed one, where the other rows' output is a
+    structural zero) and its SRCD type is the subset's ("all" keeps every type).  Held-out
+    sequences are the same as in `measure_redundancy` (every ``holdout_every``-th), so
+    "all" on a dense model reproduces its report.  Each subset gets its own probe: R then
+    says how linear attention is on those tokens, not how well one probe fitted mostly to
+    observations does on queries.
+
+    Returns ``{subset: {"layers", "layer_r", "layer_r_centered", "head_r",
+    "head_r_centered", "train_tokens", "heldout_tokens"}}``; a (subset, layer) pair with fewer
+    fitting tokens than probe features, or no held-out token, gets ``None`` in place of R.
+    """
+    model = feeder.model.eval()
+    layers = attention_layers(model, ("dense", "routed"))
+    if not layers:
+        raise UnsupportedArchitectureError("this CRAMModel has no episodic attention layer")
+    taps = episodic_taps(model, layers)
+    device = model_device(model)
+    accumulators = {name: [_SubsetAccumulator() for _ in layers] for name in TOKEN_SUBSETS}
+    sequences_seen = 0
+    with ActivationRecorder(taps) as recorder:
+        for indices in index_batches:
+            batch = {k: v.to(device) for k, v in feeder.batch(indices).items()}
+            output = model(batch)
+            window = torch.arange(sequences_seen, sequences_seen + indices.shape[0], device=device)
+            sequences_seen += indices.shape[0]
+            heldout = (window % holdout_every == holdout_every - 1)[:, None].expand(indices.shape)
+            for position, (layer, (pre, out, heads)) in enumerate(zip(layers, recorder.take())):
+                ran = output.layers[layer].attention_rows
+                for name, token_type in TOKEN_SUBSETS.items():
+                    keep = ran if token_type is None else ran & (batch["token_type"] == token_type)
+                    accumulators[name][position].update(pre[keep], out[keep], heads[keep],
+                                                        heldout[keep])
+    return {name: _score_subset(accs, taps, layers, ridge) for name, accs in accumulators.items()}
+
+
+def _score_subset(accumulators, taps, layers, ridge) -> dict:
+    result = {"layers": layers, "layer_r": [], "layer_r_centered": [], "head_r": [],
+              "head_r_centered": [], "train_tokens": [], "heldout_tokens": []}
+    for acc, tap in zip(accumulators, taps):
+        train, heldout = acc.counts()
+        result["train_tokens"].append(train)
+        result["heldout_tokens"].append(heldout)
+        features = acc.splits[False].xx.shape[0] if acc.splits else 0
+        if not acc.splits or train < features or heldout == 0:
+            for key in ("layer_r", "layer_r_centered", "head_r", "head_r_centered"):
+                result[key].append(None)
+            continue
+        scores = score_layer(acc.splits[False], acc.splits[True], acc.output_dim, tap.n_heads,
+                             ridge)
+        result["layer_r"].append(scores.r)
+        result["layer_r_centered"].append(scores.r_centered)
+        result["head_r"].append(scores.head_r)
+        result["head_r_centered"].append(scores.head_r_centered)
+    return result
+
+
+def format_subsets(subsets: dict) -> str:
+    """Plain-text table: R (R_centered) per subset and layer, with held-out token counts."""
+    layers = next(iter(subsets.values()))["layers"]
+    lines = ["R (R_centered) [held-out tokens] by token subset; each subset has its own probe",
+             f"{'subset':>12} " + " ".join(f"{'layer ' + str(i):>26}" for i in layers)]
+    for name, result in subsets.items():
+        cells = []
+        for r, rc, n in zip(result["layer_r"], result["layer_r_centered"], result["heldout_tokens"]):
+            cells.append(f"{'too few tokens':>18} [{n}]" if r is None else f"{r:.4f} ({rc:.4f}) [{n}]")
+        lines.append(f"{name:>12} " + " ".join(f"{c:>26}" for c in cells))
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------
@@ -156,23 +273,31 @@ def load_checkpoint(path: str | Path) -> tuple[CRAMModel, "RunConfig"]:
     return model.eval(), config
 
 
-def measure_checkpoint(path: str | Path, n_sequences: int, *, batch_size: int = 16,
-                       data_seed: Optional[int] = None, ridge: float = 1e-6,
-                       holdout_every: int = 5, progress: bool = False) -> RedundancyReport:
-    """R of a trained SRCD checkpoint on ``n_sequences`` sequences of a held-out stream."""
+def heldout_feeder(path: str | Path, data_seed: Optional[int] = None
+                   ) -> tuple[SRCDSequenceFeeder, "RunConfig"]:
+    """The checkpoint's model fed from a held-out SRCD stream of its own data configuration."""
     model, config = load_checkpoint(path)
-    data = config.data_config()
     seed = config.data_seed + HELDOUT_SEED_OFFSET if data_seed is None else data_seed
     if seed in (config.data_seed, config.data_seed + _eval_seed_offset()):
         raise ValueError(f"data seed {seed} is the training or evaluation stream of this run")
-    feeder = SRCDSequenceFeeder(model, data, seed)
+    return SRCDSequenceFeeder(model, config.data_config(), seed), config
+
+
+def measure_checkpoint(path: str | Path, n_sequences: int, *, batch_size: int = 16,
+                       data_seed: Optional[int] = None, ridge: float = 1e-6,
+                       holdout_every: int = 5, progress: bool = False) -> RedundancyReport:
+    """R of a trained SRCD checkpoint's dense attention layers on ``n_sequences`` held-out
+    sequences (the same report as the GPT-2 path; rows of the table are ``measured_layers``)."""
+    feeder, config = heldout_feeder(path, data_seed)
+    seq_len = feeder.data.seq_len
     report = measure_redundancy(
-        feeder, sequence_index_batches(n_sequences, data.seq_len, batch_size),
-        ridge=ridge, holdout_every=holdout_every, model_name=f"{config.model} ({Path(path).parent.name})",
-        progress_total=n_sequences * data.seq_len, progress=progress)
+        feeder, sequence_index_batches(n_sequences, seq_len, batch_size),
+        ridge=ridge, holdout_every=holdout_every,
+        model_name=f"{config.model} ({Path(path).parent.name})",
+        progress_total=n_sequences * seq_len, progress=progress)
     report.extra.update(checkpoint=str(path), run_config=dataclasses.asdict(config),
-                        measured_layers=attention_layers(model), data_seed=seed,
-                        sequences=n_sequences, seq_len=data.seq_len)
+                        measured_layers=attention_layers(feeder.model), data_seed=feeder.seed,
+                        sequences=n_sequences, seq_len=seq_len)
     return report
 
 
@@ -197,6 +322,10 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--out-json", help="write the report as JSON here")
     parser.add_argument("--heatmap", help="save a layer × head heatmap PNG here")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--token-subsets", action="store_true",
+                        help="also fit and score R separately on observation, key-write and query "
+                             "tokens, over every episodic layer (routed ones: only the rows that "
+                             "ran attention); a model with routed attention only gets just this")
     args = parser.parse_args(argv)
     for name in ("sequences", "batch_size", "threads"):
         if getattr(args, name) < 1:
@@ -209,19 +338,39 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
-        report = measure_checkpoint(args.checkpoint, args.sequences, batch_size=args.batch_size,
-                                    data_seed=args.data_seed, ridge=args.ridge,
-                                    holdout_every=args.holdout_every,
-                                    progress=not args.no_progress)
+        feeder, _ = heldout_feeder(args.checkpoint, args.data_seed)
+        has_dense = bool(attention_layers(feeder.model))
+        report = None
+        if has_dense or not args.token_subsets:
+            report = measure_checkpoint(args.checkpoint, args.sequences,
+                                        batch_size=args.batch_size, data_seed=args.data_seed,
+                                        ridge=args.ridge, holdout_every=args.holdout_every,
+                                        progress=not args.no_progress)
+            print(report.format_table())
+            if report.extra["measured_layers"] != list(range(len(report.layer_r))):
+                print(f"(table rows are the model's layers {report.extra['measured_layers']})")
+        subsets = None
+        if args.token_subsets:
+            batches = sequence_index_batches(args.sequences, feeder.data.seq_len, args.batch_size)
+            subsets = measure_token_subsets(feeder, batches, ridge=args.ridge,
+                                            holdout_every=args.holdout_every)
+            print(format_subsets(subsets))
     except (ValueError, UnsupportedArchitectureError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from error
-    print(report.format_table())
-    if report.extra["measured_layers"] != list(range(len(report.layer_r))):
-        print(f"table rows are the model's layers {report.extra['measured_layers']}")
     if args.out_json:
-        write_json(report.to_dict(), args.out_json)
+        data = report.to_dict() if report is not None else {
+            "model": args.checkpoint, "architecture": "cram", "ridge": args.ridge,
+            "holdout_every": args.holdout_every,
+            "extra": {"checkpoint": args.checkpoint, "data_seed": feeder.seed,
+                      "sequences": args.sequences, "seq_len": feeder.data.seq_len}}
+        if subsets is not None:
+            data["token_subsets"] = subsets
+        write_json(data, args.out_json)
     if args.heatmap:
-        save_heatmap(report, args.heatmap)
+        if report is None:
+            print("no heatmap: the model has no dense attention layer (see token_subsets)")
+        else:
+            save_heatmap(report, args.heatmap)
     return 0
 
 
