@@ -372,14 +372,15 @@ class RedundancyReport:
     def overall_centered(self) -> float:
         return sum(self.layer_r_centered) / len(self.layer_r_centered)
 
-    def thirds(self, values: Optional[Sequence[float]] = None) -> dict[str, float]:
-        """Mean R over the early, middle and late thirds of the layers (NaN if a third is empty)."""
+    def thirds(self, values: Optional[Sequence[float]] = None) -> dict[str, Optional[float]]:
+        """Mean R over the early, middle and late thirds of the layers (None, JSON null, for a
+        third with no layer: a model of fewer than three layers)."""
         values = list(self.layer_r if values is None else values)
         size = len(values)
         groups = {}
         for i, name in enumerate(("early", "middle", "late")):
             part = values[i * size // 3 : (i + 1) * size // 3]
-            groups[name] = sum(part) / len(part) if part else float("nan")
+            groups[name] = sum(part) / len(part) if part else None
         return groups
 
     def head_shares(self, low: float = 0.5, high: float = 0.8) -> dict[str, float]:
@@ -414,7 +415,10 @@ class RedundancyReport:
             lines.append(f"{layer:>8} {r:>8.4f} {rc:>8.4f} {spread:>22}")
         centered = self.thirds(self.layer_r_centered)
         for name, value in self.thirds().items():
-            lines.append(f"{name:>8} {value:>8.4f} {centered[name]:>8.4f}")
+            if value is None:
+                lines.append(f"{name:>8} {'n/a':>8} {'n/a':>8}")
+            else:
+                lines.append(f"{name:>8} {value:>8.4f} {centered[name]:>8.4f}")
         lines.append(f"{'overall':>8} {self.overall:>8.4f} {self.overall_centered:>8.4f}")
         shares = self.head_shares()
         lines.append("heads: " + ", ".join(f"R {k.replace('_', ' ')}: {v:.1%}" for k, v in shares.items()))
