@@ -63,7 +63,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["cram_ext", "cram_ext.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "tqdm"],
+    install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "expecttest", "matplotlib"],
         "plot": ["matplotlib"],
