@@ -37,10 +37,14 @@ def extension():
     with_cuda = cuda_wanted()
     cpu_sources = ["csrc/bindings.cpp"] + sources("csrc/**/*_cpu.cpp")
     # -fno-trapping-math lets branch-free selects around exp/log vectorise; nothing reads FP flags.
-    cxx_flags = ["-O3", "-std=c++20", "-fno-trapping-math",
+    # -fopenmp: at::parallel_for (behind cram::parallel_for) is an inline template that only
+    # runs in parallel when the file calling it is compiled with OpenMP; the runtime it links to
+    # is the libgomp.so.1 that torch already loads.
+    cxx_flags = ["-O3", "-std=c++20", "-fno-trapping-math", "-fopenmp",
                  f"-march={os.environ.get('CRAM_EXT_CPU_ARCH', 'native')}"]
     if not with_cuda:
-        return CppExtension("cram_ext._C", cpu_sources, extra_compile_args={"cxx": cxx_flags})
+        return CppExtension("cram_ext._C", cpu_sources, extra_compile_args={"cxx": cxx_flags},
+                            extra_link_args=["-fopenmp"])
     nvcc_flags = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
                   "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                   "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
@@ -51,6 +55,7 @@ def extension():
         cpu_sources + sources("csrc/**/*.cu"),
         define_macros=[("CRAM_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=["-fopenmp"],
     )
 
 
