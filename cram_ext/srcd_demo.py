@@ -30,7 +30,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; the model is small enough that one is fastest "
                              "on a shared 2-core machine")
-    parser.add_argument("--plot", default="docs/figures/cram_demo_attention.png")
+    parser.add_argument("--plot", default="cram_demo_attention.png")
     parser.add_argument("--out", default=None, help="run directory (default: a temporary one)")
     args = parser.parse_args(argv)
 
