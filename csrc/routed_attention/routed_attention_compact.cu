@@ -14,13 +14,37 @@ namespace {
 constexpr int kCompactThreads = 256;
 constexpr int kFlagsPerThread = 16;
 constexpr int kCompactTile = kCompactThreads * kFlagsPerThread;
+constexpr int kCompactWarps = kCompactThreads / 32;
+
+// Block-wide exclusive prefix sum of `value` over the kCompactThreads threads: within each warp
+// by shuffles, then across the warps through `warp_totals` (kCompactWarps shared ints). Returns
+// the sum over lower threads and sets `block_total`. Every thread must call it; it ends with a
+// barrier, so the next call may reuse `warp_totals`.
+__device__ __forceinline__ int block_exclusive_sum(int value, int* warp_totals, int& block_total) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  int inclusive = value;
+#pragma unroll
+  for (int offset = 1; offset < 32; offset *= 2) {
+    const int before = __shfl_up_sync(0xffffffffu, inclusive, offset);
+    if (lane >= offset) inclusive += before;
+  }
+  if (lane == 31) warp_totals[warp] = inclusive;
+  __syncthreads();
+  int exclusive = inclusive - value;
+  block_total = 0;
+#pragma unroll
+  for (int w = 0; w < kCompactWarps; ++w) {
+    exclusive += w < warp ? warp_totals[w] : 0;
+    block_total += warp_totals[w];
+  }
+  __syncthreads();
+  return exclusive;
+}
 
 __global__ void __launch_bounds__(kCompactThreads)
 compact_routed_rows_kernel(const RoutedAttentionParams p, const RoutedRows rows) {
-  constexpr int kWarps = kCompactThreads / 32;
-  __shared__ int warp_totals[kWarps];
+  __shared__ int warp_totals[kCompactWarps];
   const int b = blockIdx.x / p.heads, h = blockIdx.x % p.heads;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const uint8_t* route = p.route + b * p.route_batch_stride + h * p.route_head_stride;
   int* positions = rows.positions + static_cast<long>(blockIdx.x) * p.seqlen_q;
   int written = 0;  // routed rows found in earlier tiles (the same in every thread)
@@ -30,27 +54,12 @@ compact_routed_rows_kernel(const RoutedAttentionParams p, const RoutedRows rows)
 #pragma unroll
     for (int i = 0; i < kFlagsPerThread; ++i)
       if (first + i < p.seqlen_q && route[(first + i) * p.route_row_stride]) flags |= 1u << i;
-    const int count = __popc(flags);
-    // Block-wide exclusive prefix sum of `count`: within the warp by shuffles, then the warps.
-    int inclusive = count;
-#pragma unroll
-    for (int offset = 1; offset < 32; offset *= 2) {
-      const int before = __shfl_up_sync(0xffffffffu, inclusive, offset);
-      if (lane >= offset) inclusive += before;
-    }
-    if (lane == 31) warp_totals[warp] = inclusive;
-    __syncthreads();
-    int slot = written + inclusive - count, tile_total = 0;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      slot += w < warp ? warp_totals[w] : 0;
-      tile_total += warp_totals[w];
-    }
+    int tile_total;
+    int slot = written + block_exclusive_sum(__popc(flags), warp_totals, tile_total);
 #pragma unroll
     for (int i = 0; i < kFlagsPerThread; ++i)
       if (flags & (1u << i)) positions[slot++] = first + i;
     written += tile_total;
-    __syncthreads();  // warp_totals is rewritten by the next tile
   }
   if (threadIdx.x == 0) rows.count[blockIdx.x] = written;
 }
@@ -61,31 +70,16 @@ compact_routed_rows_kernel(const RoutedAttentionParams p, const RoutedRows rows)
 // under tiles + target <= 1.5 target, within the partial buffers (and is cut back if not).
 __global__ void __launch_bounds__(kCompactThreads)
 plan_tiles_kernel(const RoutedAttentionParams p, const RoutedRows rows, int target_tiles) {
-  constexpr int kWarps = kCompactThreads / 32;
-  __shared__ int warp_totals[kWarps];
+  __shared__ int warp_totals[kCompactWarps];
   const int n_pairs = p.batch * p.heads;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   int total = 0;  // tiles of earlier pairs (the same in every thread)
   for (int base = 0; base < n_pairs; base += kCompactThreads) {
     const int pair = base + threadIdx.x;
     const int tiles = pair < n_pairs ? (rows.count[pair] + kTileRows - 1) / kTileRows : 0;
-    int inclusive = tiles;
-#pragma unroll
-    for (int offset = 1; offset < 32; offset *= 2) {
-      const int before = __shfl_up_sync(0xffffffffu, inclusive, offset);
-      if (lane >= offset) inclusive += before;
-    }
-    if (lane == 31) warp_totals[warp] = inclusive;
-    __syncthreads();
-    int first = total + inclusive - tiles, chunk_total = 0;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      first += w < warp ? warp_totals[w] : 0;
-      chunk_total += warp_totals[w];
-    }
+    int chunk_total;
+    const int first = total + block_exclusive_sum(tiles, warp_totals, chunk_total);
     if (pair < n_pairs) rows.tile_offset[pair] = first;
     total += chunk_total;
-    __syncthreads();
   }
   if (threadIdx.x == 0) {
     rows.tile_offset[n_pairs] = total;
