@@ -2,30 +2,14 @@
 
 A model is a stack of layers; each layer is described by a `LayerSpec` (which memories it has and
 how attention is routed). `ModelConfig` holds the sizes and the training-time schedules of the
-router. `model_config(name, **overrides)` returns the named configurations used in the paper's
-tables:
-
-=====================  ========================================================================
-name                   what it is
-=====================  ========================================================================
-cram                   scan working memory + routed episodic attention + semantic adapter,
-                       3-way router reading q̂, consolidation loss
-transformer            dense causal attention in every layer (plus FFN), positional embedding
-mamba                  selective-scan working memory only (SSM-only)
-jamba                  1 dense-attention layer per 8, the others scan-only (Jamba's 1:7)
-seqboat                scan + episodic attention behind a static learned gate on x_t only
-cram_no_consolidation  CRAM without any consolidation signal (γ=0, no q̂ reward)
-ablate_no_semantic     router over {working, episodic} only
-ablate_no_cons_loss    CRAM with γ=0
-ablate_no_q_router     CRAM whose router does not read q̂
-ablate_semantic_lr10   CRAM with the semantic memory's learning rate ×10 (of the configured one)
-=====================  ========================================================================
+router. `model_config(name, **overrides)` returns one of the named configurations used in the
+paper's tables; `MODELS` (at the end of this file) lists them, each with a one-line description.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 WORKING_MEMORIES = ("scan", "ctode", None)
 ATTENTION_MODES = ("routed", "dense", None)   # routed: only router-selected rows run attention
@@ -151,8 +135,9 @@ class ModelConfig:
         return self.probe_rate_start + (self.probe_rate_end - self.probe_rate_start) * progress
 
 
-def _cram_layers(n_layers: int, **spec) -> Tuple[LayerSpec, ...]:
-    return (LayerSpec(**spec),) * n_layers
+def _every_layer(**spec) -> Callable[[int], Tuple[LayerSpec, ...]]:
+    """A stack of identical layers, `LayerSpec(**spec)`, of any depth."""
+    return lambda n_layers: (LayerSpec(**spec),) * n_layers
 
 
 def _jamba_layers(n_layers: int) -> Tuple[LayerSpec, ...]:
@@ -167,9 +152,51 @@ def _jamba_layers(n_layers: int) -> Tuple[LayerSpec, ...]:
                  for i in range(n_layers))
 
 
-MODEL_NAMES = ("cram", "transformer", "mamba", "jamba", "seqboat", "cram_no_consolidation",
-               "ablate_no_semantic", "ablate_no_cons_loss", "ablate_no_q_router",
-               "ablate_semantic_lr10")
+def _semantic_lr_times_10(config: ModelConfig) -> ModelConfig:
+    return dataclasses.replace(config, semantic_lr_mult=10 * config.semantic_lr_mult)
+
+
+@dataclass(frozen=True)
+class NamedModel:
+    """How a named configuration is built: its layer stack for a depth, the `ModelConfig` fields
+    it sets (overrides win over them), and an adjustment of the overridden config."""
+
+    description: str
+    layers: Callable[[int], Tuple[LayerSpec, ...]]
+    fields: Mapping[str, Any] = field(default_factory=dict)
+    adjust: Optional[Callable[[ModelConfig], ModelConfig]] = None
+
+
+_NO_ROUTER = dict(semantic=False, router_reads_state=False, router_reads_q=False)
+
+MODELS: Dict[str, NamedModel] = {
+    "cram": NamedModel(
+        "scan working memory + routed episodic attention + semantic adapter, 3-way router "
+        "reading q̂, consolidation loss", _every_layer()),
+    "transformer": NamedModel(
+        "dense causal attention in every layer (plus FFN), positional embedding",
+        _every_layer(working=None, attention="dense", **_NO_ROUTER),
+        dict(positional_embedding=True, episodic_keys="prefix")),
+    "mamba": NamedModel("selective-scan working memory only (SSM-only)",
+                        _every_layer(attention=None, **_NO_ROUTER)),
+    "jamba": NamedModel("1 dense-attention layer per 8, the others scan-only (Jamba's 1:7)",
+                        _jamba_layers, dict(episodic_keys="prefix")),
+    "seqboat": NamedModel("scan + episodic attention behind a static learned gate on x_t only",
+                          _every_layer(**_NO_ROUTER)),
+    "cram_no_consolidation": NamedModel(
+        "CRAM without any consolidation signal (γ=0, no q̂ reward)", _every_layer(),
+        dict(gamma_consolidation=0.0, use_q_reward=False)),
+    "ablate_no_semantic": NamedModel("router over {working, episodic} only",
+                                     _every_layer(semantic=False, router_reads_q=False)),
+    "ablate_no_cons_loss": NamedModel("CRAM with γ=0", _every_layer(),
+                                      dict(gamma_consolidation=0.0)),
+    "ablate_no_q_router": NamedModel("CRAM whose router does not read q̂",
+                                     _every_layer(router_reads_q=False)),
+    "ablate_semantic_lr10": NamedModel(
+        "CRAM with the semantic memory's learning rate ×10 (of the configured one)",
+        _every_layer(), adjust=_semantic_lr_times_10),
+}
+MODEL_NAMES = tuple(MODELS)
 TABLE1_MODELS = ("transformer", "mamba", "jamba", "seqboat", "cram", "cram_no_consolidation")
 ABLATIONS = ("cram", "ablate_no_semantic", "ablate_no_cons_loss", "ablate_no_q_router",
              "ablate_semantic_lr10")
@@ -177,34 +204,9 @@ ABLATIONS = ("cram", "ablate_no_semantic", "ablate_no_cons_loss", "ablate_no_q_r
 
 def model_config(name: str, n_layers: int = 2, **overrides) -> ModelConfig:
     """The named configuration, with `n_layers` layers and any `ModelConfig` field overridden."""
-    no_router = dict(semantic=False, router_reads_state=False, router_reads_q=False)
-    if name in ("cram", "ablate_no_cons_loss", "ablate_semantic_lr10", "cram_no_consolidation"):
-        layers = _cram_layers(n_layers)
-    elif name == "ablate_no_q_router":
-        layers = _cram_layers(n_layers, router_reads_q=False)
-    elif name == "ablate_no_semantic":
-        layers = _cram_layers(n_layers, semantic=False, router_reads_q=False)
-    elif name == "seqboat":
-        layers = _cram_layers(n_layers, **no_router)
-    elif name == "transformer":
-        layers = _cram_layers(n_layers, working=None, attention="dense", **no_router)
-    elif name == "mamba":
-        layers = _cram_layers(n_layers, attention=None, **no_router)
-    elif name == "jamba":
-        layers = _jamba_layers(n_layers)
-    else:
+    if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
-    fields = dict(name=name, layers=layers)
-    if name == "transformer":
-        fields.update(positional_embedding=True, episodic_keys="prefix")
-    if name == "jamba":
-        fields.update(episodic_keys="prefix")
-    if name in ("ablate_no_cons_loss", "cram_no_consolidation"):
-        fields.update(gamma_consolidation=0.0)
-    if name == "cram_no_consolidation":
-        fields.update(use_q_reward=False)
-    fields.update(overrides)
+    named = MODELS[name]
+    fields = {"name": name, "layers": named.layers(n_layers), **named.fields, **overrides}
     config = dataclasses.replace(ModelConfig(), **fields)
-    if name == "ablate_semantic_lr10":
-        config = dataclasses.replace(config, semantic_lr_mult=10 * config.semantic_lr_mult)
-    return config
+    return named.adjust(config) if named.adjust else config
