@@ -1,4 +1,5 @@
-"""SRCD generator: determinism, streaming contract, statistics; transfer tasks; metrics."""
+"""SRCD generator: determinism, streaming contract, statistics; transfer tasks; metrics and
+exposure statistics."""
 import itertools
 
 import numpy as np
@@ -8,6 +9,7 @@ import torch
 from cram_ext.srcd import (IGNORE_INDEX, KEY_WRITE, OBSERVATION, QUERY, SRCDConfig, SRCDStream,
                            TransferConfig, batch_at, generate_sequence, generate_transfer_sequence,
                            pattern_values)
+from cram_ext.srcd.exposure import PatternExposure
 from cram_ext.srcd.metrics import add_sums, summarize
 
 SMALL = SRCDConfig(seq_len=256)
@@ -147,3 +149,12 @@ def test_summarize_divides_the_accumulated_sums():
     assert metrics["attention_fraction/1"] == pytest.approx(6 / 20)
     assert metrics["attention_ops"] == pytest.approx(8 / 40)
     assert np.isnan(metrics["dynamics_mse"])
+
+
+def test_pattern_exposure_bins_queries_by_times_seen():
+    exposure = PatternExposure(n_patterns=3)
+    exposure.update(np.array([0, 0, 0, 1]), np.array([True, False, True, True]))
+    # pattern 0 seen for the 1st, 2nd, 3rd time: bins ⌊log2 k⌋ = 0, 1, 1
+    assert exposure.total[0, :2].tolist() == [1, 2]
+    assert exposure.episodic[0, :2].tolist() == [1, 1]
+    assert exposure.seen.tolist() == [3, 1, 0]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cram_ext import train
-from cram_ext.train import PatternExposure, run_config
+from cram_ext.train import run_config
 
 TINY = ["--size", "tiny", "--steps", "6"]
 LOGGED = {"step", "loss/total", "loss/retrieval", "loss/dynamics", "loss/episodic_cost",
@@ -53,15 +53,6 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, model):
     np.testing.assert_array_equal(a["exposure"]["total"], b["exposure"]["total"])
 
 
-def test_pattern_exposure_bins_queries_by_times_seen():
-    exposure = PatternExposure(n_patterns=3)
-    exposure.update(np.array([0, 0, 0, 1]), np.array([True, False, True, True]))
-    # pattern 0 seen for the 1st, 2nd, 3rd time: bins ⌊log2 k⌋ = 0, 1, 1
-    assert exposure.total[0, :2].tolist() == [1, 2]
-    assert exposure.episodic[0, :2].tolist() == [1, 1]
-    assert exposure.seen.tolist() == [3, 1, 0]
-
-
 def test_unknown_names_are_rejected():
     with pytest.raises(ValueError, match="unknown size"):
         run_config("cram", size="huge")
@@ -86,22 +77,6 @@ def test_torchrun_trains_with_two_gloo_processes(tmp_path):
     config = run_config("cram", "tiny")
     queries = round(0.05 * config.seq_len)
     assert checkpoint["exposure"]["seen"].sum() == 4 * 2 * config.batch_size * round(0.7 * queries)
-
-
-def test_results_section_replaces_only_the_text_between_its_markers(tmp_path):
-    from cram_ext.experiments import SECTION_BEGIN, SECTION_END, write_section
-    path = tmp_path / "RESULTS.md"
-    path.write_text("# Results\n\n## Kernels\n\nkernel table\n")
-    write_section(str(path), f"{SECTION_BEGIN}\nfirst\n{SECTION_END}")
-    text = path.read_text()
-    assert text.startswith("# Results\n\n## Kernels\n\nkernel table\n")
-    assert "## SRCD: CRAM vs baselines" in text and "first" in text
-    path.write_text(text + "\n## Later section\n\nkept\n")
-    write_section(str(path), f"{SECTION_BEGIN}\nsecond\n{SECTION_END}")
-    text = path.read_text()
-    assert "second" in text and "first" not in text
-    assert text.count("## SRCD: CRAM vs baselines") == 1
-    assert "kernel table" in text and text.endswith("## Later section\n\nkept\n")
 
 
 def test_the_ctode_working_memory_is_a_run_option():
