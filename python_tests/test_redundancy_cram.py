@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cram_ext.analysis import cram_models as cm
-from cram_ext.analysis import redundancy as rd
+from cram_ext import redundancy as rd
+from cram_ext.redundancy import cram_models as cm
 from cram_ext.models import CRAMModel, model_config
 from cram_ext.srcd import SRCDConfig, batch_at
 from cram_ext.train import Trainer, run_config

@@ -2,16 +2,17 @@
 training, transition, q before/after), Fig. 4 (P(episodic | pattern seen k times) and its power
 law), Table 4 (ablations) and Table 2 (transfer to Copy and Associative recall).
 
-    python -m cram_ext.experiments --size cpu      # this project's CPU run (1 core, 2-3 hours)
-    python -m cram_ext.experiments --size paper    # the paper's setting: a GPU run
+    python -m experiments.srcd --size cpu      # this project's CPU run (1 core, 2-3 hours)
+    python -m experiments.srcd --size paper    # the paper's setting: a GPU run
 
-Every (model, seed) run trains under `<runs>/<model>_s<seed>/` (log, checkpoint) and leaves a
+Run from the repository root (the defaults write into its `results/` and `docs/`). Every
+(model, seed) run trains under `<runs>/<model>_s<seed>/` (log, checkpoint) and leaves a
 `result.json` there; a run with a result is not redone and an interrupted one resumes from its
 checkpoint, so the same command finishes a partial run. After every finished run the summary is
 rewritten from the results present so far: `results/srcd_summary.json`, the figures
 `docs/figures/srcd_*.png` and the section between `<!-- srcd:begin -->` and `<!-- srcd:end -->`
-of `docs/RESULTS.md` (the rest of that file is left as it is). Missing runs are listed and the
-section is marked partial.
+of `docs/RESULTS.md` (rendered by `experiments.srcd_report`; the rest of that file is left as it
+is). Missing runs are listed and the section is marked partial.
 """
 from __future__ import annotations
 
@@ -19,27 +20,20 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import time
 from typing import Dict, List, Optional
 
 import numpy as np
 
-from .models import ABLATIONS, TABLE1_MODELS
-from .srcd import analysis
-from .srcd.generator import SRCDConfig
-from .train import Trainer, run_config
+from cram_ext.models import ABLATIONS, TABLE1_MODELS
+from cram_ext.srcd import consolidation
+from cram_ext.srcd.transfer import TASKS as TRANSFER_TASKS
+from cram_ext.train import Trainer, run_config
 
-SECTION_BEGIN, SECTION_END = "<!-- srcd:begin -->", "<!-- srcd:end -->"
-SECTION_HEADING = "## SRCD: CRAM vs baselines"
-TRANSFER_TASKS = ("copy", "recall")
-
-# The paper's Table 1 / Table 4, for the side-by-side columns.
-PAPER_TABLE1 = {"transformer": (0.589, 0.68, 1.00), "mamba": (0.620, 0.68, 0.0),
-                "jamba": (0.461, 0.0, 0.125), "seqboat": (0.649, 0.68, 0.23),
-                "cram": (1.211, 1.00, 0.016), "cram_no_consolidation": (1.198, 1.00, 0.167)}
-PAPER_ABLATION_ATTENTION = {"cram": 0.016, "ablate_no_semantic": 0.167,
-                            "ablate_no_cons_loss": 0.167, "ablate_no_q_router": 0.167,
-                            "ablate_semantic_lr10": 0.167}
+if not __package__:   # run as a script: its sibling modules are imported from the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments.srcd_report import markdown_section, write_section  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,10 +87,10 @@ def train_one(plan: ExperimentPlan, runs: str, model: str, seed: int, task: str 
     final = trainer.evaluate(plan.final_eval_batches)
     with open(trainer.log_path) as f:
         log = [json.loads(line) for line in f]
-    curve = analysis.attention_curve(log)
+    curve = consolidation.attention_curve(log)
     result = {"model": model, "seed": seed, "task": task, "init_from": init_from,
               "config": dataclasses.asdict(config), "final": final,
-              "consolidation": analysis.consolidation_summary(curve),
+              "consolidation": consolidation.consolidation_summary(curve),
               "curve": {"steps": curve["steps"].tolist(), "smoothed": curve["smoothed"].tolist(),
                         "eval_steps": curve["eval_steps"].tolist(),
                         "eval_fraction": curve["eval_fraction"].tolist()},
@@ -127,7 +121,7 @@ def aggregate(results: Dict[str, List[dict]]) -> Dict[str, dict]:
         if not runs:
             continue
         for r in runs:   # from the stored curve, so the definition can change without retraining
-            r["consolidation"] = analysis.consolidation_summary(r["curve"])
+            r["consolidation"] = consolidation.consolidation_summary(r["curve"])
         finals = [r["final"] for r in runs]
         row = {key: mean_std([f[key] for f in finals])
                for key in ("accuracy", "accuracy_recurring", "accuracy_novel", "dynamics_mse",
@@ -149,153 +143,6 @@ def aggregate(results: Dict[str, List[dict]]) -> Dict[str, dict]:
     return table
 
 
-def fmt(stat: Optional[dict], scale: float = 1.0, digits: int = 3, percent: bool = False) -> str:
-    if not stat:
-        return "–"
-    if percent:
-        return f"{100 * stat['mean']:.{digits}f} ± {100 * stat['std']:.{digits}f}%"
-    return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
-
-
-def targets(table: Dict[str, dict], noise_floor: float) -> List[str]:
-    """Spec C checks, one line each, with the measured numbers."""
-    lines = []
-    cram = table.get("cram")
-    if not cram:
-        return ["CRAM has not finished any seed yet."]
-    acc, attn = cram["accuracy"]["mean"], cram["attention_fraction"]["mean"]
-    lines.append(f"- Retrieval accuracy ≥ 99.5% at attention ≤ 2.5%: accuracy "
-                 f"{100 * acc:.2f}%, attention {100 * attn:.2f}% → "
-                 f"{'met' if acc >= 0.995 and attn <= 0.025 else 'NOT met'}.")
-    baselines = {m: r["dynamics_mse"]["mean"] for m, r in table.items()
-                 if m in TABLE1_MODELS and m not in ("cram", "cram_no_consolidation")
-                 and "dynamics_mse" in r}
-    if baselines:
-        best = min(baselines, key=baselines.get)
-        mse = cram["dynamics_mse"]["mean"]
-        lines.append(f"- Dynamics MSE within 10% of the best baseline: CRAM {mse:.4f} vs "
-                     f"{best} {baselines[best]:.4f} (ratio {mse / baselines[best]:.3f}; noise "
-                     f"floor σ_ε² = {noise_floor:.4f}) → "
-                     f"{'met' if mse <= 1.1 * baselines[best] else 'NOT met'}.")
-    if "fall_factor" in cram:
-        fall = cram["fall_factor"]["mean"]
-        lines.append(f"- Attention falls ≥ 20× from its peak: {fall:.1f}× (peak "
-                     f"{100 * cram['peak_attention']['mean']:.1f}% → final "
-                     f"{100 * cram['final_attention']['mean']:.2f}%, smoothed training curve) → "
-                     f"{'met' if fall >= 20 else 'NOT met'}.")
-    return lines
-
-
-def markdown_section(summary: dict) -> str:
-    table1, ablations, transfer = summary["table1"], summary["ablations"], summary["transfer"]
-    plan = summary["plan"]
-    lines = [SECTION_BEGIN, ""]
-    if not summary["complete"]:
-        lines += [f"**Partial results**: {len(summary['missing'])} of {summary['planned']} runs "
-                  "have not run yet (listed at the end). Finish with "
-                  f"`{summary['command']}`; it reuses the finished runs.", ""]
-    lines += [f"Generated by `{summary['command']}` ({summary['size']} plan: "
-              f"N={summary['data']['seq_len']}, d={summary['run']['d_model']}, "
-              f"{summary['run']['n_layers']} layers, {plan['steps']} steps × batch "
-              f"{summary['run']['batch_size']}, {plan['seeds']} seeds; numbers are mean ± std "
-              "over seeds on held-out sequences with argmax routing).", "",
-              "Attention fraction (B6) = (token, layer) pairs that ran attention / (tokens × "
-              "layers with attention); attention ops = the same pairs / (tokens × all layers), "
-              "i.e. relative to a dense Transformer of the same depth.", "",
-              "### Table 1: SRCD", "",
-              "| model | dyn. MSE | retrieval acc. | recurring / novel acc. | attention fraction "
-              "| by layer | attention ops | paper (MSE / acc. / ops) |",
-              "|---|---|---|---|---|---|---|---|"]
-    for model in TABLE1_MODELS:
-        row = table1.get(model)
-        paper = PAPER_TABLE1[model]
-        paper_text = f"{paper[0]:.3f} / {100 * paper[1]:.0f}% / {paper[2]:.3f}"
-        if not row:
-            lines.append(f"| {model} | not run | | | | | | {paper_text} |")
-            continue
-        by_layer = " / ".join(f"{100 * s['mean']:.2f}%" for s in row["attention_by_layer"])
-        lines.append(f"| {model} | {fmt(row.get('dynamics_mse'), digits=4)} "
-                     f"| {fmt(row.get('accuracy'), digits=1, percent=True)} "
-                     f"| {fmt(row.get('accuracy_recurring'), digits=1, percent=True)} / "
-                     f"{fmt(row.get('accuracy_novel'), digits=1, percent=True)} "
-                     f"| {fmt(row.get('attention_fraction'), digits=2, percent=True)} "
-                     f"| {by_layer or '–'} "
-                     f"| {fmt(row.get('attention_ops'), digits=3)} | {paper_text} |")
-    lines += ["", f"Noise floor σ_ε² = {summary['noise_floor']:.4f}; the Bayes predictor's MSE "
-              f"on these sequences (values skipped at key and query tokens) is "
-              f"{summary['oracle_mse']:.4f}. Ideal attention fraction (queries on novel keys): "
-              f"{100 * summary['ideal_attention']:.2f}%.", "", "### Targets (spec C)", ""]
-    lines += targets(table1, summary["noise_floor"])
-    cons = summary.get("consolidation")
-    lines += ["", "### Fig. 2: attention during training", "",
-              "![attention fraction](figures/srcd_attention.png)", "",
-              "![q before/after](figures/srcd_q_distribution.png)", ""]
-    if cons:
-        lines.append(f"Transition (first step after the peak below the geometric mean of peak "
-                     f"and final, smoothed training curve): step "
-                     f"{fmt(cons.get('transition_step'), digits=0)}; paper: step ≈3.1K of 10K "
-                     "with a 37.8× fall.")
-    lines += ["", "### Fig. 4: P(episodic | pattern seen k times)", "",
-              "![power law](figures/srcd_power_law.png)", ""]
-    law = summary.get("power_law")
-    if law and np.isfinite(law["gamma"]):
-        lines.append(f"Fit P = {law['a']:.2f}·k^−γ with γ = {law['gamma']:.2f} (95% bootstrap "
-                     f"CI over patterns {law['gamma_ci95'][0]:.2f}–{law['gamma_ci95'][1]:.2f}); "
-                     "paper: 0.89·k^−0.43, γ = 0.43 ± 0.04.")
-    lines += ["", "### Table 4: ablations", "",
-              "| variant | retrieval acc. | final attention fraction | by layer "
-              "| peak → final (smoothed) | paper attention |", "|---|---|---|---|---|---|"]
-    for model in ABLATIONS:
-        row = ablations.get(model)
-        if not row:
-            lines.append(f"| {model} | not run | | | | {PAPER_ABLATION_ATTENTION[model]:.3f} |")
-            continue
-        by_layer = " / ".join(f"{100 * s['mean']:.2f}%" for s in row["attention_by_layer"])
-        lines.append(f"| {model} | {fmt(row.get('accuracy'), digits=1, percent=True)} "
-                     f"| {fmt(row.get('attention_fraction'), digits=2, percent=True)} "
-                     f"| {by_layer} "
-                     f"| {fmt(row.get('peak_attention'), digits=1, percent=True)} → "
-                     f"{fmt(row.get('final_attention'), digits=2, percent=True)} "
-                     f"| {PAPER_ABLATION_ATTENTION[model]:.3f} |")
-    lines += ["", "### Table 2: transfer (frozen semantic memory + router)", "",
-              "| task | from scratch: acc. / attention | transferred: acc. / attention "
-              "| attention change |", "|---|---|---|---|"]
-    for task in TRANSFER_TASKS:
-        row = transfer.get(task, {})
-        scratch, moved = row.get("scratch"), row.get("transfer")
-        if not scratch or not moved:
-            lines.append(f"| {task} | not run | | |")
-            continue
-        change = (moved["attention_fraction"]["mean"] / scratch["attention_fraction"]["mean"] - 1
-                  if scratch["attention_fraction"]["mean"] > 0 else float("nan"))
-        lines.append(f"| {task} | {fmt(scratch['accuracy'], digits=1, percent=True)} / "
-                     f"{fmt(scratch['attention_fraction'], digits=2, percent=True)} "
-                     f"| {fmt(moved['accuracy'], digits=1, percent=True)} / "
-                     f"{fmt(moved['attention_fraction'], digits=2, percent=True)} "
-                     f"| {100 * change:+.0f}% (paper: −48% to −52%) |")
-    if summary.get("notes"):
-        lines += ["", "### Notes", ""] + [f"- {note}" for note in summary["notes"]]
-    if summary["missing"]:
-        lines += ["", "Runs not done yet: " + ", ".join(summary["missing"]) + "."]
-    lines += ["", SECTION_END]
-    return "\n".join(lines)
-
-
-def write_section(path: str, section: str) -> None:
-    """Replace the text between the SRCD markers (adding heading and markers if absent)."""
-    text = open(path).read() if os.path.exists(path) else "# Results\n"
-    if SECTION_BEGIN in text and SECTION_END in text:
-        before = text[:text.index(SECTION_BEGIN)]
-        after = text[text.index(SECTION_END) + len(SECTION_END):]
-        text = before + section + after
-    else:
-        text = text.rstrip("\n") + f"\n\n{SECTION_HEADING}\n\n{section}\n"
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def summarize_and_write(plan_name: str, plan: ExperimentPlan, results: Dict[str, List[dict]],
                         transfer: Dict[str, Dict[str, List[dict]]], missing: List[str],
                         planned: int, args) -> dict:
@@ -305,7 +152,7 @@ def summarize_and_write(plan_name: str, plan: ExperimentPlan, results: Dict[str,
     oracle = [r["final"]["oracle_mse"] for runs in results.values() for r in runs]
     summary = {"size": plan_name, "plan": dataclasses.asdict(plan),
                "run": dataclasses.asdict(run), "data": dataclasses.asdict(data),
-               "command": f"python -m cram_ext.experiments --size {plan_name} "
+               "command": f"python -m experiments.srcd --size {plan_name} "
                           f"--runs {args.runs}",
                "complete": not missing, "missing": missing, "planned": planned,
                "noise_floor": data.noise_std ** 2,
@@ -323,17 +170,17 @@ def summarize_and_write(plan_name: str, plan: ExperimentPlan, results: Dict[str,
     if cram_runs:
         curves = [{k: np.array(v) for k, v in r["curve"].items()} for r in cram_runs]
         summary["consolidation"] = table["cram"]   # aggregate() refreshed r["consolidation"]
-        analysis.plot_attention(curves, cram_runs[0]["consolidation"],
+        consolidation.plot_attention(curves, cram_runs[0]["consolidation"],
                                 os.path.join(args.figures, "srcd_attention.png"),
                                 ideal=data.ideal_attention_fraction)
         log = [{"q_histogram": h} for h in cram_runs[0]["q_histograms"]]
-        analysis.plot_q_distribution(
-            analysis.q_distributions(log, cram_runs[0]["consolidation"]["transition_step"]),
+        consolidation.plot_q_distribution(
+            consolidation.q_distributions(log, cram_runs[0]["consolidation"]["transition_step"]),
             os.path.join(args.figures, "srcd_q_distribution.png"))
         episodic = np.concatenate([np.array(r["exposure"]["episodic"]) for r in cram_runs])
         total = np.concatenate([np.array(r["exposure"]["total"]) for r in cram_runs])
-        summary["power_law"] = analysis.exposure_power_law(episodic, total)
-        analysis.plot_power_law(summary["power_law"],
+        summary["power_law"] = consolidation.exposure_power_law(episodic, total)
+        consolidation.plot_power_law(summary["power_law"],
                                 os.path.join(args.figures, "srcd_power_law.png"))
     tmp = args.summary + ".tmp"
     with open(tmp, "w") as f:

@@ -1,0 +1,17 @@
+"""What `import cram_ext` costs: the package and its training, model, SRCD and redundancy
+modules import without the optional plotting and Hugging Face dependencies."""
+import subprocess
+import sys
+
+MODULES = ["cram_ext", "cram_ext.train", "cram_ext.models", "cram_ext.srcd",
+           "cram_ext.srcd.consolidation", "cram_ext.redundancy", "cram_ext.redundancy.cram_models"]
+OPTIONAL = ["matplotlib", "transformers"]
+
+
+def test_importing_the_package_loads_no_optional_dependency():
+    code = (f"import importlib, sys\nfor name in {MODULES!r}:\n    importlib.import_module(name)\n"
+            f"print(sorted(m for m in {OPTIONAL!r} if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
