@@ -177,7 +177,8 @@ def _leaves(tensors, dtype=None):
 def check_routed_attention(seed, q, k, v, route, key_mask=None, *, is_causal=True, scale=None,
                            backward=True):
     """routed_attention's output (and dq, dk, dv) against the float64 reference, by the rule.
-    Also exact: unrouted rows are 0 and get dq = 0. Returns the kernel's output."""
+    Also exact: unrouted rows are 0 and get dq = 0; with no routed row every gradient is 0.
+    Returns the kernel's output."""
     if scale is None and q.dtype == torch.float64:
         # The kernels receive the scale as a float32; give the float64 reference that same value.
         scale = torch.tensor(1 / math.sqrt(q.shape[-1]), dtype=torch.float32).item()
@@ -201,6 +202,8 @@ def check_routed_attention(seed, q, k, v, route, key_mask=None, *, is_causal=Tru
                              seed=seed)
     if backward:
         assert (grads[0][~routed] == 0).all(), f"dq of rows not routed must be 0 [seed {seed}]"
+        if not routed.any():
+            assert all((g == 0).all() for g in grads), f"no routed row: zero gradients [seed {seed}]"
         for name, g, g_ref, g_same in zip("qkv", grads, results["reference"][1],
                                           results["same_dtype"][1]):
             assert_matches_reference(g, g_ref, g_same, what=f"d{name}", seed=seed,
