@@ -42,3 +42,23 @@ def all_reduce_sums(sums: Dict[str, float]) -> Dict[str, float]:
     values = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
     dist.all_reduce(values)
     return dict(zip(keys, values.tolist()))
+
+
+def shutdown() -> None:
+    """Leaves the process group once every rank is done with it: a barrier, then
+    destroy_process_group.
+
+    A gloo worker thread lets go of a finished collective (and of the tensors it gathered) only
+    after the caller has moved on, and letting go of tensors takes the GIL. A rank that went
+    straight from its last all-gather to interpreter shutdown (rank 1, which does not write the
+    checkpoint) could have that worker ask for the GIL while the interpreter finalizes; Python
+    ends such a thread, the unwinding hits the destructor it was in, and the process aborts with
+    "terminate called without an active exception". The barrier, which gathers no tensors, is
+    the last collective instead: the caller waits in it without the GIL until every rank (rank 0
+    with its checkpoint written) arrives, which lets the workers finish with the earlier ones.
+    destroy_process_group alone would not do: DistributedDataParallel keeps the gloo backend and
+    its threads alive past it.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -25,11 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .distributed import all_gather, all_reduce_sums, init_distributed, world
+from .distributed import all_gather, all_reduce_sums, init_distributed, shutdown, world
 from .models import MODEL_NAMES, CRAMModel, ModelConfig, model_config
 from .models.config import MODELS
 from .srcd.exposure import (PatternExposure, concatenate_routing, q_histogram,
@@ -327,8 +326,7 @@ def main(argv=None) -> dict:
     if trainer.rank == 0 and final:
         print(json.dumps({k: final[k] for k in ("accuracy", "dynamics_mse", "oracle_mse",
                                                 "attention_fraction")}))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    shutdown()
     return final
 
 
