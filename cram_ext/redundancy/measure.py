@@ -16,6 +16,7 @@ from ..plotting import pyplot
 from .probe import ProbeSplits, score_layer
 from .taps import ActivationRecorder, attention_taps
 
+
 @dataclass
 class RedundancyReport:
     """Held-out redundancy R per layer and head, with the run's settings."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+
 class ProbeStatistics:
     """Running second moments of (x, y) pairs for the affine probe y ≈ Wᵀ[x, 1].
 

@@ -46,6 +46,7 @@ from typing import Callable, Literal, Optional, Sequence
 import torch
 from torch import nn
 
+
 @dataclass(frozen=True)
 class Tap:
     """A capture point: the first positional input or the output of ``module``."""
