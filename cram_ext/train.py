@@ -8,7 +8,8 @@ tests, `cpu` for this project's CPU experiments, `paper` for the paper's setting
 flags override single settings of the preset, of the run (`--steps`, `--lr`, ...) or of the model
 (`--d-model`, `--semantic-rank`, ...: `RunConfig.model_overrides`, passed to `model_config`).
 Each step appends one JSON line to `<out>/log.jsonl` (losses, training accuracy, attention
-fraction, mean q and q̂, temperature, probe rate, learning rate; evaluation metrics every
+fraction, per layer and token kind the fraction that ran attention, mean q and q̂, exploration
+rate, learning rate; evaluation metrics every
 `--eval-every` steps). Checkpoints (`<out>/checkpoint.pt`) are written atomically and hold
 everything a bit-exact resume needs: model, optimizer, scheduler, every rank's RNG state, the
 pattern-exposure statistics and the step, which is also the data stream's position.
@@ -42,7 +43,7 @@ EVAL_SEED_OFFSET = 1_000_003   # evaluation stream: same bindings, sequences nev
 # The model settings of the CPU experiments, passed to `model_config` (n_layers and ModelConfig
 # fields). A preset or a command-line flag overrides any of them.
 CPU_MODEL: Dict[str, Any] = dict(
-    n_layers=2, d_model=64, n_heads=2, temperature_steps=300, probe_steps=400,
+    n_layers=2, d_model=64, n_heads=2, explore_steps=400,
     episodic_cost_start=100, episodic_cost_ramp=100,
     semantic_rank=16,          # None or 0: d_model // 16, the paper's rank
     semantic_lr_mult=1.0)
@@ -93,16 +94,16 @@ SIZES: Dict[str, dict] = {
     # Seconds on one CPU thread: for tests.
     "tiny": dict(n_layers=2, d_model=32, n_heads=2, seq_len=64, batch_size=4, steps=6,
                  warmup_steps=2, eval_every=3, eval_batches=1, checkpoint_every=3,
-                 temperature_steps=6, probe_steps=6, episodic_cost_start=2,
+                 explore_steps=6, episodic_cost_start=2,
                  episodic_cost_ramp=2),
     # The CPU experiments (the RunConfig defaults): N=128, d=64, 2 layers, 400 steps. Two
     # departures from the paper make consolidation fit in 400 steps: semantic rank 16 (d/16
     # would be 4, too few to hold 100 patterns) and the semantic memory at the base lr.
     "cpu": dict(),
     # The paper's setting (GPU): d=512, 8 layers, N=2048, batch 32, 10K steps, lr 3e-4,
-    # semantic rank d/16 = 32 at 0.1× lr, temperature annealed over the first 3K steps.
+    # semantic rank d/16 = 32 at 0.1× lr.
     "paper": dict(n_layers=8, d_model=512, n_heads=8, seq_len=2048, batch_size=32, steps=10_000,
-                  lr=3e-4, warmup_steps=500, temperature_steps=3000, probe_steps=5000,
+                  lr=3e-4, warmup_steps=500, explore_steps=5000,
                   episodic_cost_start=1000, episodic_cost_ramp=1000, semantic_rank=None,
                   semantic_lr_mult=0.1, eval_every=250, eval_batches=8,
                   checkpoint_every=500),
@@ -124,6 +125,14 @@ def run_config(model: str, size: str = "cpu", **settings) -> RunConfig:
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
+
+def attention_by_kind(record: dict) -> Dict[str, str]:
+    """P(attention | recurring query) and P(attention | novel query), per routed layer, for the
+    progress bar: `rec`/`nov` followed by one value per layer."""
+    layers = sorted({key.split("/")[1] for key in record if key.startswith("attention/")})
+    return {kind[:3]: "/".join(f"{record[f'attention/{layer}/{kind}']:.2f}" for layer in layers)
+            for kind in ("recurring", "novel") if layers}
+
 
 def lr_lambda(config: RunConfig):
     """Linear warmup, then cosine decay to 10% of the peak."""
@@ -159,7 +168,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             self.model.param_groups(config.lr, config.weight_decay), betas=(0.9, 0.98))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
-        self.exposure = PatternExposure(self.data.n_patterns)
+        self.exposure = PatternExposure(
+            self.data.n_patterns, sum(spec.has_router for spec in self.model.config.layers))
         self.step = 0
         self.show_progress = show_progress and self.rank == 0
         if out_dir and self.rank == 0:
@@ -207,19 +217,21 @@ class Trainer:
                   "accuracy": metrics["accuracy"], "dynamics_mse": metrics["dynamics_mse"],
                   "attention_fraction": metrics["attention_fraction"],
                   "mean_q": metrics["mean_q"], "mean_q_hat": metrics["mean_q_hat"],
-                  "temperature": self.model.config.temperature(self.step),
-                  "probe_rate": self.model.config.probe_rate(self.step),
+                  **{k: v for k, v in metrics.items() if k.startswith("attention/")},
+                  "explore_rate": self.model.config.explore_rate(self.step),
                   "lr": self.scheduler.get_last_lr()[0], "q_histogram": q_histogram(output)}
         self.step += 1
         return record
 
     @torch.no_grad()
-    def evaluate(self, n_batches: Optional[int] = None) -> dict:
-        """Metrics with inference routing (argmax, no probes) on held-out sequences."""
+    def evaluate(self, n_batches: Optional[int] = None,
+                 seed_offset: int = EVAL_SEED_OFFSET) -> dict:
+        """Metrics with inference routing (no exploration) on held-out sequences: those of the
+        stream `data_seed + seed_offset`, which training never reads."""
         self.model.eval()
         sums: Dict[str, float] = {}
         for i in range(n_batches or self.config.eval_batches):
-            batch = self.batch(i, self.config.data_seed + EVAL_SEED_OFFSET)
+            batch = self.batch(i, self.config.data_seed + seed_offset)
             add_sums(sums, batch_sums(batch, self.model(batch), len(self.model.layers)))
         return summarize(all_reduce_sums(sums))
 
@@ -279,7 +291,7 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(acc=f"{record['accuracy']:.3f}",
                             attn=f"{record['attention_fraction']:.3f}",
-                            loss=f"{record['loss/total']:.3f}")
+                            **attention_by_kind(record), loss=f"{record['loss/total']:.3f}")
         bar.close()
         return last_eval
 

@@ -152,9 +152,11 @@ def test_summarize_divides_the_accumulated_sums():
 
 
 def test_pattern_exposure_bins_queries_by_times_seen():
-    exposure = PatternExposure(n_patterns=3)
-    exposure.update(np.array([0, 0, 0, 1]), np.array([True, False, True, True]))
+    exposure = PatternExposure(n_patterns=3, n_layers=2)
+    exposure.update(np.array([0, 0, 0, 1]), np.array([[1, 0, 1, 1], [0, 0, 1, 0]]))
     # pattern 0 seen for the 1st, 2nd, 3rd time: bins ⌊log2 k⌋ = 0, 1, 1
     assert exposure.total[0, :2].tolist() == [1, 2]
-    assert exposure.episodic[0, :2].tolist() == [1, 1]
+    assert exposure.episodic[0, 0, :2].tolist() == [1, 1]     # layer 0
+    assert exposure.episodic[1, 0, :2].tolist() == [0, 1]     # layer 1
+    assert exposure.episodic[:, 1, 0].tolist() == [1, 0]
     assert exposure.seen.tolist() == [3, 1, 0]

@@ -12,10 +12,10 @@ from cram_ext import train
 from cram_ext.train import run_config
 
 TINY = ["--size", "tiny", "--steps", "6"]
-LOGGED = {"step", "loss/total", "loss/retrieval", "loss/dynamics", "loss/episodic_cost",
-          "loss/semantic_reward", "loss/consolidation", "loss/q_regression", "accuracy",
-          "dynamics_mse", "attention_fraction", "mean_q", "mean_q_hat", "temperature",
-          "probe_rate", "lr", "q_histogram"}
+LOGGED = {"step", "loss/total", "loss/retrieval", "loss/dynamics", "loss/routing",
+          "loss/consolidation", "loss/q_regression", "accuracy", "dynamics_mse",
+          "attention_fraction", "attention/0/recurring", "attention/1/novel",
+          "attention/1/other", "mean_q", "mean_q_hat", "explore_rate", "lr", "q_histogram"}
 
 
 def read_log(directory):
@@ -30,7 +30,7 @@ def test_a_run_logs_every_step_and_checkpoints_atomically(tmp_path):
     assert all(LOGGED <= set(r) for r in log)
     assert "eval" in log[2] and "eval" in log[5] and "eval" not in log[0]
     assert log[-1]["eval"] == final
-    assert log[0]["temperature"] == pytest.approx(1.0) and log[-1]["temperature"] < 1.0
+    assert log[0]["explore_rate"] == pytest.approx(0.1) and log[-1]["explore_rate"] < 0.1
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "log.jsonl"]   # no .tmp left over
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert checkpoint["step"] == 6 and checkpoint["config"]["model"] == "cram"

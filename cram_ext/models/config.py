@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
+from .router import Path
+
 WORKING_MEMORIES = ("scan", "ctode", None)
 ATTENTION_MODES = ("routed", "dense", None)   # routed: only router-selected rows run attention
 EPISODIC_KEYS = ("prefix", "written")
@@ -53,11 +55,11 @@ class LayerSpec:
         return self.attention == "routed"
 
     @property
-    def paths(self) -> Tuple[str, ...]:
-        """The router's choices for this layer, in logit order."""
+    def paths(self) -> Tuple[Path, ...]:
+        """The router's choices for this layer, in the order of its predictions."""
         if not self.has_router:
             return ()
-        return ("working", "episodic", "semantic") if self.semantic else ("working", "episodic")
+        return tuple(Path) if self.semantic else (Path.WORKING, Path.EPISODIC)
 
 
 @dataclass(frozen=True)
@@ -76,18 +78,15 @@ class ModelConfig:
     memory_size: int = 512               # M, the episodic buffer bound for "written" keys
     gap_frequencies: Tuple[float, ...] = (0.5, 1.0, 2.0)  # sin/cos(ω Δτ) input features
     # Router and consolidation (B3-B5)
-    router_episodic_bias: float = 2.0    # initial logit bonus of the episodic path
-    temperature_start: float = 1.0
-    temperature_end: float = 0.1
-    temperature_steps: int = 1000        # geometric anneal from start to end over these steps
-    probe_rate_start: float = 0.02       # fraction of semantic-routed tokens that still attend
-    probe_rate_end: float = 0.005
-    probe_steps: int = 1000              # linear anneal of the probe rate
+    router_episodic_bias: float = 2.0    # initial predicted-loss advantage of attention
+    explore_rate_start: float = 0.1      # fraction of (token, layer) pairs exploring a path
+    explore_rate_end: float = 0.02
+    explore_steps: int = 1000            # linear anneal of the exploration rate
     q_sigma: float = 0.5                 # q = exp(-‖f_sem - r‖² / (q_sigma² Σ Var r))
-    lambda_episodic: float = 0.1
-    episodic_cost_start: int = 100       # λ_E is 0 before this step ...
+    lambda_episodic: float = 0.1         # price of one attention call, nats of a token's loss
+    episodic_cost_start: int = 100       # every token attends before this step; λ_E is 0 ...
     episodic_cost_ramp: int = 100        # ... then rises linearly to its value over these steps
-    lambda_semantic: float = 0.05
+    lambda_semantic: float = 0.05        # semantic memory's reward per unit q̂, nats
     gamma_consolidation: float = 0.5
     use_q_reward: bool = True            # the −λ_S Σ π_S q̂ term
     semantic_lr_mult: float = 0.1        # the paper's consolidation lr: 0.1 × base lr
@@ -102,11 +101,9 @@ class ModelConfig:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.episodic_keys not in EPISODIC_KEYS:
             raise ValueError(f"episodic_keys must be one of {EPISODIC_KEYS}")
-        if not 0.0 < self.temperature_end <= self.temperature_start:
-            raise ValueError("need 0 < temperature_end <= temperature_start")
-        for rate in (self.probe_rate_start, self.probe_rate_end):
+        for rate in (self.explore_rate_start, self.explore_rate_end):
             if not 0.0 <= rate <= 1.0:
-                raise ValueError(f"probe rates must be in [0, 1], got {rate}")
+                raise ValueError(f"exploration rates must be in [0, 1], got {rate}")
         if self.memory_size < 1:
             raise ValueError("memory_size must be positive")
 
@@ -118,10 +115,6 @@ class ModelConfig:
     def n_attention_layers(self) -> int:
         return sum(spec.attention is not None for spec in self.layers)
 
-    def temperature(self, step: int) -> float:
-        progress = min(1.0, step / max(1, self.temperature_steps))
-        return self.temperature_start * (self.temperature_end / self.temperature_start) ** progress
-
     def episodic_cost_weight(self, step: int) -> float:
         """λ_E at `step`: 0 at first, so attention learns to retrieve before the router is
         charged for using it, then ramped up. With the full charge from step 0 the router
@@ -130,9 +123,10 @@ class ModelConfig:
         progress = (step - self.episodic_cost_start) / max(1, self.episodic_cost_ramp)
         return self.lambda_episodic * min(1.0, max(0.0, progress))
 
-    def probe_rate(self, step: int) -> float:
-        progress = min(1.0, step / max(1, self.probe_steps))
-        return self.probe_rate_start + (self.probe_rate_end - self.probe_rate_start) * progress
+    def explore_rate(self, step: int) -> float:
+        progress = min(1.0, step / max(1, self.explore_steps))
+        return (self.explore_rate_start
+                + (self.explore_rate_end - self.explore_rate_start) * progress)
 
 
 def _every_layer(**spec) -> Callable[[int], Tuple[LayerSpec, ...]]:
