@@ -188,6 +188,9 @@ def check_routed_attention(seed, q, k, v, route, key_mask=None, *, is_causal=Tru
     for name, dtype, fn in [("reference", torch.float64, routed_attention_ref),
                             ("same_dtype", None, routed_attention_ref),
                             ("kernel", None, routed_attention)]:
+        if name == "same_dtype" and q.dtype == torch.float64:
+            results[name] = results["reference"]
+            continue
         leaves = _leaves((q, k, v), dtype)
         if name == "kernel" and q.is_cuda:
             fill_free_cuda_memory_with_nan()
@@ -221,6 +224,9 @@ def check_selective_scan(seed, inputs, *, delta_softplus=True, backward=True):
     for name, dtype, fn in [("reference", torch.float64, selective_scan_ref),
                             ("same_dtype", None, selective_scan_ref),
                             ("kernel", None, selective_scan)]:
+        if name == "same_dtype" and inputs["u"].dtype == torch.float64:
+            results[name] = results["reference"]
+            continue
         leaves = dict(zip(names, _leaves(inputs.values(), dtype)))
         if name == "kernel" and inputs["u"].is_cuda:
             fill_free_cuda_memory_with_nan()
