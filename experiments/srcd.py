@@ -33,7 +33,8 @@ from cram_ext.train import Trainer, run_config
 
 if not __package__:   # run as a script: its sibling modules are imported from the repository root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments.srcd_report import markdown_section, write_section  # noqa: E402
+from experiments.srcd_report import (SECTION_HEADING, SECTION_MARKERS,  # noqa: E402
+                                     markdown_section, write_section)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,7 +187,7 @@ def summarize_and_write(plan_name: str, plan: ExperimentPlan, results: Dict[str,
     with open(tmp, "w") as f:
         json.dump(summary, f, indent=1)
     os.replace(tmp, args.summary)
-    write_section(args.results_md, markdown_section(summary))
+    write_section(args.results_md, markdown_section(summary), SECTION_MARKERS, SECTION_HEADING)
     return summary
 
 

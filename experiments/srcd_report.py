@@ -4,14 +4,15 @@ Tables 1, 2 and 4 beside the paper's numbers, the spec's targets, the figures an
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 from cram_ext.models import ABLATIONS, TABLE1_MODELS
 from cram_ext.srcd.transfer import TASKS as TRANSFER_TASKS
 
-SECTION_BEGIN, SECTION_END = "<!-- srcd:begin -->", "<!-- srcd:end -->"
+SECTION_MARKERS = ("<!-- srcd:begin -->", "<!-- srcd:end -->")
+SECTION_BEGIN, SECTION_END = SECTION_MARKERS
 SECTION_HEADING = "## SRCD: CRAM vs baselines"
 
 # The paper's Table 1 / Table 4, for the side-by-side columns.
@@ -158,15 +159,15 @@ def markdown_section(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: str, section: str) -> None:
-    """Replace the text between the SRCD markers (adding heading and markers if absent)."""
+def write_section(path: str, section: str, markers: Tuple[str, str], heading: str) -> None:
+    """Replace the text between the `(begin, end)` markers of the Markdown file `path`
+    (adding `heading` and the section at the end if the markers are absent)."""
+    begin, end = markers
     text = open(path).read() if os.path.exists(path) else "# Results\n"
-    if SECTION_BEGIN in text and SECTION_END in text:
-        before = text[:text.index(SECTION_BEGIN)]
-        after = text[text.index(SECTION_END) + len(SECTION_END):]
-        text = before + section + after
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
     else:
-        text = text.rstrip("\n") + f"\n\n{SECTION_HEADING}\n\n{section}\n"
+        text = text.rstrip("\n") + f"\n\n{heading}\n\n{section}\n"
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)

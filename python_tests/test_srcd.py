@@ -122,7 +122,7 @@ def test_ideal_attention_fraction_and_config_errors():
         SRCDConfig(recurring_fraction=1.5)
 
 
-@pytest.mark.parametrize("task", ["copy", "recall"])
+@pytest.mark.parametrize("task", ["copy", "recall", "recurring_recall"])
 def test_transfer_tasks_query_only_keys_written_before(task):
     config = TransferConfig(task=task, n_items=10, source=SMALL)
     s = generate_transfer_sequence(config, seed=0, index=4)
@@ -131,7 +131,15 @@ def test_transfer_tasks_query_only_keys_written_before(task):
     for t in queries:
         (write,) = np.flatnonzero((s["token_type"][:t] == KEY_WRITE) & (s["key"][:t] == s["key"][t]))
         assert s["value"][write] == s["target_class"][t]
-    assert (s["key"][queries] >= SMALL.n_patterns).all()
+    recurring = s["pattern"][queries] >= 0
+    if task == "recurring_recall":   # half the items are SRCD's recurring bindings
+        assert recurring.sum() == 5
+        np.testing.assert_array_equal(s["key"][queries][recurring], s["pattern"][queries][recurring])
+        np.testing.assert_array_equal(s["target_class"][queries][recurring],
+                                      pattern_values(SMALL)[s["pattern"][queries][recurring]])
+    else:
+        assert not recurring.any()
+    assert (s["key"][queries][~recurring] >= SMALL.n_patterns).all()
     if task == "copy":
         np.testing.assert_array_equal(s["key"][queries], s["key"][:10])
     with pytest.raises(ValueError, match="unknown transfer task"):
