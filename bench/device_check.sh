@@ -6,24 +6,28 @@
 #
 # Stages, in order of value, each under `timeout` and all under one deadline
 # (DEVICE_CHECK_BUDGET_S, default 440 s, so a run ends inside 8 minutes even if a stage hangs).
-# Expected wall time of a real run on an H200 host (16 cores), from the dry run's measurements
-# (2 cores, CI-sized) and estimates of what only the GPU can show:
-#   preflight   5 s  Python headers, C++ compiler, nvcc, ninja, compute-sanitizer, torch CUDA, imports
-#   build      90 s  setup.py build_ext --inplace for sm_90 with ninja (dry run, 2 cores: see below)
-#   import      5 s  the in-place package imports from the repo root with CUDA kernels registered
-#   tests      90 s  test_cuda_kernels.py + the CUDA cases of the two op suites (junit XML)
-#   memcheck   40 s  compute-sanitizer memcheck over bench/sanitizer_driver.py
-#   racecheck  50 s  compute-sanitizer racecheck over the same driver
-#   decisive   30 s  head_dim 64/128, L 8192/16384, 1.6%/100% routed vs flash and cuDNN, eager and graph
-#   bench      40 s  scan bandwidth, then the rest of the attention grid with an unfused baseline
-#   flex     <=90 s  FlexAttention baseline, 2 compilations; gets whatever time is left
-#   total     350 s before flex (about 6 minutes), 440 s at most
+# Expected wall time of a real run on an H200 host (16 cores), stage by stage. "dry" is the dry
+# run measured on a 2-core CI-sized machine under load (64 s in all when it reuses the build;
+# the first dry run there compiled the CUDA sources for sm_90 in 230 s, about 130 CPU-seconds
+# of which bindings.cpp is the longest file); "real" adds what only the GPU run does:
+#   stage      dry   real
+#   preflight   8 s    5 s  Python headers, C++ compiler, nvcc, ninja, compute-sanitizer, torch CUDA
+#   build     230 s   75 s  setup.py build_ext --inplace, sm_90, one file per core (no ninja: ~150 s)
+#   import      6 s    5 s  the in-place package imports from the repo root, CUDA kernels registered
+#   tests       8 s   90 s  test_cuda_kernels.py + the CUDA cases of the two op suites (collect: 288)
+#   memcheck    6 s   40 s  compute-sanitizer memcheck over bench/sanitizer_driver.py (CPU path dry)
+#   racecheck   6 s   50 s  compute-sanitizer racecheck over the same driver
+#   decisive    5 s   30 s  head_dim 64/128, L 8192/16384, 1.6%/100% routed vs flash and cuDNN,
+#                           eager and CUDA-graph replay (8 cases)
+#   bench       6 s   40 s  scan bandwidth, the rest of the attention grid with an unfused baseline
+#   flex        4 s <=90 s  FlexAttention baseline, 2 compilations; gets whatever time is left
+#   total            335 s  before flex (under 6 minutes); the deadline stops everything at 440 s
 # A stage whose predecessor failed in a way that makes it meaningless (no build) is skipped.
 # Every Python stage imports the freshly built package: PYTHONPATH is the repository root.
 #
 # --dry-run runs every stage far enough to prove it starts: the preflight without a GPU; the
 # build reuses an in-place extension already built with the CUDA kernels and newer than every
-# source (CI's), else compiles the CUDA sources into a temporary directory (the in-place
+# source (CI's), else compiles the CUDA sources into build/device_check_dry_run (the in-place
 # extension is left alone); the import checks that build's CUDA kernels register; the tests and
 # benchmarks are collected (pytest --collect-only); the sanitizer driver runs on the CPU.
 #
@@ -56,23 +60,13 @@ export CRAM_TEST_TIMEOUT_S=${CRAM_TEST_TIMEOUT_S:-60}  # per test (python_tests/
 PYTEST=("$PY" -m pytest -v -rf -p no:cacheprovider)
 
 write_summary() {
-  "$PY" - "$STAGES" "$OUT/summary.json" "$DRY_RUN" <<'EOF'
-import json, subprocess, sys, time
+  "$PY" - "$STAGES" "$OUT/summary.json" "$DRY_RUN" "$GPU_NAME" "$TORCH_VERSION" <<'EOF'
+import json, sys, time
 stages = {}
 for line in open(sys.argv[1]):
     name, status, seconds = line.rstrip("\n").split("\t")
     stages[name] = {"status": status, "seconds": int(seconds)}
-try:
-    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                         capture_output=True, text=True, timeout=20).stdout.strip()
-except Exception as e:  # no driver tools: say so
-    gpu = f"unavailable ({e})"
-try:
-    import torch
-    torch_version = torch.__version__
-except Exception as e:
-    torch_version = f"unavailable ({e})"
-json.dump({"dry_run": sys.argv[3] == "1", "stages": stages, "gpu": gpu, "torch": torch_version,
+json.dump({"dry_run": sys.argv[3] == "1", "stages": stages, "gpu": sys.argv[4], "torch": sys.argv[5],
            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
           open(sys.argv[2], "w"), indent=1)
 EOF
@@ -189,6 +183,13 @@ EOF
 # every source (CI builds it); otherwise it compiles into $DRY_BUILD, leaving the in-place one
 # alone.
 reusable_cuda_build() {
+  local so
+  so=$(ls cram_ext/_C*.so 2>/dev/null | head -n 1)
+  [ -n "$so" ] && [ -z "$(find csrc setup.py -newer "$so" -type f | head -n 1)" ] && \
+    "$PY" -c "import sys, torch; torch.ops.load_library(sys.argv[1]); sys.exit(0 if torch._C._dispatch_has_kernel_for_dispatch_key('cram_ext::routed_attention_fwd', 'CUDA') else 1)" "$so" 2>/dev/null
+}
+
+build() {
   export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS CRAM_EXT_PTXAS_VERBOSE=1
   MAX_JOBS=$(nproc)
   local temp=build/temp_device_check
@@ -237,6 +238,9 @@ COLLECT=()
 export DRY_RUN PY ROOT DRY_BUILD
 export -f preflight reusable_cuda_build build check_import
 { nvidia-smi 2>&1 | head -n 15; } > "$OUT/build.log" 2>&1
+# Once, not per summary: importing torch takes seconds.
+GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo none)
+TORCH_VERSION=$("$PY" -c 'import torch; print(torch.__version__)' 2>&1 | tail -n 1)
 if ! run_stage preflight 60 "$OUT/build.log" preflight; then
   tail -n 20 "$OUT/build.log"
   finish
