@@ -1,6 +1,6 @@
-"""Benchmarks share the tests' input builders (python_tests/cases.py), seed fixture and
-per-test time limit (python_tests/conftest.py), and write every result the moment it is
-measured: `record(**fields)` appends one JSON line to BENCH_RESULTS_JSONL (default
+"""Benchmarks share the tests' input builders (python_tests/cases.py) and per-test time limit
+(python_tests/conftest.py), and write every result the moment it is measured:
+`record(**fields)` appends one JSON line to BENCH_RESULTS_JSONL (default
 bench/results/gpu_bench_results.jsonl), and each test's outcome is appended too, so a run that
 is cut short keeps everything it measured and says which case it stopped in.
 """
@@ -20,7 +20,6 @@ sys.path.insert(0, str(PYTHON_TESTS))
 _spec = importlib.util.spec_from_file_location("cram_test_hooks", PYTHON_TESTS / "conftest.py")
 _test_hooks = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_test_hooks)
-seed = _test_hooks.seed
 pytest_runtest_call = _test_hooks.pytest_runtest_call
 
 RESULTS_PATH = pathlib.Path(os.environ.get(
