@@ -270,7 +270,8 @@ def test_ctode_memory_follows_the_euler_steps_and_carries_state():
 
 
 def test_schedules_and_parameter_groups():
-    config = tiny("cram", explore_steps=10, episodic_cost_start=100, episodic_cost_ramp=100)
+    config = tiny("cram", explore_steps=10, episodic_cost_start=100, episodic_cost_ramp=100,
+                  lambda_episodic=0.1)
     assert config.explore_rate(0) == pytest.approx(0.1)
     assert config.explore_rate(5) == pytest.approx(0.06)
     assert config.explore_rate(500) == pytest.approx(0.02)

@@ -83,7 +83,12 @@ class ModelConfig:
     explore_rate_end: float = 0.02
     explore_steps: int = 1000            # linear anneal of the exploration rate
     q_sigma: float = 0.5                 # q = exp(-‖f_sem - r‖² / (q_sigma² Σ Var r))
-    lambda_episodic: float = 0.1         # price of one attention call, nats of a token's loss
+    # Price of one attention call, in nats of the token's own loss: attention is worth it where
+    # it lowers that loss by more. At 0.1 or 0.5 recurring queries kept attending long after
+    # the rest of the network answered them (0.1 nats is within the noise of the router's
+    # loss predictions); at 2.0 the router gave attention up before it had learned to
+    # retrieve (SRCD, cpu preset).
+    lambda_episodic: float = 1.0
     episodic_cost_start: int = 100       # every token attends before this step; λ_E is 0 ...
     episodic_cost_ramp: int = 100        # ... then rises linearly to its value over these steps
     lambda_semantic: float = 0.05        # semantic memory's reward per unit q̂, nats
