@@ -131,6 +131,8 @@ def aggregate(results: Dict[str, List[dict]]) -> Dict[str, dict]:
                if all(np.isfinite(f.get(key, np.nan)) for f in finals)}
         layer_keys = sorted(k for k in finals[0] if k.startswith("attention_fraction/"))
         row["attention_by_layer"] = [mean_std([f[k] for f in finals]) for k in layer_keys]
+        for key in sorted(k for k in finals[0] if k.startswith(("attention/", "semantic/"))):
+            row[key] = mean_std([f[key] for f in finals])
         for key in ("peak_attention", "final_attention", "fall_factor"):
             values = [r["consolidation"][key] for r in runs]
             if all(v is not None and np.isfinite(v) for v in values):
@@ -178,11 +180,19 @@ def summarize_and_write(plan_name: str, plan: ExperimentPlan, results: Dict[str,
         consolidation.plot_q_distribution(
             consolidation.q_distributions(log, cram_runs[0]["consolidation"]["transition_step"]),
             os.path.join(args.figures, "srcd_q_distribution.png"))
-        episodic = np.concatenate([np.array(r["exposure"]["episodic"]) for r in cram_runs])
+        # P(episodic | k) in the layer that tells recurring from novel queries best at the end
+        # (the largest P(attention | novel) − P(attention | recurring)), pooled over seeds.
+        row = table["cram"]
+        layers = sorted({int(k.split("/")[1]) for k in row if k.startswith("attention/")})
+        layer = max(layers, key=lambda l: row[f"attention/{l}/novel"]["mean"]
+                    - row[f"attention/{l}/recurring"]["mean"])
+        episodic = np.concatenate([np.array(r["exposure"]["episodic"])[layers.index(layer)]
+                                   for r in cram_runs])
         total = np.concatenate([np.array(r["exposure"]["total"]) for r in cram_runs])
-        summary["power_law"] = consolidation.exposure_power_law(episodic, total)
+        summary["power_law"] = {"layer": layer,
+                                **consolidation.exposure_power_law(episodic, total)}
         consolidation.plot_power_law(summary["power_law"],
-                                os.path.join(args.figures, "srcd_power_law.png"))
+                                     os.path.join(args.figures, "srcd_power_law.png"))
     tmp = args.summary + ".tmp"
     with open(tmp, "w") as f:
         json.dump(summary, f, indent=1)

@@ -37,6 +37,14 @@ def by_layer(row: dict) -> str:
     return " / ".join(f"{100 * s['mean']:.2f}%" for s in row["attention_by_layer"])
 
 
+def by_kind(row: dict) -> str:
+    """P(attention | recurring query) / P(attention | novel query) per routed layer, as
+    "L0 a / b · L1 c / d", or "–" for a model without a router."""
+    layers = sorted({int(k.split("/")[1]) for k in row if k.startswith("attention/")})
+    return " · ".join(f"L{l} {row[f'attention/{l}/recurring']['mean']:.2f} / "
+                      f"{row[f'attention/{l}/novel']['mean']:.2f}" for l in layers) or "–"
+
+
 def targets(table: Dict[str, dict], noise_floor: float) -> List[str]:
     """Spec C checks, one line each, with the measured numbers."""
     lines = []
@@ -84,21 +92,22 @@ def markdown_section(summary: dict) -> str:
               "i.e. relative to a dense Transformer of the same depth.", "",
               "### Table 1: SRCD", "",
               "| model | dyn. MSE | retrieval acc. | recurring / novel acc. | attention fraction "
-              "| by layer | attention ops | paper (MSE / acc. / ops) |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| by layer | P(attn \\| recurring / novel query) by layer | attention ops "
+              "| paper (MSE / acc. / ops) |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for model in TABLE1_MODELS:
         row = table1.get(model)
         paper = PAPER_TABLE1[model]
         paper_text = f"{paper[0]:.3f} / {100 * paper[1]:.0f}% / {paper[2]:.3f}"
         if not row:
-            lines.append(f"| {model} | not run | | | | | | {paper_text} |")
+            lines.append(f"| {model} | not run | | | | | | | {paper_text} |")
             continue
         lines.append(f"| {model} | {fmt(row.get('dynamics_mse'), digits=4)} "
                      f"| {fmt(row.get('accuracy'), digits=1, percent=True)} "
                      f"| {fmt(row.get('accuracy_recurring'), digits=1, percent=True)} / "
                      f"{fmt(row.get('accuracy_novel'), digits=1, percent=True)} "
                      f"| {fmt(row.get('attention_fraction'), digits=2, percent=True)} "
-                     f"| {by_layer(row) or '–'} "
+                     f"| {by_layer(row) or '–'} | {by_kind(row)} "
                      f"| {fmt(row.get('attention_ops'), digits=3)} | {paper_text} |")
     lines += ["", f"Noise floor σ_ε² = {summary['noise_floor']:.4f}; the Bayes predictor's MSE "
               f"on these sequences (values skipped at key and query tokens) is "
@@ -118,31 +127,34 @@ def markdown_section(summary: dict) -> str:
               "![power law](figures/srcd_power_law.png)", ""]
     law = summary.get("power_law")
     if law and np.isfinite(law["gamma"]):
-        lines.append(f"Fit P = {law['a']:.2f}·k^−γ with γ = {law['gamma']:.2f} (95% bootstrap "
+        lines.append(f"Layer {law['layer']} (the one that separates recurring from novel queries "
+                     f"best): fit P = {law['a']:.2f}·k^−γ with γ = {law['gamma']:.2f} (95% bootstrap "
                      f"CI over patterns {law['gamma_ci95'][0]:.2f}–{law['gamma_ci95'][1]:.2f}); "
                      "paper: 0.89·k^−0.43, γ = 0.43 ± 0.04.")
     lines += ["", "### Table 4: ablations", "",
               "| variant | retrieval acc. | final attention fraction | by layer "
-              "| peak → final (smoothed) | paper attention |", "|---|---|---|---|---|---|"]
+              "| P(attn \\| recurring / novel query) by layer "
+              "| peak → final (smoothed) | paper attention |", "|---|---|---|---|---|---|---|"]
     for model in ABLATIONS:
         row = ablations.get(model)
         if not row:
-            lines.append(f"| {model} | not run | | | | {PAPER_ABLATION_ATTENTION[model]:.3f} |")
+            lines.append(f"| {model} | not run | | | | | {PAPER_ABLATION_ATTENTION[model]:.3f} |")
             continue
         lines.append(f"| {model} | {fmt(row.get('accuracy'), digits=1, percent=True)} "
                      f"| {fmt(row.get('attention_fraction'), digits=2, percent=True)} "
-                     f"| {by_layer(row)} "
+                     f"| {by_layer(row)} | {by_kind(row)} "
                      f"| {fmt(row.get('peak_attention'), digits=1, percent=True)} → "
                      f"{fmt(row.get('final_attention'), digits=2, percent=True)} "
                      f"| {PAPER_ABLATION_ATTENTION[model]:.3f} |")
     lines += ["", "### Table 2: transfer (frozen semantic memory + router)", "",
               "| task | from scratch: acc. / attention | transferred: acc. / attention "
-              "| attention change |", "|---|---|---|---|"]
+              "| attention change | P(attn \\| recurring / novel query): scratch → transferred |",
+              "|---|---|---|---|---|"]
     for task in TRANSFER_TASKS:
         row = transfer.get(task, {})
         scratch, moved = row.get("scratch"), row.get("transfer")
         if not scratch or not moved:
-            lines.append(f"| {task} | not run | | |")
+            lines.append(f"| {task} | not run | | | |")
             continue
         change = (moved["attention_fraction"]["mean"] / scratch["attention_fraction"]["mean"] - 1
                   if scratch["attention_fraction"]["mean"] > 0 else float("nan"))
@@ -150,7 +162,8 @@ def markdown_section(summary: dict) -> str:
                      f"{fmt(scratch['attention_fraction'], digits=2, percent=True)} "
                      f"| {fmt(moved['accuracy'], digits=1, percent=True)} / "
                      f"{fmt(moved['attention_fraction'], digits=2, percent=True)} "
-                     f"| {100 * change:+.0f}% (paper: −48% to −52%) |")
+                     f"| {100 * change:+.0f}% (paper: −48% to −52%) "
+                     f"| {by_kind(scratch)} → {by_kind(moved)} |")
     if summary.get("notes"):
         lines += ["", "### Notes", ""] + [f"- {note}" for note in summary["notes"]]
     if summary["missing"]:
