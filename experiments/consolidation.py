@@ -27,7 +27,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from cram_ext.evaluate import TEST_SEED_OFFSET
+from cram_ext.evaluate import TEST_SEED_OFFSET, routed_layers
 from cram_ext.plotting import pyplot
 from cram_ext.srcd import consolidation
 from cram_ext.srcd.metrics import TOKEN_KINDS
@@ -35,7 +35,7 @@ from cram_ext.train import Trainer, run_config
 
 if not __package__:   # run as a script: its sibling modules are imported from the repository root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments.srcd import mean_std  # noqa: E402
+from experiments.srcd import mean_std, save_result  # noqa: E402
 from experiments.srcd_report import write_section  # noqa: E402
 
 PRESET_STEPS = 400
@@ -77,15 +77,8 @@ def train_one(runs: str, steps: int, seed: int) -> dict:
                         "eval": [r["eval"] for r in evals]},
               "exposure": {k: v.tolist() for k, v in trainer.exposure.state_dict().items()},
               "seconds": time.time() - started}
-    tmp = result_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f)
-    os.replace(tmp, result_path)
+    save_result(result_path, result)
     return result
-
-
-def routed_layers(metrics: dict) -> List[int]:
-    return sorted({int(k.split("/")[1]) for k in metrics if k.startswith("attention/")})
 
 
 def aggregate(runs: List[dict]) -> dict:

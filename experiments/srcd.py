@@ -26,6 +26,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from cram_ext.evaluate import routed_layers
 from cram_ext.models import ABLATIONS, TABLE1_MODELS
 from cram_ext.srcd import consolidation
 from cram_ext.srcd.transfer import TASKS as TRANSFER_TASKS
@@ -98,11 +99,16 @@ def train_one(plan: ExperimentPlan, runs: str, model: str, seed: int, task: str 
               "q_histograms": [r["q_histogram"] for r in log],
               "exposure": {k: v.tolist() for k, v in trainer.exposure.state_dict().items()},
               "seconds": time.time() - started}
-    tmp = result_path + ".tmp"
+    save_result(result_path, result)
+    return result
+
+
+def save_result(path: str, result: dict) -> None:
+    """Write a run's result record atomically: a run with a result file is finished."""
+    tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f)
-    os.replace(tmp, result_path)
-    return result
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +189,7 @@ def summarize_and_write(plan_name: str, plan: ExperimentPlan, results: Dict[str,
         # P(episodic | k) in the layer that tells recurring from novel queries best at the end
         # (the largest P(attention | novel) − P(attention | recurring)), pooled over seeds.
         row = table["cram"]
-        layers = sorted({int(k.split("/")[1]) for k in row if k.startswith("attention/")})
+        layers = routed_layers(row)
         layer = max(layers, key=lambda l: row[f"attention/{l}/novel"]["mean"]
                     - row[f"attention/{l}/recurring"]["mean"])
         episodic = np.concatenate([np.array(r["exposure"]["episodic"])[layers.index(layer)]

@@ -8,6 +8,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from cram_ext.evaluate import routed_layers
 from cram_ext.models import ABLATIONS, TABLE1_MODELS
 from cram_ext.srcd.transfer import TASKS as TRANSFER_TASKS
 
@@ -40,9 +41,8 @@ def by_layer(row: dict) -> str:
 def by_kind(row: dict) -> str:
     """P(attention | recurring query) / P(attention | novel query) per routed layer, as
     "L0 a / b · L1 c / d", or "–" for a model without a router."""
-    layers = sorted({int(k.split("/")[1]) for k in row if k.startswith("attention/")})
     return " · ".join(f"L{l} {row[f'attention/{l}/recurring']['mean']:.2f} / "
-                      f"{row[f'attention/{l}/novel']['mean']:.2f}" for l in layers) or "–"
+                      f"{row[f'attention/{l}/novel']['mean']:.2f}" for l in routed_layers(row)) or "–"
 
 
 def targets(table: Dict[str, dict], noise_floor: float) -> List[str]:
