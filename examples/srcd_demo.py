@@ -26,8 +26,9 @@ from cram_ext.train import Trainer, run_config
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=400,
-                        help="training steps; the routing cost starts at step 100 and reaches "
-                             "its full weight at 200, so fewer than ~300 steps end mid-way")
+                        help="training steps; every token attends for the first 200, then the "
+                             "price of attention reaches its full weight at 300, so fewer than "
+                             "~350 steps end mid-way")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; the model is small enough that one is fastest "
