@@ -90,7 +90,12 @@ class RunConfig:
 
 RUN_SETTINGS = tuple(f.name for f in dataclasses.fields(RunConfig)
                      if f.name not in ("model", "model_overrides"))
-FLAG_SETTINGS = RUN_SETTINGS + tuple(CPU_MODEL)   # what a command-line flag can override
+# What a command-line flag can override: a run setting, or a model setting (CPU_MODEL's and
+# every scalar ModelConfig field).
+MODEL_SETTINGS = tuple(dict.fromkeys(
+    (*CPU_MODEL, *(f.name for f in dataclasses.fields(ModelConfig)
+                   if f.name != "name" and isinstance(f.default, (bool, int, float, str))))))
+FLAG_SETTINGS = RUN_SETTINGS + MODEL_SETTINGS
 
 # Each preset sets RunConfig fields and model settings (CPU_MODEL's names) by name.
 SIZES: Dict[str, dict] = {
@@ -319,7 +324,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="continue from <out>/checkpoint.pt if it exists")
     parser.add_argument("--stop-at", type=int, default=None,
                         help="stop after this step (the schedule still spans --steps)")
-    defaults = {**vars(RunConfig()), **CPU_MODEL}
+    defaults = {**vars(ModelConfig()), **vars(RunConfig()), **CPU_MODEL}
     for name in FLAG_SETTINGS:
         kind = type(defaults[name])
         parser.add_argument("--" + name.replace("_", "-"),

@@ -86,3 +86,13 @@ def test_the_ctode_working_memory_is_a_run_option():
     assert [spec.working for spec in jamba.layers].count(None) == 1   # the attention layer
     with pytest.raises(ValueError, match="working memory"):
         run_config("cram", "tiny", working="lstm").model_config()
+
+
+def test_flags_override_any_scalar_model_setting():
+    args = train.parse_args(["--lambda-episodic", "0.5", "--use-q-reward", "false", "--d-model",
+                             "32"])
+    settings = {name: getattr(args, name) for name in train.FLAG_SETTINGS
+                if getattr(args, name) is not None}
+    config = run_config("cram", "cpu", **settings).model_config()
+    assert (config.lambda_episodic, config.use_q_reward, config.d_model) == (0.5, False, 32)
+    assert config.episodic_cost_start == train.CPU_MODEL["episodic_cost_start"]
