@@ -11,9 +11,10 @@ def test_evaluate_reports_routing_by_kind_on_the_test_stream(tmp_path, capsys):
     train.main(["--config", "cram", "--size", "tiny", "--steps", "4", "--out", str(tmp_path)])
     capsys.readouterr()
     metrics = evaluate.main([str(tmp_path / "checkpoint.pt"), "--batches", "2",
-                             "--json", str(tmp_path / "metrics.json")])
+                             "--json", str(tmp_path / "metrics.json"), "--by-pattern"])
     printed = capsys.readouterr().out
     assert "attention | recurring" in printed and "attention fraction" in printed
+    assert "predicted loss working/episodic/semantic" in printed
 
     # The same numbers by hand: inference routing on batches 0 and 1 of the test stream.
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
@@ -34,5 +35,8 @@ def test_evaluate_reports_routing_by_kind_on_the_test_stream(tmp_path, capsys):
         if total:
             assert metrics[f"attention/{layer}/{kind}"] == ran / total
     assert evaluate.routed_layers(metrics) == [0, 1]
+    # --by-pattern: one line per recurring pattern, its query counts adding up to the total
+    table = printed[printed.index("pattern  queries"):].splitlines()[1:]
+    assert sum(int(line.split()[1]) for line in table) == counts[0, "recurring"][1]
     # a stream neither training (data_seed) nor in-training evaluation reads
     assert evaluate.TEST_SEED_OFFSET != train.EVAL_SEED_OFFSET
