@@ -52,8 +52,10 @@ class ExperimentPlan:
 PLANS = {
     # 2-core CPU: N=128 tokens, d=64, 2 layers, 400 steps (`cram_ext.train`'s cpu preset).
     # Measured on a shared 2-core machine: 22-40 min per seed (10 SRCD runs + 4 transfer runs
-    # for the first two seeds), so 2-3 hours for the 50 + 8 runs.
-    "cpu": ExperimentPlan(run_size="cpu", seeds=5, steps=400, transfer_steps=200,
+    # for the first two seeds, at 200 transfer steps), so 2-3 hours for the 50 + 8 runs.
+    # Transfer runs last as long as the SRCD ones: with 200 steps a model trained from scratch
+    # would end inside the preset's 200-step warm-up, its router never having chosen.
+    "cpu": ExperimentPlan(run_size="cpu", seeds=5, steps=400, transfer_steps=400,
                           transfer_seeds=2, final_eval_batches=8,
                           overrides=(("eval_every", 25), ("checkpoint_every", 100))),
     # The paper's setting on a GPU: N=2048, d=512, 8 layers, 10K steps.
