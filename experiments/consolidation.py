@@ -35,7 +35,7 @@ from cram_ext.train import Trainer, run_config
 
 if not __package__:   # run as a script: its sibling modules are imported from the repository root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments.srcd import mean_std, save_result  # noqa: E402
+from experiments.srcd import mean_std, save_result, separating_layer  # noqa: E402
 from experiments.srcd_report import write_section  # noqa: E402
 
 PRESET_STEPS = 400
@@ -91,16 +91,6 @@ def aggregate(runs: List[dict]) -> dict:
             **{k: mean_std([t[k] for t in tests]) for k in keys}}
 
 
-def consolidating_layer(runs: List[dict]) -> int:
-    """The layer whose recurring-query attention fell the most from its peak (mean over
-    seeds of the evaluation curves)."""
-    layers = routed_layers(runs[0]["test"])
-    def fall(layer: int) -> float:
-        curves = [[e[f"attention/{layer}/recurring"] for e in r["curve"]["eval"]] for r in runs]
-        return float(np.mean([max(c) - c[-1] for c in curves]))
-    return max(layers, key=fall)
-
-
 def transition(run: dict, layer: int) -> Optional[dict]:
     """First evaluation after the peak where P(attention | recurring query) in `layer` is below
     the midpoint of its peak and its final value, with mean q and q̂ of recurring queries there;
@@ -116,10 +106,12 @@ def transition(run: dict, layer: int) -> Optional[dict]:
 
 
 def plot_by_kind(runs: List[dict], path: str) -> None:
-    """P(attention | recurring query) and P(attention | novel query) against step, one panel
-    per layer; thin lines per seed, thick the mean."""
+    """P(attention | recurring query), P(attention | novel query) and P(attention | other
+    token) against step on the in-training evaluation stream, one panel per layer; thin lines
+    per seed, thick the mean; the warm-up (every token attends in training) shaded."""
     plt = pyplot()
     layers = routed_layers(runs[0]["test"])
+    warm_up = run_config("cram", "cpu").model_config().episodic_cost_start
     fig, axes = plt.subplots(1, len(layers), figsize=(5 * len(layers), 3.6), sharey=True,
                              squeeze=False)
     for ax, layer in zip(axes[0], layers):
@@ -131,14 +123,21 @@ def plot_by_kind(runs: List[dict], path: str) -> None:
                 ax.plot(steps, curve, color=color, alpha=0.25, lw=0.8)
             ax.plot(steps, curves.mean(0), color=color, lw=2,
                     label=f"P(attention | {kind}{' query' if kind != 'other' else ' token'})")
+        ax.axvspan(0, warm_up, color="0.92", zorder=0,
+                   label="warm-up: every token attends in training")
         ax.set_title(f"layer {layer}")
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("fraction that ran attention (test stream, inference routing)")
+    axes[0][0].set_ylabel("P(attention), inference routing")
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def separator(header: str) -> str:
+    """The Markdown rule under `header`, one cell per column (escaped pipes are no columns)."""
+    return "|" + "---|" * (header.replace("\\|", "").count("|") - 1)
 
 
 def pct(stat: dict) -> str:
@@ -157,7 +156,7 @@ def markdown_section(summary: dict) -> str:
     header = ("| steps | seeds | acc. recurring / novel | "
               + " | ".join(f"P(attn \\| {k}) L{l}" for l in layers for k in TOKEN_KINDS)
               + " | attention fraction | dyn. MSE |")
-    lines += [header, "|" + "---|" * (header.count("|") - 1)]
+    lines += [header, separator(header)]
     for steps, row in summary["by_steps"].items():
         cells = [steps, ", ".join(map(str, row["seeds"])),
                  f"{pct(row['accuracy_recurring'])} / {pct(row['accuracy_novel'])}"]
@@ -169,7 +168,7 @@ def markdown_section(summary: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Semantic memory's share (P(semantic | kind), same runs):", ""]
     header = "| steps | " + " | ".join(f"P(sem \\| {k}) L{l}" for l in layers for k in TOKEN_KINDS) + " |"
-    lines += [header, "|" + "---|" * (header.count("|") - 1)]
+    lines += [header, separator(header)]
     for steps, row in summary["by_steps"].items():
         lines.append(f"| {steps} | " + " | ".join(
             f"{row[f'semantic/{l}/{k}']['mean']:.3f}" for l in layers for k in TOKEN_KINDS) + " |")
@@ -180,8 +179,8 @@ def markdown_section(summary: dict) -> str:
     lines += ["", "### P(attention | kind) during training", "",
               "![attention by token kind](figures/consolidation_by_kind.png)", ""]
     for steps, found in summary["transitions"].items():
-        lines.append(f"- {steps} steps, layer {found['layer']} (the layer whose recurring-query "
-                     f"attention falls most): " + "; ".join(
+        lines.append(f"- {steps} steps, layer {found['layer']} (the layer that tells recurring "
+                     f"from novel queries apart): " + "; ".join(
                          f"seed {seed}: " + ("no fall to half its peak" if t is None else
                                              f"step {t['step']} (peak {t['peak']:.2f}, mean q "
                                              f"{t['mean_q'] or float('nan'):.2f}, q̂ "
@@ -225,12 +224,12 @@ def summarize(runs_by_steps: Dict[int, List[dict]], missing: List[str], args) ->
         row = aggregate(runs)
         summary["by_steps"][str(steps)] = row
         summary["targets"][str(steps)] = target_checks(row, layers)
-        layer = consolidating_layer(runs)
+        layer = separating_layer(row)
         summary["transitions"][str(steps)] = {
             "layer": layer, "per_seed": {r["seed"]: transition(r, layer) for r in runs}}
     longest = max(finished)
     runs = finished[longest]
-    layer = consolidating_layer(runs)
+    layer = separating_layer(summary["by_steps"][str(longest)])
     episodic = np.concatenate([np.array(r["exposure"]["episodic"])[layers.index(layer)]
                                for r in runs])
     total = np.concatenate([np.array(r["exposure"]["total"]) for r in runs])

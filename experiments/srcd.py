@@ -123,6 +123,14 @@ def mean_std(values: List[float]) -> Dict[str, float]:
             else 0.0, "n": int(len(values))}
 
 
+def separating_layer(row: Dict[str, dict]) -> int:
+    """The routed layer that tells recurring from novel queries apart best, by the mean over
+    seeds of P(attention | novel query) − P(attention | recurring query): where consolidation
+    shows."""
+    return max(routed_layers(row), key=lambda layer: row[f"attention/{layer}/novel"]["mean"]
+               - row[f"attention/{layer}/recurring"]["mean"])
+
+
 def aggregate(results: Dict[str, List[dict]]) -> Dict[str, dict]:
     """Per model: mean ± std over seeds of the final metrics and the consolidation numbers."""
     table = {}
@@ -188,12 +196,10 @@ def summarize_and_write(plan_name: str, plan: ExperimentPlan, results: Dict[str,
         consolidation.plot_q_distribution(
             consolidation.q_distributions(log, cram_runs[0]["consolidation"]["transition_step"]),
             os.path.join(args.figures, "srcd_q_distribution.png"))
-        # P(episodic | k) in the layer that tells recurring from novel queries best at the end
-        # (the largest P(attention | novel) − P(attention | recurring)), pooled over seeds.
-        row = table["cram"]
-        layers = routed_layers(row)
-        layer = max(layers, key=lambda l: row[f"attention/{l}/novel"]["mean"]
-                    - row[f"attention/{l}/recurring"]["mean"])
+        # P(episodic | k) in the layer that tells recurring from novel queries apart, pooled
+        # over seeds.
+        layers = routed_layers(table["cram"])
+        layer = separating_layer(table["cram"])
         episodic = np.concatenate([np.array(r["exposure"]["episodic"])[layers.index(layer)]
                                    for r in cram_runs])
         total = np.concatenate([np.array(r["exposure"]["total"]) for r in cram_runs])
