@@ -43,4 +43,4 @@ def test_routed_attention(benchmark, L, fraction):
     benchmark.group = f"L={L}"
     benchmark.extra_info.update(kernel="routed_attention", L=L, fraction=fraction,
                                 routed_rows=int(route.sum()))
-    benchmark(routed_attention, q, k, v, route, is_causal=True)
+    benchmark(routed_attention, q, k, v, is_causal=True, route=route)
