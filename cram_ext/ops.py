@@ -142,7 +142,8 @@ def routed_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal
     ndim = max(query.dim(), key.dim(), value.dim())
     # Every tensor in the (*batch, heads, L, E) form: leading size-1 dimensions where one has
     # fewer (a 2-D call is one head of one batch).
-    q, k, v = (t if t.dim() == max(ndim, 3) else t.reshape((1,) * (max(ndim, 3) - t.dim()) + t.shape)
+    rank = max(ndim, 3)
+    q, k, v = (t if t.dim() == rank else t.reshape((1,) * (rank - t.dim()) + t.shape)
                for t in (query, key, value))
     heads, L, head_dim = q.shape[-3:]
     kv_heads, S = k.shape[-3:-1]
