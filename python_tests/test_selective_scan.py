@@ -89,10 +89,11 @@ def test_gradcheck_float64(seed, full):
     assert torch.autograd.gradcheck(scan, tensors, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-def test_gradcheck_float64_across_checkpoints(seed, monkeypatch):
-    """Sequences longer than one checkpoint chunk: the backward restarts from saved states."""
-    monkeypatch.setattr(cram_ext.ops, "SCAN_CHUNK_SIZE", 4)
-    inputs = make_inputs(batch=1, dim=3, L=11, N=2, groups=1, dtype=torch.float64)
+def test_gradcheck_float64_across_checkpoints(seed):
+    """Sequences longer than one checkpoint chunk: the backward restarts from saved states.
+    Two full chunks and a partial third."""
+    L = 2 * cram_ext.ops.SCAN_CHUNK_SIZE + 3
+    inputs = make_inputs(batch=1, dim=3, L=L, N=2, groups=1, dtype=torch.float64)
     names = list(inputs)
     tensors = [t.requires_grad_() for t in inputs.values()]
     assert torch.autograd.gradcheck(
@@ -142,17 +143,22 @@ def test_empty_sequence():
 
 
 def test_opcheck(seed):
-    inputs = make_inputs(batch=1, dim=4, L=10, N=3, groups=1)
+    # Longer than one checkpoint chunk, so chunk_states has several entries.
+    L = cram_ext.ops.SCAN_CHUNK_SIZE + 10
+    inputs = make_inputs(batch=1, dim=4, L=L, N=3, groups=1)
     inputs = {k: v.requires_grad_() for k, v in inputs.items()}
     i = inputs
     args = (i["u"], i["delta"], i["A"], i["B"], i["C"], i["D"], i["z"], i["delta_bias"],
-            i["dt_scale"], True, 4)
+            i["dt_scale"], True)
     torch.library.opcheck(torch.ops.cram_ext.selective_scan_fwd.default, args)
-    bare = (i["u"], i["delta"], i["A"], i["B"], i["C"], None, None, None, None, False, 256)
+    # Without softplus the raw delta is the step: positive inputs keep the state bounded.
+    b = {k: v.requires_grad_() for k, v in make_inputs(batch=1, dim=4, L=L, N=3, full=False).items()}
+    bare = (b["u"], b["delta"], b["A"], b["B"], b["C"], None, None, None, None, False)
     torch.library.opcheck(torch.ops.cram_ext.selective_scan_fwd.default, bare)
     detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
     out, states = torch.ops.cram_ext.selective_scan_fwd(*detached)
-    bwd_args = (torch.randn_like(out), *detached[:9], states, True, 4)
+    assert states.shape[2] == 2
+    bwd_args = (torch.randn_like(out), *detached[:9], states, True)
     torch.library.opcheck(torch.ops.cram_ext.selective_scan_bwd.default, bwd_args)
 
 

@@ -1,9 +1,11 @@
-// Scalar math for the CPU kernels, written so that gcc/clang vectorise loops that call it.
+// Math for the CPU kernels: SIMD vector types, and scalar and vector functions written so that
+// gcc/clang vectorise loops that call the scalar forms.
 //
 // std::exp is an opaque libm call that blocks vectorisation; `exp_approx` is inline arithmetic
 // (range reduction to 2^k · e^r, |r| <= ln2/2, and a degree-6 polynomial) accurate to about
-// 1 ulp in float. It keeps IEEE semantics where it matters: NaN in gives NaN out, large negative
-// arguments (and -inf) give 0, large positive ones give +inf.
+// 1 ulp in float, one definition for a float and for a vector of floats. It keeps IEEE
+// semantics where it matters: NaN in gives NaN out, large negative arguments (and -inf) give 0
+// (through the subnormal range), large positive ones give +inf.
 #pragma once
 
 #include <cmath>
@@ -12,33 +14,90 @@
 
 namespace cram {
 
-inline float exp_approx(float x) {
+// ---------------------------------------------------------------------------------------------
+// SIMD vectors: GCC/Clang vector extensions sized to the widest unit the target has, so one
+// generic code path serves every element type and instruction set.
+// ---------------------------------------------------------------------------------------------
+
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64;
+constexpr int kVectorRegisters = 32;
+#elif defined(__AVX__)
+constexpr int kVectorBytes = 32;
+constexpr int kVectorRegisters = 16;
+#else
+constexpr int kVectorBytes = 16;
+constexpr int kVectorRegisters = 16;
+#endif
+
+template <typename T>
+struct Simd {
+  typedef T vec __attribute__((vector_size(kVectorBytes)));
+  static constexpr int lanes = kVectorBytes / sizeof(T);
+};
+template <typename T> using Vec = typename Simd<T>::vec;
+typedef int32_t VecI32 __attribute__((vector_size(kVectorBytes)));
+
+template <typename T> inline Vec<T> splat(T x) { return Vec<T>{} + x; }
+template <typename T> inline Vec<T> max_vec(Vec<T> a, Vec<T> b) { return b > a ? b : a; }
+
+// ---------------------------------------------------------------------------------------------
+// exp
+// ---------------------------------------------------------------------------------------------
+
+namespace detail {
+
+inline int32_t float_bits(float x) {
+  int32_t i;
+  std::memcpy(&i, &x, sizeof(i));
+  return i;
+}
+inline VecI32 float_bits(Vec<float> x) { return reinterpret_cast<VecI32>(x); }
+inline float bits_float(int32_t i) {
+  float x;
+  std::memcpy(&x, &i, sizeof(x));
+  return x;
+}
+inline Vec<float> bits_float(VecI32 i) { return reinterpret_cast<Vec<float>>(i); }
+
+// F is float or Vec<float>: the same operations, lane-wise for vectors.
+template <typename F>
+inline F exp_approx(F x) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
-  const bool underflow = x < -103.0f;  // e^-103 is below the smallest float subnormal
-  const bool overflow = x > 88.7228f;
-  const float xc = underflow ? 0.0f : (overflow ? 0.0f : x);  // NaN passes through unchanged
-  const float k = std::nearbyint(xc * kLog2e);
-  const float r = (xc - k * kLn2Hi) - k * kLn2Lo;
-  float p = 1.9875691500e-4f;
+  constexpr float kRoundShift = 12582912.0f;  // 1.5 · 2^23: adding it rounds to an integer
+  const F zero{};
+  const auto underflow = x < -103.0f;  // e^-103 is below the smallest float subnormal
+  const auto overflow = x > 88.7228f;
+  const F xc = underflow ? zero : (overflow ? zero : x);  // NaN passes through unchanged
+  const F shifted = xc * kLog2e + kRoundShift;
+  const F k = shifted - kRoundShift;
+  const F r = (xc - k * kLn2Hi) - k * kLn2Lo;
+  F p = zero + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  // 2^k in two halves so that k down to -149 (subnormal results) stays representable.
-  const int32_t ki = static_cast<int32_t>(k == k ? k : 0.0f);  // NaN stays in p, not in the cast
-  const int32_t k1 = ki / 2, k2 = ki - k1;
-  const uint32_t b1 = static_cast<uint32_t>(k1 + 127) << 23;
-  const uint32_t b2 = static_cast<uint32_t>(k2 + 127) << 23;
-  float s1, s2;
-  std::memcpy(&s1, &b1, sizeof(s1));
-  std::memcpy(&s2, &b2, sizeof(s2));
-  const float y = p * s1 * s2;
-  return underflow ? 0.0f : (overflow ? INFINITY : y);
+  // 2^k in two halves so that k down to -149 (subnormal results) stays representable. The
+  // integer k comes from the shifted value's low mantissa bits (NaN there only reaches p).
+  const auto ki = float_bits(shifted) - float_bits(kRoundShift);
+  const auto k1 = ki >> 1, k2 = ki - k1;
+  const F y = p * bits_float((k1 + 127) << 23) * bits_float((k2 + 127) << 23);
+  return underflow ? zero : (overflow ? zero + INFINITY : y);
 }
+
+}  // namespace detail
+
+inline float exp_approx(float x) { return detail::exp_approx(x); }
+inline Vec<float> exp_approx(Vec<float> x) { return detail::exp_approx(x); }
+// Double inputs are for exactness (gradcheck), not speed: the library exp.
 inline double exp_approx(double x) { return std::exp(x); }
+inline Vec<double> exp_approx(Vec<double> x) {
+  for (int i = 0; i < Simd<double>::lanes; ++i) x[i] = std::exp(x[i]);
+  return x;
+}
 
 // Natural log of a positive normal float: x = 2^e · m with m in [√½, √2), log m by a
 // polynomial in m - 1 (about 1 ulp).

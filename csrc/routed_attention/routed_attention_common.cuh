@@ -16,8 +16,6 @@
 namespace cram {
 namespace cuda {
 
-constexpr int kMaxHeadDim = 256;  // the binding layer's limit
-
 // Scheduling of the tensor-core forward (routed_attention_fwd.cu). Its tiles of kTileRows routed
 // rows, over all (batch, head) pairs, form one list, so the grid's first blocks are the real
 // work whatever the route fraction. When the list is shorter than kTilesPerSm per multiprocessor
@@ -42,10 +40,10 @@ struct RoutedRows {
   int partial_tiles;  // capacity of the partial buffers, in (tile, split) pairs
 };
 
-constexpr long kWorkspaceAlign = 256;
-inline long align_up(long bytes) { return (bytes + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign; }
+constexpr int64_t kWorkspaceAlign = 256;
+inline int64_t align_up(int64_t bytes) { return (bytes + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign; }
 
-inline long acc_bytes(DType t) { return t == DType::kFloat64 ? 8 : 4; }
+inline int64_t acc_bytes(DType t) { return t == DType::kFloat64 ? 8 : 4; }
 
 // Whether the tensor-core forward may run (the other condition, 16-byte aligned rows, is
 // checked at launch; unaligned inputs leave the partial buffers unused).
@@ -66,13 +64,13 @@ inline int partial_tile_capacity(const RoutedAttentionParams& p) {
 }
 
 // Lays the views out over `workspace`; with workspace null, returns the byte count in `bytes`.
-inline RoutedRows routed_rows(const RoutedAttentionParams& p, void* workspace, long* bytes = nullptr) {
-  const long bh = static_cast<long>(p.batch) * p.heads;
+inline RoutedRows routed_rows(const RoutedAttentionParams& p, void* workspace, int64_t* bytes = nullptr) {
+  const int64_t bh = static_cast<int64_t>(p.batch) * p.heads;
   RoutedRows r;
   r.partial_tiles = partial_tile_capacity(p);
   char* base = static_cast<char*>(workspace);
-  long offset = 0;
-  auto take = [&](long n) {
+  int64_t offset = 0;
+  auto take = [&](int64_t n) {
     char* at = base ? base + offset : nullptr;
     offset += align_up(n);
     return at;
@@ -82,9 +80,9 @@ inline RoutedRows routed_rows(const RoutedAttentionParams& p, void* workspace, l
   r.row_dot = take(bh * p.seqlen_q * acc_bytes(p.dtype));
   r.tile_offset = reinterpret_cast<int*>(take((bh + 1) * sizeof(int)));
   r.plan = reinterpret_cast<int*>(take(2 * sizeof(int)));
-  r.partial_lse = reinterpret_cast<float*>(take(static_cast<long>(r.partial_tiles) * kTileRows * sizeof(float)));
+  r.partial_lse = reinterpret_cast<float*>(take(static_cast<int64_t>(r.partial_tiles) * kTileRows * sizeof(float)));
   r.partial_out = reinterpret_cast<float*>(
-      take(static_cast<long>(r.partial_tiles) * kTileRows * p.head_dim * sizeof(float)));
+      take(static_cast<int64_t>(r.partial_tiles) * kTileRows * p.head_dim * sizeof(float)));
   if (bytes) *bytes = offset;
   return r;
 }
@@ -106,14 +104,12 @@ __device__ __forceinline__ ListTile list_tile(const RoutedRows& rows, int n_pair
   return {lo, (tiles_here - 1 - (tile - rows.tile_offset[lo])) * kTileRows};
 }
 
-// The launch limits of these kernels (one grid row per (batch, head)), checked before launching.
+// The launch limits of these kernels (one grid row per (batch, head)), checked before launching
+// (head_dim <= kAttentionMaxHeadDim is checked by the binding layer).
 inline void check_attention_launch(const RoutedAttentionParams& p, const char* op) {
-  if (static_cast<long>(p.batch) * p.heads > 65535)
+  if (static_cast<int64_t>(p.batch) * p.heads > 65535)
     throw std::invalid_argument(std::string(op) + ": batch * heads must be at most 65535, got " +
-                                std::to_string(static_cast<long>(p.batch) * p.heads));
-  if (p.head_dim > kMaxHeadDim)
-    throw std::invalid_argument(std::string(op) + ": head_dim must be at most " +
-                                std::to_string(kMaxHeadDim) + ", got " + std::to_string(p.head_dim));
+                                std::to_string(static_cast<int64_t>(p.batch) * p.heads));
 }
 
 // Fills rows.count and rows.positions from params.route (kernel in routed_attention_compact.cu).

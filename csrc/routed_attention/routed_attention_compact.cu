@@ -46,7 +46,7 @@ compact_routed_rows_kernel(const RoutedAttentionParams p, const RoutedRows rows)
   __shared__ int warp_totals[kCompactWarps];
   const int b = blockIdx.x / p.heads, h = blockIdx.x % p.heads;
   const uint8_t* route = p.route + b * p.route_batch_stride + h * p.route_head_stride;
-  int* positions = rows.positions + static_cast<long>(blockIdx.x) * p.seqlen_q;
+  int* positions = rows.positions + static_cast<int64_t>(blockIdx.x) * p.seqlen_q;
   int written = 0;  // routed rows found in earlier tiles (the same in every thread)
   for (int tile = 0; tile < p.seqlen_q; tile += kCompactTile) {
     const int first = tile + threadIdx.x * kFlagsPerThread;
@@ -106,8 +106,8 @@ void compact_routed_rows(const RoutedAttentionParams& p, const RoutedRows& rows,
 
 }  // namespace cuda
 
-long routed_attention_cuda_workspace_bytes(const RoutedAttentionParams& p) {
-  long bytes = 0;
+int64_t routed_attention_cuda_workspace_bytes(const RoutedAttentionParams& p) {
+  int64_t bytes = 0;
   cuda::routed_rows(p, nullptr, &bytes);
   return bytes;
 }

@@ -43,7 +43,7 @@ clear_unrouted_rows_kernel(const RoutedAttentionParams p) {
   scalar_t* out_row = static_cast<scalar_t*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride +
                       i * p.out_row_stride;
   for (int c = lane; c < p.head_dim; c += 32) out_row[c] = from_acc<scalar_t>(acc_t(0));
-  if (lane == 0) static_cast<acc_t*>(p.lse)[static_cast<long>(blockIdx.y) * p.seqlen_q + i] = -INFINITY;
+  if (lane == 0) static_cast<acc_t*>(p.lse)[static_cast<int64_t>(blockIdx.y) * p.seqlen_q + i] = -INFINITY;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -77,7 +77,7 @@ flash_fwd_kernel(const RoutedAttentionParams p, const RoutedRows rows) {
   const int bh = tile.bh, row0 = tile.row0, b = bh / p.heads, h = bh % p.heads;
   const int hk = h / (p.heads / p.kv_heads);
   const int count = rows.count[bh];
-  const int* positions = rows.positions + static_cast<long>(bh) * p.seqlen_q + row0;
+  const int* positions = rows.positions + static_cast<int64_t>(bh) * p.seqlen_q + row0;
   const int n_rows = min(kBlockM, count - row0);
   const int first_pos = positions[0], last_pos = positions[n_rows - 1];
 
@@ -225,9 +225,9 @@ flash_fwd_kernel(const RoutedAttentionParams p, const RoutedRows rows) {
 
   // Normalise; scatter the rows back to their positions, or, for a split tile, store this
   // split's rows (output and lse) for merge_key_splits_kernel.
-  float* lse = static_cast<float*>(p.lse) + static_cast<long>(bh) * p.seqlen_q;
+  float* lse = static_cast<float*>(p.lse) + static_cast<int64_t>(bh) * p.seqlen_q;
   scalar_t* out = static_cast<scalar_t*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride;
-  const long partial = static_cast<long>(list_index) * splits + split;
+  const int64_t partial = static_cast<int64_t>(list_index) * splits + split;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float sum = row_sum[r];
@@ -272,8 +272,8 @@ merge_key_splits_kernel(const RoutedAttentionParams p, const RoutedRows rows) {
   const ListTile tile = list_tile(rows, p.batch * p.heads, list_index);
   const int bh = tile.bh, b = bh / p.heads, h = bh % p.heads;
   if (tile.row0 + row >= rows.count[bh]) return;
-  const int pos = rows.positions[static_cast<long>(bh) * p.seqlen_q + tile.row0 + row];
-  const long first_partial = static_cast<long>(list_index) * splits;
+  const int pos = rows.positions[static_cast<int64_t>(bh) * p.seqlen_q + tile.row0 + row];
+  const int64_t first_partial = static_cast<int64_t>(list_index) * splits;
   const float split_lse = lane < splits ? rows.partial_lse[(first_partial + lane) * kTileRows + row] : -INFINITY;
   const float max_lse = warp_max(split_lse);
   // Splits whose keys this row cannot see have lse = -inf and weight 0; if all do, output 0.
@@ -290,7 +290,7 @@ merge_key_splits_kernel(const RoutedAttentionParams p, const RoutedRows rows) {
     out_row[c] = from_acc<scalar_t>(acc * inv);
   }
   if (lane == 0)
-    static_cast<float*>(p.lse)[static_cast<long>(bh) * p.seqlen_q + pos] =
+    static_cast<float*>(p.lse)[static_cast<int64_t>(bh) * p.seqlen_q + pos] =
         weight_sum > 0.f ? max_lse + logf(weight_sum) : -INFINITY;
 }
 
@@ -302,13 +302,13 @@ void launch_flash_fwd(const RoutedAttentionParams& p, const RoutedRows& rows, cu
   plan_tiles(p, rows, stream);
   // Enough blocks for every tile when all rows are routed, and for the most (tile, split) pairs
   // a plan can make; which of them work is decided on the device.
-  const long max_tiles = static_cast<long>(p.batch) * p.heads * ((p.seqlen_q + kTileRows - 1) / kTileRows);
-  const long blocks = std::max<long>(max_tiles, rows.partial_tiles);
-  if (blocks > 0x7fffffffL)
+  const int64_t max_tiles = static_cast<int64_t>(p.batch) * p.heads * ((p.seqlen_q + kTileRows - 1) / kTileRows);
+  const int64_t blocks = std::max<int64_t>(max_tiles, rows.partial_tiles);
+  if (blocks > int64_t{0x7fffffff})
     throw std::invalid_argument("routed_attention (CUDA): too many query tiles for one grid");
   kernel<<<static_cast<unsigned>(blocks), Tile::kThreads, Tile::kSmemBytes, stream>>>(p, rows);
   CRAM_CUDA_CHECK_LAUNCH();
-  const long merge_blocks = (static_cast<long>(rows.partial_tiles) * kTileRows + kMergeWarps - 1) / kMergeWarps;
+  const int64_t merge_blocks = (static_cast<int64_t>(rows.partial_tiles) * kTileRows + kMergeWarps - 1) / kMergeWarps;
   merge_key_splits_kernel<scalar_t><<<static_cast<unsigned>(merge_blocks), kMergeWarps * 32, 0, stream>>>(p, rows);
   CRAM_CUDA_CHECK_LAUNCH();
 }
@@ -318,19 +318,19 @@ void launch_flash_fwd(const RoutedAttentionParams& p, const RoutedRows& rows, cu
 // ---------------------------------------------------------------------------------------------
 
 constexpr int kSimtWarps = 4;
-constexpr int kDimsPerLane = kMaxHeadDim / 32;
+constexpr int kDimsPerLane = kAttentionMaxHeadDim / 32;
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kSimtWarps * 32)
 simt_fwd_kernel(const RoutedAttentionParams p, const RoutedRows rows) {
   using acc_t = typename AccType<scalar_t>::type;
-  __shared__ acc_t q_scaled[kSimtWarps][kMaxHeadDim];
+  __shared__ acc_t q_scaled[kSimtWarps][kAttentionMaxHeadDim];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
   const int hk = h / (p.heads / p.kv_heads);
   const int slot = blockIdx.x * kSimtWarps + warp;
   if (slot >= rows.count[bh]) return;  // no block-wide barrier below
-  const int pos = rows.positions[static_cast<long>(bh) * p.seqlen_q + slot];
+  const int pos = rows.positions[static_cast<int64_t>(bh) * p.seqlen_q + slot];
   const int d = p.head_dim;
   const scalar_t* q_row = static_cast<const scalar_t*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + pos * p.q_row_stride;
   const scalar_t* k = static_cast<const scalar_t*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
@@ -378,7 +378,7 @@ simt_fwd_kernel(const RoutedAttentionParams p, const RoutedRows rows) {
   for (int i = 0; i < kDimsPerLane; ++i)
     if (lane + 32 * i < d) out_row[lane + 32 * i] = from_acc<scalar_t>(o[i] * inv);
   if (lane == 0)
-    static_cast<acc_t*>(p.lse)[static_cast<long>(bh) * p.seqlen_q + pos] =
+    static_cast<acc_t*>(p.lse)[static_cast<int64_t>(bh) * p.seqlen_q + pos] =
         running_sum > acc_t(0) ? running_max + log(running_sum) : acc_t(-INFINITY);
 }
 

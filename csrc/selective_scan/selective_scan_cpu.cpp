@@ -59,7 +59,7 @@ struct ScanBlock {
   // Loads steps [t0, t0 + T) of a (batch, dim, L) tensor as tile[t * kLanes + lane]; dead lanes
   // (past the block's width) read 0, so they contribute nothing to cross-channel sums.
   template <typename T>
-  void load(acc_t* tile, const void* base, long batch_stride, long d_stride, int t0, int len) const {
+  void load(acc_t* tile, const void* base, int64_t batch_stride, int64_t d_stride, int t0, int len) const {
     for (int c = 0; c < kLanes; ++c) {
       if (c >= width) {
         for (int t = 0; t < len; ++t) tile[t * kLanes + c] = acc_t(0);
@@ -71,7 +71,7 @@ struct ScanBlock {
   }
 
   // Stores tile[t * kLanes + lane] to steps [t0, t0 + len) of a (batch, dim, L) tensor.
-  void store(scalar_t* base, long batch_stride, long d_stride, const acc_t* tile, int t0, int len) const {
+  void store(scalar_t* base, int64_t batch_stride, int64_t d_stride, const acc_t* tile, int t0, int len) const {
     for (int c = 0; c < width; ++c) {
       scalar_t* dst = base + b * batch_stride + (d0 + c) * d_stride + t0;
       for (int t = 0; t < len; ++t) dst[t] = from_float<scalar_t>(tile[t * kLanes + c]);
@@ -154,7 +154,7 @@ struct TimeMajorBC {
       }
     });
   }
-  void transpose(acc_t* dst, const scalar_t* src, long dstate_stride) const {
+  void transpose(acc_t* dst, const scalar_t* src, int64_t dstate_stride) const {
     for (int n = 0; n < N; ++n)
       for (int t = 0; t < L; ++t) dst[int64_t(t) * N + n] = to_float(src[n * dstate_stride + t]);
   }
@@ -201,7 +201,7 @@ void scan_fwd(const SelectiveScanParams& p) {
           scan_step(h.data(), sb.A.data(), &tile.step[t * kLanes], &tile.u[t * kLanes], &B[t * p.dstate],
                     &C[t * p.dstate], p.dstate, &tile.y[t * kLanes]);
           const int pos = t0 + t + 1;
-          if (pos % p.chunk_size == 0 || pos == p.seqlen) sb.save_state(h.data(), (pos - 1) / p.chunk_size);
+          if (pos % kScanCheckpointChunk == 0 || pos == p.seqlen) sb.save_state(h.data(), (pos - 1) / kScanCheckpointChunk);
         }
         for (int t = 0; t < len; ++t)
           for (int c = 0; c < kLanes; ++c) tile.y[t * kLanes + c] += sb.D[c] * tile.u[t * kLanes + c];
@@ -230,19 +230,19 @@ void scan_bwd(const SelectiveScanBwdParams& p) {
 
   const TimeMajorBC<scalar_t, acc_t> bc(p);
   parallel_for(n_items, 1, [&](int64_t begin, int64_t end) {
-    const int len_max = std::min(p.chunk_size, L);
+    const int len_max = std::min(kScanCheckpointChunk, L);
     Tiles<acc_t> tile(len_max);
     std::vector<acc_t> H(int64_t(len_max) * N * kLanes), h_start(N * kLanes), g(N * kLanes);
     std::vector<acc_t> du(len_max * kLanes), dx(len_max * kLanes), dz(len_max * kLanes);
     for (int64_t item = begin; item < end; ++item) {
       const ScanBlock<scalar_t, acc_t> sb(p, item, blocks);
-      acc_t dA[256 * kLanes] = {}, dD[kLanes] = {}, dbias[kLanes] = {};
+      acc_t dA[kScanMaxDState * kLanes] = {}, dD[kLanes] = {}, dbias[kLanes] = {};
       acc_t* dB = &dB_part[item * N * L];
       acc_t* dC = &dC_part[item * N * L];
       acc_t* ddt = p.dt_scale ? &ddt_part[item * L] : nullptr;
       std::fill(g.begin(), g.end(), acc_t(0));
       for (int chunk = p.n_chunks - 1; chunk >= 0; --chunk) {
-        const int t0 = chunk * p.chunk_size, len = std::min(p.chunk_size, L - t0);
+        const int t0 = chunk * kScanCheckpointChunk, len = std::min(kScanCheckpointChunk, L - t0);
         tile.load(sb, t0, len);
         sb.template load<scalar_t>(tile.dout.data(), p.dout, p.dout_batch_stride, p.dout_d_stride, t0, len);
         sb.restore_state(h_start.data(), chunk - 1);
