@@ -1,5 +1,5 @@
-"""CPU benchmark: selective_scan forward against the reference, and its achieved memory traffic
-beside this machine's copy bandwidth measured in the same run.
+"""CPU benchmark: selective_scan forward (and forward + backward) against the reference, and its
+achieved memory traffic beside this machine's copy bandwidth measured in the same run.
 
     pytest bench/test_bench_selective_scan_cpu.py --benchmark-json=bench/results/cpu_scan.json
 """
@@ -39,6 +39,21 @@ def test_selective_scan_forward(benchmark, dtype):
                                 shape=f"batch={BATCH} dim={DIM} L={L} N={N}")
     with torch.no_grad():
         benchmark(lambda: cram_ext.selective_scan(**inputs, delta_softplus=True))
+
+
+def test_selective_scan_forward_backward(benchmark):
+    """Forward and backward (gradients of every input), fp32: the target is <= 4x the forward."""
+    inputs = {k: v.requires_grad_() for k, v in scan_inputs(torch.float32).items()}
+    grad_out = torch.randn(BATCH, DIM, L, generator=torch.Generator().manual_seed(1))
+    benchmark.group = "selective_scan"
+    benchmark.extra_info.update(kernel="selective_scan_fwd_bwd", dtype=str(torch.float32),
+                                bytes=scan_bytes(inputs), shape=f"batch={BATCH} dim={DIM} L={L} N={N}")
+
+    def forward_backward():
+        out = cram_ext.selective_scan(**inputs, delta_softplus=True)
+        return torch.autograd.grad(out, list(inputs.values()), grad_out)
+
+    benchmark(forward_backward)
 
 
 def test_selective_scan_reference(benchmark):

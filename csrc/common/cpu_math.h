@@ -11,6 +11,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
+
+// The scalar functions must be inlined into the loops that call them for those loops to
+// vectorise; GCC's heuristics sometimes decline in large kernels, so they are forced.
+#define CRAM_INLINE inline __attribute__((always_inline))
 
 namespace cram {
 
@@ -38,8 +43,60 @@ struct Simd {
 template <typename T> using Vec = typename Simd<T>::vec;
 typedef int32_t VecI32 __attribute__((vector_size(kVectorBytes)));
 
-template <typename T> inline Vec<T> splat(T x) { return Vec<T>{} + x; }
-template <typename T> inline Vec<T> max_vec(Vec<T> a, Vec<T> b) { return b > a ? b : a; }
+template <typename T> CRAM_INLINE Vec<T> splat(T x) { return Vec<T>{} + x; }
+template <typename T> CRAM_INLINE Vec<T> max_vec(Vec<T> a, Vec<T> b) { return b > a ? b : a; }
+// Unaligned loads and stores of one vector.
+template <typename T> CRAM_INLINE Vec<T> load_vec(const T* p) {
+  Vec<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T> CRAM_INLINE void store_vec(T* p, Vec<T> v) { std::memcpy(p, &v, sizeof(v)); }
+// Sum of the lanes, in lane order (call as lane_sum<T>(v)).
+template <typename T> CRAM_INLINE T lane_sum(Vec<T> v) {
+  T sum = v[0];
+  for (int i = 1; i < Simd<T>::lanes; ++i) sum += v[i];
+  return sum;
+}
+
+namespace detail {
+// Lanes 0, 2, 4, ... (kOdd: 1, 3, 5, ...) of the concatenation of a and b.
+template <int kOdd, typename V, int... I>
+CRAM_INLINE V every_other_lane(V a, V b, std::integer_sequence<int, I...>) {
+  return __builtin_shufflevector(a, b, (2 * I + kOdd)...);
+}
+}  // namespace detail
+
+// Transposes a square block of vectors in place: afterwards v[j][i] is the old v[i][j]. Each
+// round deinterleaves pairs of vectors; log2(lanes) rounds make the transpose.
+template <typename T> CRAM_INLINE void transpose_vecs(Vec<T>* v) {
+  constexpr int kLanes = Simd<T>::lanes;
+  using Order = std::make_integer_sequence<int, kLanes>;
+  for (int round = 1; round < kLanes; round *= 2) {
+    Vec<T> next[kLanes];
+    for (int i = 0; i < kLanes / 2; ++i) {
+      next[i] = detail::every_other_lane<0>(v[2 * i], v[2 * i + 1], Order{});
+      next[i + kLanes / 2] = detail::every_other_lane<1>(v[2 * i], v[2 * i + 1], Order{});
+    }
+    for (int i = 0; i < kLanes; ++i) v[i] = next[i];
+  }
+}
+
+// The lane sums of `lanes` vectors at once, as one vector: result[j] = Σ_i v[j][i]. Each round
+// adds neighbouring lanes of pairs of vectors, halving the vectors and packing their sums, so
+// the whole costs about 3 operations per vector instead of a sequential sum's one per lane.
+// The order of the additions is fixed (pairwise), so results are deterministic.
+template <typename T> CRAM_INLINE Vec<T> lane_sums(const Vec<T>* v) {
+  constexpr int kLanes = Simd<T>::lanes;
+  using Order = std::make_integer_sequence<int, kLanes>;
+  Vec<T> level[kLanes];
+  for (int i = 0; i < kLanes; ++i) level[i] = v[i];
+  for (int n = kLanes; n > 1; n /= 2)
+    for (int i = 0; i < n / 2; ++i)
+      level[i] = detail::every_other_lane<0>(level[2 * i], level[2 * i + 1], Order{}) +
+                 detail::every_other_lane<1>(level[2 * i], level[2 * i + 1], Order{});
+  return level[0];
+}
 
 // ---------------------------------------------------------------------------------------------
 // exp
@@ -47,22 +104,22 @@ template <typename T> inline Vec<T> max_vec(Vec<T> a, Vec<T> b) { return b > a ?
 
 namespace detail {
 
-inline int32_t float_bits(float x) {
+CRAM_INLINE int32_t float_bits(float x) {
   int32_t i;
   std::memcpy(&i, &x, sizeof(i));
   return i;
 }
-inline VecI32 float_bits(Vec<float> x) { return reinterpret_cast<VecI32>(x); }
-inline float bits_float(int32_t i) {
+CRAM_INLINE VecI32 float_bits(Vec<float> x) { return reinterpret_cast<VecI32>(x); }
+CRAM_INLINE float bits_float(int32_t i) {
   float x;
   std::memcpy(&x, &i, sizeof(x));
   return x;
 }
-inline Vec<float> bits_float(VecI32 i) { return reinterpret_cast<Vec<float>>(i); }
+CRAM_INLINE Vec<float> bits_float(VecI32 i) { return reinterpret_cast<Vec<float>>(i); }
 
 // F is float or Vec<float>: the same operations, lane-wise for vectors.
 template <typename F>
-inline F exp_approx(F x) {
+CRAM_INLINE F exp_approx(F x) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
   constexpr float kRoundShift = 12582912.0f;  // 1.5 · 2^23: adding it rounds to an integer
@@ -90,18 +147,18 @@ inline F exp_approx(F x) {
 
 }  // namespace detail
 
-inline float exp_approx(float x) { return detail::exp_approx(x); }
-inline Vec<float> exp_approx(Vec<float> x) { return detail::exp_approx(x); }
+CRAM_INLINE float exp_approx(float x) { return detail::exp_approx(x); }
+CRAM_INLINE Vec<float> exp_approx(Vec<float> x) { return detail::exp_approx(x); }
 // Double inputs are for exactness (gradcheck), not speed: the library exp.
-inline double exp_approx(double x) { return std::exp(x); }
-inline Vec<double> exp_approx(Vec<double> x) {
+CRAM_INLINE double exp_approx(double x) { return std::exp(x); }
+CRAM_INLINE Vec<double> exp_approx(Vec<double> x) {
   for (int i = 0; i < Simd<double>::lanes; ++i) x[i] = std::exp(x[i]);
   return x;
 }
 
 // Natural log of a positive normal float: x = 2^e · m with m in [√½, √2), log m by a
 // polynomial in m - 1 (about 1 ulp).
-inline float log_approx(float x) {
+CRAM_INLINE float log_approx(float x) {
   uint32_t bits;
   std::memcpy(&bits, &x, sizeof(bits));
   float e = static_cast<float>(static_cast<int32_t>(bits >> 23) - 127);
@@ -127,15 +184,15 @@ inline float log_approx(float x) {
 
 // log(1 + e) without losing e's digits when e is small: log(u) · e / (u - 1) with u = 1 + e
 // cancels the rounding error of u.
-inline float log1p_approx(float e) {
+CRAM_INLINE float log1p_approx(float e) {
   const float u = 1.0f + e;
   return u == 1.0f ? e : log_approx(u) * (e / (u - 1.0f));
 }
 
 // softplus(x) = log(1 + e^x), linear above 20 as torch.nn.functional.softplus.
-inline float softplus(float x) { return x > 20.0f ? x : log1p_approx(exp_approx(x)); }
-inline double softplus(double x) { return x > 20.0 ? x : std::log1p(std::exp(x)); }
-inline float sigmoid(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
-inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+CRAM_INLINE float softplus(float x) { return x > 20.0f ? x : log1p_approx(exp_approx(x)); }
+CRAM_INLINE double softplus(double x) { return x > 20.0 ? x : std::log1p(std::exp(x)); }
+CRAM_INLINE float sigmoid(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
+CRAM_INLINE double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 
 }  // namespace cram
