@@ -16,7 +16,9 @@
 //        S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q, dQ = dS K on tensor cores.
 //      - simt_bwd_kernel (every other case): 16 keys per block, rows four at a time, float or
 //        double FMAs.
+#include <atomic>
 #include <cmath>
+#include <cstdint>
 
 #include "routed_attention_tiles.cuh"
 
@@ -409,15 +411,33 @@ template <typename scalar_t, int kHeadDim>
 void launch_flash_bwd(const RoutedAttentionBwdParams& p, const RoutedRows& rows, cudaStream_t stream) {
   using Tile = FlashBwdTile<kHeadDim>;
   auto kernel = flash_bwd_kernel<scalar_t, kHeadDim>;
-  CRAM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes));
+  static std::atomic<uint64_t> smem_configured{0};
+  allow_dynamic_smem(kernel, Tile::kSmemBytes, smem_configured);
   const dim3 grid((p.seqlen_k + Tile::kBlockN - 1) / Tile::kBlockN, p.batch * p.kv_heads);
   kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(p, rows);
+  CRAM_CUDA_CHECK_LAUNCH();
+}
+
+template <typename scalar_t>
+void launch_simt_bwd(const RoutedAttentionBwdParams& p, const RoutedRows& rows, cudaStream_t stream) {
+  using acc_t = typename AccType<scalar_t>::type;
+  // The limit is raised once, to what the largest head dimension needs.
+  static std::atomic<uint64_t> smem_configured{0};
+  allow_dynamic_smem(simt_bwd_kernel<scalar_t>, BwdSmem{kAttentionMaxHeadDim}.elems() * static_cast<int>(sizeof(acc_t)),
+                     smem_configured);
+  const int smem_bytes = BwdSmem{p.head_dim}.elems() * static_cast<int>(sizeof(acc_t));
+  const dim3 grid((p.seqlen_k + kBwdKeys - 1) / kBwdKeys, p.batch * p.kv_heads);
+  simt_bwd_kernel<scalar_t><<<grid, kBwdWarps * 32, smem_bytes, stream>>>(p, rows);
   CRAM_CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace
 }  // namespace cuda
 
+// Per call, after the binding layer's allocations (dq, dk, dv zeroed in the accumulation type,
+// and the workspace; for 16-bit inputs the binding layer's casts back add three more): 3
+// launches (compaction, row dots, the dK/dV/dQ kernel), no host synchronisation, and host-side
+// queries only on a device's first call.
 void routed_attention_bwd_cuda(const RoutedAttentionBwdParams& params, void* workspace, void* stream) {
   using namespace cuda;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
@@ -425,7 +445,6 @@ void routed_attention_bwd_cuda(const RoutedAttentionBwdParams& params, void* wor
   const RoutedRows rows = routed_rows(params, workspace);
   compact_routed_rows(params, rows, s);
   CRAM_CUDA_DTYPE_SWITCH(params.dtype, "routed_attention backward (CUDA)", [&] {
-    using acc_t = typename AccType<scalar_t>::type;
     const dim3 dot_grid((params.seqlen_q + kBwdWarps - 1) / kBwdWarps, params.batch * params.heads);
     row_dot_kernel<scalar_t><<<dot_grid, kBwdWarps * 32, 0, s>>>(params, rows);
     CRAM_CUDA_CHECK_LAUNCH();
@@ -436,11 +455,7 @@ void routed_attention_bwd_cuda(const RoutedAttentionBwdParams& params, void* wor
         if (params.head_dim == 128) return launch_flash_bwd<scalar_t, 128>(params, rows, s);
       }
     }
-    const int smem_bytes = BwdSmem{params.head_dim}.elems() * static_cast<int>(sizeof(acc_t));
-    CRAM_CUDA_CHECK(cudaFuncSetAttribute(simt_bwd_kernel<scalar_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
-    const dim3 grid((params.seqlen_k + kBwdKeys - 1) / kBwdKeys, params.batch * params.kv_heads);
-    simt_bwd_kernel<scalar_t><<<grid, kBwdWarps * 32, smem_bytes, s>>>(params, rows);
-    CRAM_CUDA_CHECK_LAUNCH();
+    launch_simt_bwd<scalar_t>(params, rows, s);
   });
 }
 

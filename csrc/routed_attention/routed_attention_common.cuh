@@ -7,6 +7,7 @@
 // block [j0, j1) is seen by exactly the rows whose position is >= j0 (a suffix of the list).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 
 #include "../common/cuda_dtype.cuh"
@@ -20,8 +21,10 @@ namespace cuda {
 // rows, over all (batch, head) pairs, form one list, so the grid's first blocks are the real
 // work whatever the route fraction. When the list is shorter than kTilesPerSm per multiprocessor
 // (sparse routing: few tiles, each walking up to all keys), each tile's key blocks are split
-// over up to kMaxKeySplits blocks, which write normalised partial outputs and their lse; a merge
-// kernel combines them. The partial buffers hold kPartialTilesPerSm per multiprocessor.
+// over up to kMaxKeySplits blocks, which write normalised partial outputs and their lse; the
+// last of a tile's splits to finish combines them (no merge kernel, so nothing is launched for
+// the splits when there are none). The partial buffers hold kPartialTilesPerSm per
+// multiprocessor.
 constexpr int kTileRows = 64;
 constexpr int kMaxKeySplits = 8;
 constexpr int kTilesPerSm = 2;
@@ -35,6 +38,8 @@ struct RoutedRows {
                       // rowsum(dout * out) per compacted row
   int* tile_offset;   // (batch * heads + 1): list index of each pair's first tile; last: total
   int* plan;          // [0]: tiles in the list, [1]: key splits per tile
+  int* splits_done;   // (partial tiles): per list tile, its splits finished so far; zeroed by
+                      // plan_tiles_kernel, counted by the forward (the last split merges)
   float* partial_lse; // (partial tiles, kTileRows): lse of each split's rows, natural log
   float* partial_out; // (partial tiles, kTileRows, head_dim): each split's normalised rows
   int partial_tiles;  // capacity of the partial buffers, in (tile, split) pairs
@@ -52,11 +57,39 @@ inline bool tensor_core_shape(const RoutedAttentionParams& p) {
          (p.head_dim == 64 || p.head_dim == 128);
 }
 
-inline int multiprocessor_count() {
-  int device = 0, sms = 0;
+// Host state kept once per device and process (the SM count, kernel attributes), in tables
+// indexed by device id.
+constexpr int kMaxDevices = 64;
+
+inline int current_device() {
+  int device = 0;
   CRAM_CUDA_CHECK(cudaGetDevice(&device));
-  CRAM_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  if (device >= kMaxDevices)
+    throw std::invalid_argument("routed_attention (CUDA): device ids must be below " + std::to_string(kMaxDevices));
+  return device;
+}
+
+// The multiprocessor count of the current device, queried once per device.
+inline int multiprocessor_count() {
+  static std::atomic<int> cached[kMaxDevices] = {};
+  const int device = current_device();
+  int sms = cached[device].load(std::memory_order_relaxed);
+  if (sms == 0) {
+    CRAM_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    cached[device].store(sms, std::memory_order_relaxed);
+  }
   return sms;
+}
+
+// Raises `kernel`'s dynamic shared memory limit to `bytes` once per device (the attribute is a
+// per-device setting); `configured` is the kernel's own flag set, one bit per device. Setting it
+// twice from racing threads is harmless.
+template <typename Kernel>
+inline void allow_dynamic_smem(Kernel kernel, int bytes, std::atomic<uint64_t>& configured) {
+  const uint64_t device_bit = uint64_t(1) << current_device();
+  if (configured.load(std::memory_order_acquire) & device_bit) return;
+  CRAM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  configured.fetch_or(device_bit, std::memory_order_release);
 }
 
 inline int partial_tile_capacity(const RoutedAttentionParams& p) {
@@ -80,6 +113,7 @@ inline RoutedRows routed_rows(const RoutedAttentionParams& p, void* workspace, i
   r.row_dot = take(bh * p.seqlen_q * acc_bytes(p.dtype));
   r.tile_offset = reinterpret_cast<int*>(take((bh + 1) * sizeof(int)));
   r.plan = reinterpret_cast<int*>(take(2 * sizeof(int)));
+  r.splits_done = reinterpret_cast<int*>(take(static_cast<int64_t>(r.partial_tiles) * sizeof(int)));
   r.partial_lse = reinterpret_cast<float*>(take(static_cast<int64_t>(r.partial_tiles) * kTileRows * sizeof(float)));
   r.partial_out = reinterpret_cast<float*>(
       take(static_cast<int64_t>(r.partial_tiles) * kTileRows * p.head_dim * sizeof(float)));

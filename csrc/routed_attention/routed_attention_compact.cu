@@ -64,7 +64,8 @@ compact_routed_rows_kernel(const RoutedAttentionParams p, const RoutedRows rows)
   if (threadIdx.x == 0) rows.count[blockIdx.x] = written;
 }
 
-// One block: tile_offset = exclusive prefix sum of the pairs' tile counts, then the plan. The key
+// One block: tile_offset = exclusive prefix sum of the pairs' tile counts, then the plan, and
+// the split counters zeroed. The key
 // split S is 1 unless the tiles are fewer than half of `target_tiles` (kTilesPerSm per
 // multiprocessor); then S = ceil(target / tiles), at most kMaxKeySplits, so tiles * S stays
 // under tiles + target <= 1.5 target, within the partial buffers (and is cut back if not).
@@ -81,6 +82,8 @@ plan_tiles_kernel(const RoutedAttentionParams p, const RoutedRows rows, int targ
     if (pair < n_pairs) rows.tile_offset[pair] = first;
     total += chunk_total;
   }
+  // The forward's split counters start at zero on every call (the workspace is not cleared).
+  for (int i = threadIdx.x; i < rows.partial_tiles; i += kCompactThreads) rows.splits_done[i] = 0;
   if (threadIdx.x == 0) {
     rows.tile_offset[n_pairs] = total;
     int splits = 1;
