@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -284,9 +285,10 @@ struct BackwardChunk {
 
 // Backward, chunk by chunk from the end, as Mamba's: one pass recomputes the chunk's states from
 // its checkpoint (keeping every state and decay, so the reverse pass needs no exp), then the
-// reverse pass carries g = dL/dh_t back through the chunk. Every inner loop runs over the
-// kLanes channels of a work item without a dependency between lanes, so it vectorises; the
-// sums over channels (dB, dC, ddt_scale) are lane_sum's fixed-order trees. Quantities shared
+// reverse pass carries g = dL/dh_t back through the chunk. The inner loops work on the kLanes
+// channels of a work item as explicit vectors (the sequential float sums over channels that dB
+// and dC need would keep an auto-vectorised loop scalar); those sums are fixed-order pairwise
+// trees (StateLaneSums). Quantities shared
 // across work items (dA, dD, ddelta_bias across the batch; dB, dC, ddt_scale across channel
 // blocks) go to per-item partial buffers that are summed afterwards in a fixed order, so results
 // are deterministic.
@@ -301,8 +303,9 @@ void scan_bwd(const SelectiveScanBwdParams& p) {
   const int64_t n_items = int64_t(p.batch) * n_blocks;
   std::vector<acc_t> dA_part(int64_t(p.batch) * p.dim * N), dD_part(int64_t(p.batch) * p.dim),
       dbias_part(int64_t(p.batch) * p.dim);
-  std::vector<acc_t> dB_part(n_items * L * N), dC_part(n_items * L * N);  // [item][t][n]
-  std::vector<acc_t> ddt_part(p.dt_scale ? n_items * L : 0);
+  // [item][t][n] and [item][t]; every element is written, so they are not cleared first.
+  const std::unique_ptr<acc_t[]> dB_part(new acc_t[n_items * L * N]), dC_part(new acc_t[n_items * L * N]),
+      ddt_part(new acc_t[p.dt_scale ? n_items * L : 0]);
 
   const TimeMajorBC<scalar_t, acc_t> bc(p);
   const int len_max = std::min(kScanCheckpointChunk, L);
@@ -468,7 +471,7 @@ void scan_bwd(const SelectiveScanBwdParams& p) {
     for (int64_t bg = begin; bg < end; ++bg) {
       const int b = int(bg / p.n_groups), grp = int(bg % p.n_groups);
       const int64_t first = int64_t(b) * n_blocks + int64_t(grp) * blocks.per_group;
-      auto reduce = [&](std::vector<acc_t>& part, acc_t* dst, int64_t dstate_stride) {
+      auto reduce = [&](const std::unique_ptr<acc_t[]>& part, acc_t* dst, int64_t dstate_stride) {
         acc_t* sum = &part[first * L * N];
         for (int k = 1; k < blocks.per_group; ++k) {
           const acc_t* block = &part[(first + k) * L * N];
