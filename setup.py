@@ -68,19 +68,17 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["cram_ext", "cram_ext.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib"],
+    install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "expecttest", "matplotlib"],
-        "plot": ["matplotlib"],
-        "analysis": ["transformers", "tokenizers", "matplotlib"],
+        "plot": ["matplotlib"],                                    # every figure
+        "analysis": ["transformers", "tokenizers", "matplotlib"],  # cram-redundancy on HF models
     },
+    # experiments/ and examples/ stay in the repository: run them from its root.
     entry_points={
         "console_scripts": [
-            "cram-attention-demo = cram_ext.demo:main",
-            "cram-srcd-demo = cram_ext.srcd_demo:main",
             "cram-train = cram_ext.train:main",
-            "cram-experiments = cram_ext.experiments:main",
-            "cram-redundancy = cram_ext.analysis.redundancy:main",
+            "cram-redundancy = cram_ext.redundancy.cli:main",
         ],
     },
     ext_modules=[extension()],

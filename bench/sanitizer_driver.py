@@ -1,54 +1,57 @@
 """Calls every CUDA kernel of cram_ext once, forward and backward, on small inputs: the program
 that bench/device_check.sh runs under `compute-sanitizer --tool memcheck` and `--tool racecheck`.
 
+    python bench/sanitizer_driver.py [--device cpu]
+
 Sizes are chosen to reach every code path cheaply: partial scan chunks and spare warps
 (channels per group not a multiple of 4), partial attention tiles and key blocks, GQA, a
 key_mask, both attention kernels (bf16 head_dim 64/128 on tensor cores; head_dim 80 and float32
 on the SIMT kernel) and a routed row that sees no key. Run with PYTORCH_NO_CUDA_MEMORY_CACHING=1
 so that every tensor is its own allocation and memcheck sees accesses past its end.
+`--device cpu` runs the same calls on the CPU kernels: the dry run's proof that the driver starts.
 """
+import argparse
+import pathlib
+import sys
+
 import torch
 
-import cram_ext
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "python_tests"))
+import cram_ext  # noqa: E402
+from cases import attention_inputs, scan_inputs  # noqa: E402
 
 
-def scan(dtype, L):
-    batch, dim, N, groups = 2, 6, 5, 2
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    u, delta, z = (torch.randn(batch, dim, L, device="cuda", dtype=dtype, requires_grad=True)
-                   for _ in range(3))
-    B, C = (torch.randn(batch, groups, N, L, device="cuda", dtype=dtype, requires_grad=True)
-            for _ in range(2))
-    A = (-(0.1 + torch.rand(dim, N, device="cuda", dtype=acc))).requires_grad_()
-    D, bias = (torch.randn(dim, device="cuda", dtype=acc, requires_grad=True) for _ in range(2))
-    dt_scale = (0.5 + torch.rand(batch, L, device="cuda", dtype=acc)).requires_grad_()
-    out = cram_ext.selective_scan(u, delta, A, B, C, D, z, bias, True, dt_scale)
+def scan(device, dtype, L):
+    inputs = scan_inputs(0, batch=2, dim=6, L=L, N=5, groups=2, dtype=dtype, device=device)
+    leaves = {name: t.requires_grad_() for name, t in inputs.items()}
+    out = cram_ext.selective_scan(**leaves, delta_softplus=True)
     out.backward(torch.randn_like(out))
 
 
-def attention(dtype, head_dim, L, kv_heads=1):
-    batch, heads = 2, 2
-    q = torch.randn(batch, heads, L, head_dim, device="cuda", dtype=dtype, requires_grad=True)
-    k, v = (torch.randn(batch, kv_heads, L, head_dim, device="cuda", dtype=dtype, requires_grad=True)
-            for _ in range(2))
-    route = torch.rand(batch, heads, L, device="cuda") < 0.5
+def attention(device, dtype, head_dim, L, kv_heads=1):
+    q, k, v, route, key_mask = attention_inputs(0, batch=2, heads=2, kv_heads=kv_heads, Lq=L,
+                                                d=head_dim, dtype=dtype, fraction=0.5,
+                                                per_head_route=True, key_mask=True, device=device)
     route[:, :, 0] = True
-    key_mask = torch.rand(batch, L, device="cuda") < 0.8
     key_mask[:, 0] = False  # row 0 is routed and sees no key
-    out = cram_ext.routed_attention(q, k, v, route, key_mask=key_mask)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    out = cram_ext.routed_attention(*leaves, route=route, is_causal=True, key_mask=key_mask)
     out.backward(torch.randn_like(out))
 
 
 def main():
-    torch.manual_seed(0)
-    scan(torch.bfloat16, 300)
-    scan(torch.float64, 7)
-    attention(torch.bfloat16, 64, 130)
-    attention(torch.float16, 128, 70, kv_heads=2)
-    attention(torch.bfloat16, 80, 40)
-    attention(torch.float32, 64, 33)
-    torch.cuda.synchronize()
-    print("sanitizer driver: all kernels ran")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    device = parser.parse_args().device
+    scan(device, torch.bfloat16, 300)
+    scan(device, torch.float64, 7)
+    attention(device, torch.bfloat16, 64, 130)
+    attention(device, torch.float16, 128, 70, kv_heads=2)
+    attention(device, torch.bfloat16, 80, 40)
+    attention(device, torch.float32, 64, 33)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    print(f"sanitizer driver: all kernels ran on {device} ({cram_ext.__file__})")
 
 
 if __name__ == "__main__":

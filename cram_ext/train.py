@@ -4,9 +4,12 @@
     torchrun --nproc_per_node 2 -m cram_ext.train --config cram --size tiny --out runs/ddp
 
 `--config` names the model (see `cram_ext.models.config`), `--size` the run preset (`tiny` for
-tests, `cpu` for this project's CPU experiments, `paper` for the paper's setting, a GPU run).
+tests, `cpu` for this project's CPU experiments, `paper` for the paper's setting, a GPU run);
+flags override single settings of the preset, of the run (`--steps`, `--lr`, ...) or of the model
+(`--d-model`, `--semantic-rank`, ...: `RunConfig.model_overrides`, passed to `model_config`).
 Each step appends one JSON line to `<out>/log.jsonl` (losses, training accuracy, attention
-fraction, mean q and q̂, temperature, probe rate, learning rate; evaluation metrics every
+fraction, per layer and token kind the fraction that ran attention, mean q and q̂, exploration
+rate, learning rate; evaluation metrics every
 `--eval-every` steps). Checkpoints (`<out>/checkpoint.pt`) are written atomically and hold
 everything a bit-exact resume needs: model, optimizer, scheduler, every rank's RNG state, the
 pattern-exposure statistics and the step, which is also the data stream's position.
@@ -19,45 +22,48 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass
-from typing import Dict, List, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from .distributed import all_gather, all_reduce_sums, init_distributed, shutdown, world
 from .models import MODEL_NAMES, CRAMModel, ModelConfig, model_config
+from .models.config import MODELS
+from .srcd.exposure import (PatternExposure, concatenate_routing, q_histogram,
+                            recurring_query_routing)
 from .srcd.generator import SRCDConfig, batch_at, pattern_values
 from .srcd.metrics import add_sums, batch_sums, summarize
 from .srcd.transfer import TransferConfig, transfer_batch_at
 
 EVAL_SEED_OFFSET = 1_000_003   # evaluation stream: same bindings, sequences never trained on
-Q_HISTOGRAM_BINS = 10
-EXPOSURE_BINS = 24             # log2 bins of "times a pattern was seen"
+
+# The model settings of the CPU experiments, passed to `model_config` (n_layers and ModelConfig
+# fields). A preset or a command-line flag overrides any of them.
+CPU_MODEL: Dict[str, Any] = dict(
+    n_layers=2, d_model=64, n_heads=2, explore_steps=400,
+    # Every token attends for 200 steps, so attention has learned to retrieve before the
+    # router judges it: after a 100-step warm-up, 2 of 5 seeds still answered only 60-69% of
+    # novel queries at step 400.
+    episodic_cost_start=200, episodic_cost_ramp=100,
+    semantic_rank=16,          # None or 0: d_model // 16, the paper's rank
+    semantic_lr_mult=1.0)
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """A training run: model size, data, optimisation and bookkeeping."""
+    """A training run: the model and its settings, data, optimisation and bookkeeping."""
 
     model: str = "cram"
-    n_layers: int = 2
-    d_model: int = 64
-    n_heads: int = 2
+    model_overrides: Dict[str, Any] = field(default_factory=lambda: dict(CPU_MODEL))
     seq_len: int = 128
     batch_size: int = 16
     steps: int = 400
     lr: float = 3e-3
     warmup_steps: int = 50
     weight_decay: float = 0.01
-    temperature_steps: int = 300
-    probe_steps: int = 400
-    episodic_cost_start: int = 100
-    episodic_cost_ramp: int = 100
-    semantic_rank: int = 16       # 0: d_model // 16, the paper's rank
-    semantic_lr_mult: float = 1.0
     working: str = "scan"         # working memory of the layers that have one: scan or ctode
     seed: int = 0                 # model initialisation and routing noise
     data_seed: int = 0            # the training stream (bindings come from binding_seed)
@@ -70,15 +76,8 @@ class RunConfig:
     freeze_routing: bool = False  # keep semantic memory, router and q̂ predictor fixed
     threads: int = 1
 
-    def model_config(self, **overrides) -> ModelConfig:
-        fields = dict(n_layers=self.n_layers, d_model=self.d_model, n_heads=self.n_heads,
-                      temperature_steps=self.temperature_steps, probe_steps=self.probe_steps,
-                      episodic_cost_start=self.episodic_cost_start,
-                      episodic_cost_ramp=self.episodic_cost_ramp,
-                      semantic_rank=self.semantic_rank or None,
-                      semantic_lr_mult=self.semantic_lr_mult)
-        fields.update(overrides)
-        config = model_config(self.model, **fields)
+    def model_config(self) -> ModelConfig:
+        config = model_config(self.model, **self.model_overrides)
         if self.working != "scan":
             layers = tuple(dataclasses.replace(spec, working=self.working) if spec.working
                            else spec for spec in config.layers)
@@ -89,129 +88,59 @@ class RunConfig:
         return SRCDConfig(seq_len=self.seq_len, binding_seed=self.binding_seed)
 
 
+RUN_SETTINGS = tuple(f.name for f in dataclasses.fields(RunConfig)
+                     if f.name not in ("model", "model_overrides"))
+# What a command-line flag can override: a run setting, or a model setting (CPU_MODEL's and
+# every scalar ModelConfig field).
+MODEL_SETTINGS = tuple(dict.fromkeys(
+    (*CPU_MODEL, *(f.name for f in dataclasses.fields(ModelConfig)
+                   if f.name != "name" and isinstance(f.default, (bool, int, float, str))))))
+FLAG_SETTINGS = RUN_SETTINGS + MODEL_SETTINGS
+
+# Each preset sets RunConfig fields and model settings (CPU_MODEL's names) by name.
 SIZES: Dict[str, dict] = {
     # Seconds on one CPU thread: for tests.
     "tiny": dict(n_layers=2, d_model=32, n_heads=2, seq_len=64, batch_size=4, steps=6,
                  warmup_steps=2, eval_every=3, eval_batches=1, checkpoint_every=3,
-                 temperature_steps=6, probe_steps=6, episodic_cost_start=2,
+                 explore_steps=6, episodic_cost_start=2,
                  episodic_cost_ramp=2),
     # The CPU experiments (the RunConfig defaults): N=128, d=64, 2 layers, 400 steps. Two
     # departures from the paper make consolidation fit in 400 steps: semantic rank 16 (d/16
     # would be 4, too few to hold 100 patterns) and the semantic memory at the base lr.
     "cpu": dict(),
     # The paper's setting (GPU): d=512, 8 layers, N=2048, batch 32, 10K steps, lr 3e-4,
-    # semantic rank d/16 = 32 at 0.1× lr, temperature annealed over the first 3K steps.
+    # semantic rank d/16 = 32 at 0.1× lr.
     "paper": dict(n_layers=8, d_model=512, n_heads=8, seq_len=2048, batch_size=32, steps=10_000,
-                  lr=3e-4, warmup_steps=500, temperature_steps=3000, probe_steps=5000,
-                  episodic_cost_start=1000, episodic_cost_ramp=1000, semantic_rank=0,
+                  lr=3e-4, warmup_steps=500, explore_steps=5000,
+                  episodic_cost_start=1000, episodic_cost_ramp=1000, semantic_rank=None,
                   semantic_lr_mult=0.1, eval_every=250, eval_batches=8,
                   checkpoint_every=500),
 }
 
 
-def run_config(model: str, size: str = "cpu", **overrides) -> RunConfig:
+def run_config(model: str, size: str = "cpu", **settings) -> RunConfig:
+    """The preset `size` for `model`, with any RunConfig field or model setting overridden."""
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; known: {', '.join(SIZES)}")
     if model not in MODEL_NAMES:
         raise ValueError(f"unknown model {model!r}; known: {', '.join(MODEL_NAMES)}")
-    return dataclasses.replace(RunConfig(model=model, **SIZES[size]), **overrides)
-
-
-# ---------------------------------------------------------------------------------------------
-# Distributed helpers (all no-ops in a single process)
-# ---------------------------------------------------------------------------------------------
-
-def world() -> tuple:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def init_distributed() -> None:
-    """Joins the process group when launched by torchrun (WORLD_SIZE > 1)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-
-
-def all_reduce_sums(sums: Dict[str, float]) -> Dict[str, float]:
-    rank, size = world()
-    if size == 1:
-        return sums
-    keys = sorted(sums)
-    gathered: List[Optional[List[str]]] = [None] * size
-    dist.all_gather_object(gathered, keys)
-    if any(k != keys for k in gathered):
-        raise RuntimeError("ranks produced different metric keys")
-    values = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(values)
-    return dict(zip(keys, values.tolist()))
-
-
-# ---------------------------------------------------------------------------------------------
-# Consolidation statistics
-# ---------------------------------------------------------------------------------------------
-
-class PatternExposure:
-    """Counts how often each recurring pattern has been queried in training, and whether the
-    router (argmax of π, in any routed layer) sent each query to episodic memory: the data of
-    P(episodic | pattern seen k times), binned by ⌊log2 k⌋."""
-
-    def __init__(self, n_patterns: int):
-        self.seen = np.zeros(n_patterns, dtype=np.int64)
-        self.episodic = np.zeros((n_patterns, EXPOSURE_BINS), dtype=np.int64)
-        self.total = np.zeros((n_patterns, EXPOSURE_BINS), dtype=np.int64)
-
-    def update(self, patterns: np.ndarray, episodic: np.ndarray) -> None:
-        """One step's recurring queries (pattern ids and routing decisions), in stream order."""
-        for pattern, went_episodic in zip(patterns, episodic):
-            self.seen[pattern] += 1
-            k_bin = min(EXPOSURE_BINS - 1, int(math.log2(self.seen[pattern])))
-            self.total[pattern, k_bin] += 1
-            self.episodic[pattern, k_bin] += int(went_episodic)
-
-    def state_dict(self) -> dict:
-        return {"seen": self.seen.copy(), "episodic": self.episodic.copy(),
-                "total": self.total.copy()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.seen, self.episodic, self.total = (np.array(state[k]) for k in
-                                                ("seen", "episodic", "total"))
-
-
-def recurring_query_routing(batch, output) -> tuple:
-    """(pattern ids, episodic decisions) of the batch's recurring queries, in sequence order."""
-    queries = batch["pattern"] >= 0
-    queries &= batch["target_class"] >= 0
-    routed = [r.probs.argmax(-1) == 1 for r in output.layers if r.probs is not None]
-    if not routed:
-        episodic = torch.zeros_like(queries)
-    else:
-        episodic = torch.stack(routed).any(0)
-    return batch["pattern"][queries].numpy(), episodic[queries].numpy()
-
-
-def gather_routing(patterns: np.ndarray, episodic: np.ndarray) -> tuple:
-    """Concatenate every rank's recurring-query routing, in rank order."""
-    rank, size = world()
-    if size == 1:
-        return patterns, episodic
-    gathered: List[Optional[tuple]] = [None] * size
-    dist.all_gather_object(gathered, (patterns, episodic))
-    return (np.concatenate([g[0] for g in gathered]), np.concatenate([g[1] for g in gathered]))
-
-
-def q_histogram(output) -> List[int]:
-    """Histogram (10 bins on [0, 1]) of the q measured in this forward pass."""
-    values = [r.q[r.attention_rows] for r in output.layers if r.q is not None]
-    if not values:
-        return [0] * Q_HISTOGRAM_BINS
-    return torch.histc(torch.cat(values).float(), bins=Q_HISTOGRAM_BINS, min=0, max=1
-                       ).long().tolist()
+    settings = {**SIZES[size], **settings}
+    run = {name: value for name, value in settings.items() if name in RUN_SETTINGS}
+    overrides = {name: value for name, value in settings.items() if name not in RUN_SETTINGS}
+    return RunConfig(model=model, model_overrides={**CPU_MODEL, **overrides}, **run)
 
 
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
+
+def attention_by_kind(record: dict) -> Dict[str, str]:
+    """P(attention | recurring query) and P(attention | novel query), per routed layer, for the
+    progress bar: `rec`/`nov` followed by one value per layer."""
+    layers = sorted({key.split("/")[1] for key in record if key.startswith("attention/")})
+    return {kind[:3]: "/".join(f"{record[f'attention/{layer}/{kind}']:.2f}" for layer in layers)
+            for kind in ("recurring", "novel") if layers}
+
 
 def lr_lambda(config: RunConfig):
     """Linear warmup, then cosine decay to 10% of the peak."""
@@ -226,15 +155,14 @@ def lr_lambda(config: RunConfig):
 class Trainer:
     """Owns the model, optimizer, data position and logs of one run (one per process)."""
 
-    def __init__(self, config: RunConfig, out_dir: Optional[str],
-                 model_overrides: Optional[dict] = None, show_progress: bool = True):
+    def __init__(self, config: RunConfig, out_dir: Optional[str], show_progress: bool = True):
         self.config, self.out_dir = config, out_dir
         self.rank, self.world_size = world()
         torch.set_num_threads(config.threads)
         torch.manual_seed(config.seed)
         self.data = config.data_config()
         self.bindings = pattern_values(self.data)
-        self.model = CRAMModel(config.model_config(**(model_overrides or {})))
+        self.model = CRAMModel(config.model_config())
         if config.init_from:
             self.model.load_state_dict(torch.load(config.init_from, weights_only=False)["model"])
         if config.freeze_routing:
@@ -248,7 +176,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             self.model.param_groups(config.lr, config.weight_decay), betas=(0.9, 0.98))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
-        self.exposure = PatternExposure(self.data.n_patterns)
+        self.exposure = PatternExposure(
+            self.data.n_patterns, sum(spec.has_router for spec in self.model.config.layers))
         self.step = 0
         self.show_progress = show_progress and self.rank == 0
         if out_dir and self.rank == 0:
@@ -284,7 +213,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
 
-        patterns, episodic = gather_routing(*recurring_query_routing(batch, output))
+        patterns, episodic = concatenate_routing(all_gather(recurring_query_routing(batch, output)))
         self.exposure.update(patterns, episodic)
         sums = batch_sums(batch, output, len(self.model.layers))
         for name, value in losses.items():
@@ -296,29 +225,27 @@ class Trainer:
                   "accuracy": metrics["accuracy"], "dynamics_mse": metrics["dynamics_mse"],
                   "attention_fraction": metrics["attention_fraction"],
                   "mean_q": metrics["mean_q"], "mean_q_hat": metrics["mean_q_hat"],
-                  "temperature": self.model.config.temperature(self.step),
-                  "probe_rate": self.model.config.probe_rate(self.step),
+                  **{k: v for k, v in metrics.items() if k.startswith("attention/")},
+                  "explore_rate": self.model.config.explore_rate(self.step),
                   "lr": self.scheduler.get_last_lr()[0], "q_histogram": q_histogram(output)}
         self.step += 1
         return record
 
     @torch.no_grad()
-    def evaluate(self, n_batches: Optional[int] = None) -> dict:
-        """Metrics with inference routing (argmax, no probes) on held-out sequences."""
+    def evaluate(self, n_batches: Optional[int] = None,
+                 seed_offset: int = EVAL_SEED_OFFSET) -> dict:
+        """Metrics with inference routing (no exploration) on held-out sequences: those of the
+        stream `data_seed + seed_offset`, which training never reads."""
         self.model.eval()
         sums: Dict[str, float] = {}
         for i in range(n_batches or self.config.eval_batches):
-            batch = self.batch(i, self.config.data_seed + EVAL_SEED_OFFSET)
+            batch = self.batch(i, self.config.data_seed + seed_offset)
             add_sums(sums, batch_sums(batch, self.model(batch), len(self.model.layers)))
         return summarize(all_reduce_sums(sums))
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
-        rng_states: List[Optional[torch.Tensor]] = [None] * self.world_size
-        if self.world_size > 1:
-            dist.all_gather_object(rng_states, torch.get_rng_state())
-        else:
-            rng_states = [torch.get_rng_state()]
+        rng_states = all_gather(torch.get_rng_state())
         if self.rank != 0 or not self.checkpoint_path:
             return
         state = {"step": self.step, "config": dataclasses.asdict(self.config),
@@ -372,7 +299,7 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(acc=f"{record['accuracy']:.3f}",
                             attn=f"{record['attention_fraction']:.3f}",
-                            loss=f"{record['loss/total']:.3f}")
+                            **attention_by_kind(record), loss=f"{record['loss/total']:.3f}")
         bar.close()
         return last_eval
 
@@ -386,7 +313,9 @@ def parse_bool(text: str) -> bool:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    models = "\n".join(f"  {name:<22} {named.description}" for name, named in MODELS.items())
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog=f"models (--config):\n{models}",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="cram", choices=MODEL_NAMES, help="model name")
     parser.add_argument("--size", default="cpu", choices=sorted(SIZES), help="run preset")
@@ -395,21 +324,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="continue from <out>/checkpoint.pt if it exists")
     parser.add_argument("--stop-at", type=int, default=None,
                         help="stop after this step (the schedule still spans --steps)")
-    for field in dataclasses.fields(RunConfig):
-        if field.name == "model":
-            continue
-        kind = type(field.default)
-        parser.add_argument("--" + field.name.replace("_", "-"),
+    defaults = {**vars(ModelConfig()), **vars(RunConfig()), **CPU_MODEL}
+    for name in FLAG_SETTINGS:
+        kind = type(defaults[name])
+        parser.add_argument("--" + name.replace("_", "-"),
                             type=parse_bool if kind is bool else kind,
-                            default=None, help=f"override the preset's {field.name}")
+                            default=None, help=f"override the preset's {name}")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
-                 if f.name != "model" and getattr(args, f.name) is not None}
-    config = run_config(args.config, args.size, **overrides)
+    settings = {name: getattr(args, name) for name in FLAG_SETTINGS
+                if getattr(args, name) is not None}
+    config = run_config(args.config, args.size, **settings)
     init_distributed()
     trainer = Trainer(config, args.out)
     if args.resume and trainer.checkpoint_path and os.path.exists(trainer.checkpoint_path):
@@ -418,8 +346,7 @@ def main(argv=None) -> dict:
     if trainer.rank == 0 and final:
         print(json.dumps({k: final[k] for k in ("accuracy", "dynamics_mse", "oracle_mse",
                                                 "attention_fraction")}))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    shutdown()
     return final
 
 

@@ -10,6 +10,8 @@ import cram_ext
 from cram_ext.models import (MODEL_NAMES, CRAMLayer, CRAMModel, LayerRecord, LayerSpec,
                              ModelConfig, ModelOutput, model_config)
 from cram_ext.models import memory
+from cram_ext.models.cram import RoutingPrices
+from cram_ext.models.router import Path, Router, RoutingDecision
 from cram_ext.srcd import SRCDConfig, batch_at
 
 torch.set_num_threads(1)
@@ -59,39 +61,71 @@ def test_every_named_model_runs_forward_and_backward(name, batch):
     assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
+def scramble_routers(model):
+    """Random loss predictions, so the routers' choices are a real mix of paths."""
+    with torch.no_grad():
+        for layer in model.layers:
+            if layer.router is not None:
+                torch.nn.init.normal_(layer.router.predict_loss[-1].weight, std=2.0)
+
+
 def test_routed_attention_runs_exactly_the_rows_routed_to_episodic_memory(monkeypatch, batch):
     torch.manual_seed(0)
-    model = CRAMModel(tiny("cram", router_episodic_bias=0.0)).eval()
+    model = CRAMModel(tiny("cram")).eval()
+    scramble_routers(model)
     counter = AttentionCounter(monkeypatch)
     with torch.no_grad():
         output = model(batch)
     assert len(counter.routes) == 2
     for route, record in zip(counter.routes, output.layers):
-        episodic = record.probs.argmax(-1) == 1
+        episodic = record.routing.choice == Path.EPISODIC
+        assert torch.equal(record.routing.choice, record.routing.scores.argmin(-1))
         assert torch.equal(route, episodic)
         assert torch.equal(record.attention_rows, episodic)
         assert 0 < int(route.sum()) < route.numel()   # a real mix, not all or nothing
 
 
-def test_training_routing_runs_sampled_episodic_rows_plus_probes(monkeypatch, batch):
+def test_training_explores_uniformly_and_attends_exactly_the_episodic_choices(monkeypatch,
+                                                                             batch):
     torch.manual_seed(1)
-    config = tiny("cram", probe_rate_start=1.0, probe_rate_end=1.0)
+    config = tiny("cram", explore_rate_start=1.0, explore_rate_end=1.0, episodic_cost_start=0)
     model = CRAMModel(config).train()
     counter = AttentionCounter(monkeypatch)
-    gates = []
-    original_router = memory.Router.forward
-
-    def recording_router(self, *args):
-        probs, gate = original_router(self, *args)
-        gates.append(gate.detach())
-        return probs, gate
-    monkeypatch.setattr(memory.Router, "forward", recording_router)
-    output = model(batch, step=0)
-    for route, gate, record in zip(counter.routes, gates, output.layers):
-        # probe rate 1: every semantic-routed token also runs attention, working ones never do
-        assert torch.equal(route, (gate[..., 1] > 0.5) | (gate[..., 2] > 0.5))
-        assert not route[gate[..., 0] > 0.5].any()
+    output = model(batch, step=5)
+    choices = torch.cat([r.routing.choice.flatten() for r in output.layers])
+    counts = torch.bincount(choices, minlength=3).double() / choices.numel()
+    assert (counts - 1 / 3).abs().max() < 0.05      # 384 draws: 5% is > 4 standard errors
+    for route, record in zip(counter.routes, output.layers):
+        assert torch.equal(route, record.routing.choice == Path.EPISODIC)
     assert counter.rows == sum(int(r.attention_rows.sum()) for r in output.layers)
+
+
+def test_every_token_attends_during_the_warm_up(monkeypatch, batch):
+    torch.manual_seed(1)
+    model = CRAMModel(tiny("cram", explore_rate_start=0.0, explore_rate_end=0.0,
+                           episodic_cost_start=10)).train()
+    scramble_routers(model)
+    counter = AttentionCounter(monkeypatch)
+    model(batch, step=9)
+    assert counter.rows == 2 * batch["gap"].numel()
+    counter.routes.clear()
+    model(batch, step=10)
+    assert 0 < counter.rows < 2 * batch["gap"].numel()
+
+
+def test_router_takes_the_lowest_predicted_loss_plus_price():
+    router = Router(4, tuple(Path), reads_state=True, reads_q=True, episodic_bias=0.0)
+    x, gap, working_out = torch.zeros(1, 3, 4), torch.zeros(1, 3), torch.zeros(1, 3, 4)
+    q_hat = torch.tensor([[0.0, 0.0, 1.0]])
+    with torch.no_grad():
+        router.predict_loss[-1].bias.copy_(torch.tensor([1.0, 0.2, 1.02]))
+    # attention at price 0.5 beats working memory (0.7 < 1.0); at price 0.9 it does not
+    cheap = router(x, gap, working_out, q_hat, episodic_price=0.5, semantic_reward=0.0)
+    assert cheap.choice.tolist() == [[Path.EPISODIC] * 3]
+    dear = router(x, gap, working_out, q_hat, episodic_price=0.9, semantic_reward=0.05)
+    # semantic memory earns 0.05·q̂: 1.02 − 0.05 < 1.0 only where q̂ = 1
+    assert dear.choice.tolist() == [[Path.WORKING, Path.WORKING, Path.SEMANTIC]]
+    torch.testing.assert_close(dear.scores[0, 2], torch.tensor([1.0, 1.1, 0.97]))
 
 
 def test_baselines_spend_the_attention_their_design_says(monkeypatch, batch):
@@ -136,15 +170,14 @@ def hand_attention(layer, x, key_mask):
 
 def test_layer_measures_q_and_consolidation_error_by_the_formulas():
     torch.manual_seed(2)
-    config = tiny("cram", probe_rate_start=1.0, probe_rate_end=1.0)
+    config = tiny("cram")
     layer = CRAMLayer(config, config.layers[0]).train()
-    with torch.no_grad():   # force every token onto the semantic path: all run as probes
-        layer.router.proj.bias.copy_(torch.tensor([-50.0, -50.0, 50.0]))
-        layer.router.proj.weight.zero_()
+    with torch.no_grad():   # force every token onto the episodic path
+        layer.router.predict_loss[-1].bias.copy_(torch.tensor([50.0, 0.0, 50.0]))
     x, gap = torch.randn(2, 10, 32), torch.rand(2, 10)
     key_mask = torch.rand(2, 10) < 0.5
     key_mask[:, 0] = True
-    out, record = layer(x, gap, key_mask, temperature=1.0, probe_rate=1.0)
+    out, record = layer(x, gap, key_mask, RoutingPrices(episodic=0.1, semantic=0.05))
     assert record.attention_rows.all()
     retrieved = hand_attention(layer, x, key_mask)
     recalled = layer.semantic.up(F.relu(layer.semantic.down(x)))
@@ -153,13 +186,13 @@ def test_layer_measures_q_and_consolidation_error_by_the_formulas():
     spread = retrieved.reshape(-1, 32).var(0, unbiased=False).sum()   # every row ran
     q = torch.exp(-error / (config.q_sigma ** 2 * spread))
     torch.testing.assert_close(record.q, q)
-    # the semantic path, not attention, reaches the output: out = Norm(x + y + f_sem) → FFN
-    h = layer.norm_mix(x + layer.working(x, gap) + recalled)
+    # attention, not the semantic path, reaches the output: out = Norm(x + y + r^E) → FFN
+    h = layer.norm_mix(x + layer.working(x, gap) + retrieved)
     torch.testing.assert_close(out, layer.norm_ffn(h + layer.ffn(h)))
 
 
 def test_losses_match_a_hand_computation():
-    config = tiny("cram", lambda_episodic=0.1, lambda_semantic=0.05, gamma_consolidation=0.5)
+    config = tiny("cram", gamma_consolidation=0.5)
     model = CRAMModel(config)
     batch = {"target_class": torch.tensor([[-100, 2, -100], [1, -100, -100]]),
              "dynamics_mask": torch.tensor([[True, False, True], [False, False, True]]),
@@ -167,41 +200,45 @@ def test_losses_match_a_hand_computation():
     torch.manual_seed(3)
     logits = torch.randn(2, 3, config.n_values)
     next_value = torch.tensor([[0.5, 9.0, -1.0], [9.0, 9.0, 1.0]])
-    probs = torch.tensor([[[0.2, 0.5, 0.3], [0.1, 0.1, 0.8], [0.6, 0.2, 0.2]],
-                          [[0.3, 0.3, 0.4], [0.5, 0.4, 0.1], [0.2, 0.7, 0.1]]])
-    rows = torch.tensor([[True, False, False], [False, True, True]])
+    predicted = torch.rand(2, 3, 3)
+    choice = torch.tensor([[0, 1, 2], [1, 1, 0]])
+    rows = choice == Path.EPISODIC
     q_hat = torch.tensor([[0.9, 0.5, 0.1], [0.2, 0.3, 0.4]])
-    q = torch.tensor([[0.7, 0.0, 0.0], [0.0, 0.1, 0.6]])
-    error = torch.tensor([[0.4, 0.0, 0.0], [0.0, 2.0, 1.0]])
-    layer = LayerRecord(attention_rows=rows, probs=probs, q_hat=q_hat, q=q,
-                        consolidation_error=error)
+    q = torch.tensor([[0.0, 0.7, 0.0], [0.1, 0.6, 0.0]])
+    error = torch.tensor([[0.0, 0.4, 0.0], [2.0, 1.0, 0.0]])
+    layer = LayerRecord(attention_rows=rows, routing=RoutingDecision(choice, predicted, predicted),
+                        q_hat=q_hat, q=q, consolidation_error=error)
     losses = model.losses(batch, ModelOutput(logits, next_value, [layer, layer]))
 
     # task terms: sums over their positions divided by all 6 positions
-    ce = -(logits[0, 1].log_softmax(-1)[2] + logits[1, 0].log_softmax(-1)[1]) / 6
-    mse = ((0.5 - 1.0) ** 2 + 0.0 ** 2 + (1.0 - 2.0) ** 2) / 6
-    cost = probs[..., 1].sum() / 6
-    reward = (probs[..., 2] * q_hat).sum() / 6
+    ce1, ce2 = -logits[0, 1].log_softmax(-1)[2], -logits[1, 0].log_softmax(-1)[1]
+    token_loss = torch.tensor([[(0.5 - 1.0) ** 2, float(ce1), 0.0],
+                               [float(ce2), 0.0, (1.0 - 2.0) ** 2]])
+    ce, mse = (ce1 + ce2) / 6, ((0.5 - 1.0) ** 2 + (1.0 - 2.0) ** 2) / 6
+    taken = predicted.gather(-1, choice[..., None]).squeeze(-1)
+    routing = 2 * (taken - token_loss).pow(2).sum() / 6     # two identical layers
     cons = (0.4 + 2.0 + 1.0) / 3            # both layers identical: (2·sum) / (2·3)
-    q_reg = ((0.9 - 0.7) ** 2 + (0.3 - 0.1) ** 2 + (0.4 - 0.6) ** 2) / 3
-    expected = ce + mse + 0.1 * cost - 0.05 * reward + 0.5 * cons + q_reg
-    for name, value in (("retrieval", ce), ("dynamics", mse), ("episodic_cost", cost),
-                        ("semantic_reward", reward), ("consolidation", cons),
-                        ("q_regression", q_reg), ("total", expected)):
+    q_reg = ((0.5 - 0.7) ** 2 + (0.2 - 0.1) ** 2 + (0.3 - 0.6) ** 2) / 3
+    expected = ce + mse + routing + 0.5 * cons + q_reg
+    for name, value in (("retrieval", ce), ("dynamics", mse), ("routing", routing),
+                        ("consolidation", cons), ("q_regression", q_reg), ("total", expected)):
         assert float(losses[name]) == pytest.approx(float(value), rel=1e-5), name
 
 
-def test_q_hat_reward_is_detached_and_router_learns_through_straight_through(batch):
+def test_router_learns_from_measured_losses_only(batch):
     torch.manual_seed(4)
     model = CRAMModel(tiny("cram")).train()
-    output = model(batch, step=0)
+    output = model(batch, step=500)
     losses = model.losses(batch, output)
-    q_net = model.layers[0].q_predictor.net[0].weight
-    reward_grad = torch.autograd.grad(losses["semantic_reward"], q_net, allow_unused=True)[0]
-    assert reward_grad is None or (reward_grad == 0).all()
+    router = model.layers[0].router.predict_loss[-1].weight
     task = losses["retrieval"] + losses["dynamics"]
-    router_grad = torch.autograd.grad(task, model.layers[0].router.proj.weight)[0]
-    assert router_grad.abs().sum() > 0
+    task_grad = torch.autograd.grad(task, router, retain_graph=True, allow_unused=True)[0]
+    assert task_grad is None or (task_grad == 0).all()      # hard gates: no straight-through
+    assert torch.autograd.grad(losses["routing"], router, retain_graph=True)[0].abs().sum() > 0
+    # the router's regression reads detached features: it trains no other part
+    encoder = model.encoder.type_embedding.weight
+    routing_grad = torch.autograd.grad(losses["routing"], encoder, allow_unused=True)[0]
+    assert routing_grad is None or (routing_grad == 0).all()
 
 
 def test_selective_scan_memory_is_the_scan_with_log_gap_steps():
@@ -233,12 +270,14 @@ def test_ctode_memory_follows_the_euler_steps_and_carries_state():
 
 
 def test_schedules_and_parameter_groups():
-    config = tiny("cram", temperature_steps=100, probe_steps=10)
-    assert config.temperature(0) == pytest.approx(1.0)
-    assert config.temperature(50) == pytest.approx(math.sqrt(0.1))
-    assert config.temperature(500) == pytest.approx(0.1)
-    assert config.probe_rate(0) == pytest.approx(0.02)
-    assert config.probe_rate(10) == pytest.approx(0.005)
+    config = tiny("cram", explore_steps=10, episodic_cost_start=100, episodic_cost_ramp=100,
+                  lambda_episodic=0.1)
+    assert config.explore_rate(0) == pytest.approx(0.1)
+    assert config.explore_rate(5) == pytest.approx(0.06)
+    assert config.explore_rate(500) == pytest.approx(0.02)
+    assert config.episodic_cost_weight(100) == 0.0
+    assert config.episodic_cost_weight(150) == pytest.approx(0.05)
+    assert config.episodic_cost_weight(1000) == pytest.approx(0.1)
     model = CRAMModel(config)
     groups = model.param_groups(lr=1e-3, weight_decay=0.01)
     assert groups[-1]["lr"] == pytest.approx(1e-4)
@@ -248,7 +287,7 @@ def test_schedules_and_parameter_groups():
     assert tiny("ablate_semantic_lr10").semantic_lr_mult == pytest.approx(1.0)
     assert tiny("ablate_no_cons_loss").gamma_consolidation == 0.0
     assert not tiny("ablate_no_q_router").layers[0].router_reads_q
-    assert tiny("ablate_no_semantic").layers[0].paths == ("working", "episodic")
+    assert tiny("ablate_no_semantic").layers[0].paths == (Path.WORKING, Path.EPISODIC)
     assert tiny("seqboat").layers[0].router_reads_state is False
 
 
@@ -261,5 +300,5 @@ def test_bad_configurations_raise_clear_errors():
         LayerSpec(attention="dense", semantic=True)
     with pytest.raises(ValueError, match="working memory"):
         LayerSpec(working="lstm")
-    with pytest.raises(ValueError, match="temperature"):
-        ModelConfig(temperature_start=0.1, temperature_end=1.0)
+    with pytest.raises(ValueError, match="exploration rates"):
+        ModelConfig(explore_rate_start=1.5)

@@ -1,4 +1,4 @@
-"""Tests for cram_ext.analysis.redundancy (attention-redundancy probe).
+"""Tests for cram_ext.redundancy (attention-redundancy probe).
 
 The probe math and the streaming pipeline are tested with a small pure-PyTorch
 model registered through the adapter interface; the Hugging Face hooks and the
@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from cram_ext.analysis import redundancy as rd
+from cram_ext import redundancy as rd
+from cram_ext.redundancy import cli, taps
 
 
 def _fit_and_score(x_train, y_train, x_test, y_test, ridge=1e-6):
@@ -111,7 +112,7 @@ def _prefix_mean_adapter(model):
 
 @pytest.fixture
 def prefix_mean_model(monkeypatch):
-    monkeypatch.setattr(rd, "_ADAPTERS", dict(rd._ADAPTERS))
+    monkeypatch.setattr(taps, "_ADAPTERS", dict(taps._ADAPTERS))
     rd.register_adapter("prefix-mean", _prefix_mean_adapter)
     torch.manual_seed(0)
     return PrefixMeanModel().double()
@@ -248,7 +249,7 @@ def test_command_line_end_to_end(tmp_path):
         "--tokenizer", "bytes", "--context", "32", "--max-tokens", "4096", "--batch-size", "8",
         "--out-json", str(out_json), "--heatmap", str(heatmap), "--no-progress",
     ]
-    assert rd.main(argv) == 0
+    assert cli.main(argv) == 0
     result = json.loads(out_json.read_text())
     assert heatmap.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -265,14 +266,14 @@ def test_command_line_token_ids_and_short_input(tmp_path):
     numpy.save(tmp_path / "ids.npy", _random_windows(1, 32 * 4, vocab=256).numpy())
     base = ["--model", str(tmp_path / "model"), "--local-files-only", "--no-progress"]
     with pytest.raises(SystemExit, match="too little text"):
-        rd.main(base + ["--token-ids", str(tmp_path / "ids.npy"), "--context", "32"])
+        cli.main(base + ["--token-ids", str(tmp_path / "ids.npy"), "--context", "32"])
     numpy.save(tmp_path / "bad.npy", numpy.array([1, 2, 999]))
     with pytest.raises(SystemExit, match=r"\[0, 256\)"):
-        rd.main(base + ["--token-ids", str(tmp_path / "bad.npy"), "--context", "1"])
+        cli.main(base + ["--token-ids", str(tmp_path / "bad.npy"), "--context", "1"])
 
 
 def test_training_corpus_split_keeps_files_apart():
-    from cram_ext.analysis import train_probe_lm
+    from experiments import train_probe_lm
 
     files = train_probe_lm.stdlib_sources()
     train, heldout = train_probe_lm.split_by_file(files, heldout_percent=10)
@@ -299,7 +300,7 @@ def test_command_line_uses_the_model_tokenizer(tmp_path, monkeypatch):
     out_json = tmp_path / "r.json"
     argv = ["--model", str(tmp_path / "model"), "--text", str(tmp_path / "corpus.txt"), "--context", "16",
             "--max-tokens", "100000", "--out-json", str(out_json), "--no-progress"]
-    assert rd.main(argv) == 0
+    assert cli.main(argv) == 0
     windows = len(tokenizer(text)["input_ids"]) // 16
     result = json.loads(out_json.read_text())
     assert result["train_tokens"] + result["heldout_tokens"] == windows * 16

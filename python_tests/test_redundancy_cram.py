@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cram_ext.analysis import cram_models as cm
-from cram_ext.analysis import redundancy as rd
+from cram_ext import redundancy as rd
+from cram_ext.redundancy import cram_models as cm
 from cram_ext.models import CRAMModel, model_config
 from cram_ext.srcd import SRCDConfig, batch_at
 from cram_ext.train import Trainer, run_config
@@ -55,7 +55,7 @@ def test_hooks_capture_the_episodic_attention_path(name, measured):
         inputs = []
         for layer in model.layers:
             inputs.append(x)
-            x, _ = layer(x, batch["gap"], model.key_mask(batch), None, 0.0)
+            x, _ = layer(x, batch["gap"], model.key_mask(batch), model.routing_prices())
         for (pre, out, heads), i in zip(captured, measured):
             manual_heads, manual_out = manual_episodic(model.layers[i].episodic, inputs[i])
             torch.testing.assert_close(pre, inputs[i])
@@ -95,7 +95,11 @@ def test_token_subsets_partition_the_tokens_and_all_matches_the_report():
 
 
 def test_routed_layers_keep_only_the_rows_that_ran_attention():
-    model = tiny("cram", router_episodic_bias=0.0)
+    model = tiny("cram")
+    torch.manual_seed(0)
+    with torch.no_grad():   # random loss predictions: the routers attend some rows, not all
+        for layer in model.layers:
+            torch.nn.init.normal_(layer.router.predict_loss[-1].weight, std=2.0)
     feeder = cm.SRCDSequenceFeeder(model, DATA, seed=0)
     subsets = cm.measure_token_subsets(feeder, cm.sequence_index_batches(10, DATA.seq_len, 10))
     with torch.no_grad():

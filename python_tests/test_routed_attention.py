@@ -1,167 +1,120 @@
-"""cram_ext.routed_attention on the CPU against the reference `routed_attention_ref`.
+"""cram_ext.routed_attention against the reference `routed_attention_ref`, on the CPU and, where
+there is one, the CUDA device (the same cases; larger CUDA-only cases are in
+test_cuda_kernels.py). Accuracy rule and input builders: cases.py.
 
 Random cases take the `seed` fixture (python_tests/conftest.py: fresh per test unless
 CRAM_TEST_SEED is set) and put it in their assertion messages; a few cases use fixed seeds.
 """
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from cases import ALL_DTYPES, DEVICES, attention_inputs, check_routed_attention, cram_ops_called
 from cram_ext import routed_attention
-from cram_ext.reference import routed_attention_ref
-
-FORWARD_TOL = {
-    torch.float64: dict(atol=1e-10, rtol=1e-10),
-    torch.float32: dict(atol=2e-5, rtol=1e-4),
-    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
-    torch.float16: dict(atol=3e-3, rtol=3e-3),
-}
-GRAD_TOL = {
-    torch.float64: dict(atol=1e-9, rtol=1e-9),
-    torch.float32: dict(atol=1e-4, rtol=1e-3),
-    torch.bfloat16: dict(atol=6e-2, rtol=5e-2),
-    torch.float16: dict(atol=1e-2, rtol=1e-2),
-}
-
-
-def make_route(generator, shape, fraction):
-    """Bool route of `shape` (..., Lq) with round(fraction · Lq) rows routed per leading index."""
-    Lq = shape[-1]
-    n_routed = round(fraction * Lq)
-    route = torch.zeros(shape, dtype=torch.bool).reshape(-1, Lq)
-    for r in route:
-        r[torch.randperm(Lq, generator=generator)[:n_routed]] = True
-    return route.reshape(shape)
-
-
-def make_case(seed, *, batch=2, heads=2, kv_heads=None, Lq=16, Lk=None, d=16, dtype=torch.float32,
-              fraction=0.5, per_head_route=False, key_mask=False):
-    """Random q, k, v (standard normal), route and optional key_mask for one test case."""
-    g = torch.Generator().manual_seed(seed)
-    kv_heads = kv_heads or heads
-    Lk = Lq if Lk is None else Lk
-    q = torch.randn(batch, heads, Lq, d, generator=g, dtype=torch.float64).to(dtype)
-    k = torch.randn(batch, kv_heads, Lk, d, generator=g, dtype=torch.float64).to(dtype)
-    v = torch.randn(batch, kv_heads, Lk, d, generator=g, dtype=torch.float64).to(dtype)
-    route = make_route(g, (batch, heads, Lq) if per_head_route else (batch, Lq), fraction)
-    mask = torch.rand(batch, Lk, generator=g) < 0.7 if key_mask else None
-    return q, k, v, route, mask
-
-
-def reference_dtype(dtype):
-    """The reference runs in float32 for the 16-bit types (the kernels accumulate in float32)."""
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
-
-
-def check_forward_and_backward(seed, q, k, v, route, key_mask, is_causal, scale=None):
-    """Output and gradients of q, k, v against the reference (autograd through it)."""
-    dtype, ref_dtype = q.dtype, reference_dtype(q.dtype)
-    if dtype == torch.float64 and scale is None:
-        # The kernels receive the scale as a float32; give the float64 reference that same value.
-        scale = torch.tensor(1 / math.sqrt(q.shape[-1]), dtype=torch.float32).item()
-    inputs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    ref_inputs = [t.detach().to(ref_dtype).requires_grad_() for t in (q, k, v)]
-    out = routed_attention(*inputs, route, is_causal=is_causal, scale=scale, key_mask=key_mask)
-    ref = routed_attention_ref(*ref_inputs, route, is_causal=is_causal, scale=scale, key_mask=key_mask)
-    msg = f"seed={seed}"
-    torch.testing.assert_close(out.to(ref_dtype), ref, **FORWARD_TOL[dtype], msg=lambda m: f"{msg}: out: {m}")
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1),
-                           dtype=torch.float64).to(dtype)
-    out.backward(grad_out)
-    ref.backward(grad_out.to(ref_dtype))
-    for name, t, r in zip("qkv", inputs, ref_inputs):
-        torch.testing.assert_close(t.grad.to(ref_dtype), r.grad, **GRAD_TOL[dtype],
-                                   msg=lambda m, name=name: f"{msg}: d{name}: {m}")
-
 
 # ---------------------------------------------------------------------------------------------
 # Agreement with the reference
 # ---------------------------------------------------------------------------------------------
 
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("L", [1, 7, 128, 1000])
 @pytest.mark.parametrize("fraction", [0.0, 0.016, 0.5, 1.0])
 @pytest.mark.parametrize("per_head_route", [False, True])
 @pytest.mark.parametrize("is_causal", [True, False])
-def test_matches_reference_across_lengths_and_route_fractions(L, fraction, per_head_route, is_causal, seed):
-    case = make_case(seed, batch=1 if L == 1000 else 2, Lq=L, fraction=fraction,
-                     per_head_route=per_head_route)
-    check_forward_and_backward(seed, *case, is_causal)
+def test_matches_reference_across_lengths_and_route_fractions(L, fraction, per_head_route, is_causal,
+                                                              device, seed):
+    case = attention_inputs(seed, batch=1 if L == 1000 else 2, Lq=L, fraction=fraction,
+                            per_head_route=per_head_route, device=device)
+    check_routed_attention(seed, *case, is_causal=is_causal)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("Lq, Lk", [(1, 9), (5, 17), (64, 200), (130, 40), (33, 1)])
 @pytest.mark.parametrize("is_causal", [True, False])
 @pytest.mark.parametrize("key_mask", [False, True])
-def test_matches_reference_when_query_and_key_lengths_differ(Lq, Lk, is_causal, key_mask, seed):
-    case = make_case(seed, Lq=Lq, Lk=Lk, d=24, fraction=0.7, per_head_route=True, key_mask=key_mask)
-    check_forward_and_backward(seed, *case, is_causal)
+def test_matches_reference_when_query_and_key_lengths_differ(Lq, Lk, is_causal, key_mask, device,
+                                                             seed):
+    case = attention_inputs(seed, Lq=Lq, Lk=Lk, d=24, fraction=0.7, per_head_route=True,
+                            key_mask=key_mask, device=device)
+    check_routed_attention(seed, *case, is_causal=is_causal)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("is_causal", [True, False])
 @pytest.mark.parametrize("per_head_route", [False, True])
-def test_grouped_query_attention(is_causal, per_head_route, seed):
-    case = make_case(seed, batch=2, heads=8, kv_heads=2, Lq=70, d=32, fraction=0.5,
-                     per_head_route=per_head_route, key_mask=True)
-    check_forward_and_backward(seed, *case, is_causal)
+def test_grouped_query_attention(is_causal, per_head_route, device, seed):
+    case = attention_inputs(seed, batch=2, heads=8, kv_heads=2, Lq=70, d=32, fraction=0.5,
+                            per_head_route=per_head_route, key_mask=True, device=device)
+    check_routed_attention(seed, *case, is_causal=is_causal)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fixed_seed", [0, 1, 20240611])
-def test_fixed_seed_cases(fixed_seed):
-    case = make_case(fixed_seed, batch=2, heads=4, kv_heads=2, Lq=150, d=64, fraction=0.3,
-                     per_head_route=True, key_mask=True)
-    check_forward_and_backward(fixed_seed, *case, is_causal=True)
-    check_forward_and_backward(fixed_seed, *case, is_causal=False, scale=0.3)
+def test_fixed_seed_cases(fixed_seed, device):
+    case = attention_inputs(fixed_seed, batch=2, heads=4, kv_heads=2, Lq=150, d=64, fraction=0.3,
+                            per_head_route=True, key_mask=True, device=device)
+    check_routed_attention(fixed_seed, *case, is_causal=True)
+    check_routed_attention(fixed_seed, *case, is_causal=False, scale=0.3)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("is_causal", [True, False])
-def test_dtypes(dtype, is_causal, seed):
-    case = make_case(seed, batch=2, heads=4, kv_heads=2, Lq=90, Lk=90, d=40, dtype=dtype,
-                     fraction=0.6, per_head_route=True, key_mask=True)
-    check_forward_and_backward(seed, *case, is_causal)
+def test_dtypes(dtype, is_causal, device, seed):
+    case = attention_inputs(seed, batch=2, heads=4, kv_heads=2, Lq=90, Lk=90, d=40, dtype=dtype,
+                            fraction=0.6, per_head_route=True, key_mask=True, device=device)
+    check_routed_attention(seed, *case, is_causal=is_causal)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("d", [1, 3, 17, 100, 256])
-def test_head_dims(d, seed):
-    check_forward_and_backward(seed, *make_case(seed, Lq=40, d=d, fraction=0.8), is_causal=True)
+def test_head_dims(d, device, seed):
+    case = attention_inputs(seed, Lq=40, d=d, fraction=0.8, device=device)
+    check_routed_attention(seed, *case, is_causal=True)
 
 
-def test_non_contiguous_inputs(seed):
-    g = torch.Generator().manual_seed(seed)
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs(device, seed):
+    g = torch.Generator(device=device).manual_seed(seed)
     batch, heads, L, d = 2, 4, 50, 16
-    q = torch.randn(batch, L, heads, d, generator=g).transpose(1, 2)          # transposed view
-    k = torch.randn(batch, heads, 2 * L, d, generator=g)[:, :, ::2]           # strided rows
-    v = torch.randn(batch, heads, L, 2 * d, generator=g)[..., ::2]            # last dim strided
-    route = (torch.rand(batch, heads, 2 * L, generator=g) < 0.5)[..., ::2]    # strided route
-    key_mask = (torch.rand(2 * batch, L, generator=g) < 0.8)[::2]
+    randn = lambda *shape: torch.randn(shape, generator=g, device=device)  # noqa: E731
+    q = randn(batch, L, heads, d).transpose(1, 2)          # transposed view
+    k = randn(batch, heads, 2 * L, d)[:, :, ::2]           # strided rows
+    v = randn(batch, heads, L, 2 * d)[..., ::2]            # last dim strided
+    route = (torch.rand(batch, heads, 2 * L, generator=g, device=device) < 0.5)[..., ::2]
+    key_mask = (torch.rand(2 * batch, L, generator=g, device=device) < 0.8)[::2]
     assert not q.is_contiguous() and not k.is_contiguous() and v.stride(-1) == 2
-    check_forward_and_backward(seed, q, k, v, route, key_mask, is_causal=True)
+    check_routed_attention(seed, q, k, v, route, key_mask, is_causal=True)
 
 
 # ---------------------------------------------------------------------------------------------
 # Special rows and values
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("is_causal", [True, False])
-def test_all_routed_equals_sdpa(is_causal, seed):
+def test_all_routed_equals_sdpa(is_causal, device, seed):
     for heads, kv_heads, L in [(2, 2, 128), (8, 2, 300)]:
-        q, k, v, _, _ = make_case(seed, batch=2, heads=heads, kv_heads=kv_heads, Lq=L, d=32)
+        q, k, v, _, _ = attention_inputs(seed, batch=2, heads=heads, kv_heads=kv_heads, Lq=L, d=32,
+                                         device=device)
         expected = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal,
                                                   enable_gqa=heads != kv_heads)
-        all_rows = torch.ones(2, L, dtype=torch.bool)
+        all_rows = torch.ones(2, L, dtype=torch.bool, device=device)
         for route in (None, all_rows):
-            out = routed_attention(q, k, v, route, is_causal=is_causal)
+            out = routed_attention(q, k, v, route=route, is_causal=is_causal)
             torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4, msg=lambda m: f"seed={seed}: {m}")
 
 
-def test_unrouted_rows_are_exactly_zero_with_zero_gradient(seed):
-    q, k, v, route, key_mask = make_case(seed, batch=2, heads=4, kv_heads=2, Lq=60, fraction=0.3,
-                                         per_head_route=True, key_mask=True)
+@pytest.mark.parametrize("device", DEVICES)
+def test_unrouted_rows_are_exactly_zero_with_zero_gradient(device, seed):
+    q, k, v, route, key_mask = attention_inputs(seed, batch=2, heads=4, kv_heads=2, Lq=60,
+                                                fraction=0.3, per_head_route=True, key_mask=True,
+                                                device=device)
     q.requires_grad_()
-    out = routed_attention(q, k, v, route, key_mask=key_mask)
+    out = routed_attention(q, k, v, route=route, is_causal=True, key_mask=key_mask)
     out.backward(torch.randn_like(out))
     off = ~route
     assert torch.equal(out[off], torch.zeros_like(out[off])), f"seed={seed}"
@@ -169,91 +122,105 @@ def test_unrouted_rows_are_exactly_zero_with_zero_gradient(seed):
     assert out[route].abs().sum() > 0, f"seed={seed}"
 
 
-def test_nothing_routed_gives_zero_gradients_everywhere():
-    q, k, v, _, _ = make_case(3, Lq=30)
+@pytest.mark.parametrize("device", DEVICES)
+def test_nothing_routed_gives_zero_gradients_everywhere(device):
+    q, k, v, _, _ = attention_inputs(3, Lq=30, device=device)
     for t in (q, k, v):
         t.requires_grad_()
-    route = torch.zeros(2, 30, dtype=torch.bool)
-    out = routed_attention(q, k, v, route)
+    route = torch.zeros(2, 30, dtype=torch.bool, device=device)
+    out = routed_attention(q, k, v, route=route, is_causal=True)
     out.sum().backward()
     assert torch.equal(out, torch.zeros_like(out))
     for t in (q, k, v):
         assert torch.equal(t.grad, torch.zeros_like(t))
 
 
-def test_rows_without_visible_keys_are_zero_with_minus_inf_lse(seed):
-    q, k, v, _, _ = make_case(seed, batch=2, Lq=20, d=8)
-    key_mask = torch.ones(2, 20, dtype=torch.bool)
+@pytest.mark.parametrize("device", DEVICES)
+def test_rows_without_visible_keys_are_zero_with_minus_inf_lse(device, seed):
+    q, k, v, _, _ = attention_inputs(seed, batch=2, Lq=20, d=8, device=device)
+    key_mask = torch.ones(2, 20, dtype=torch.bool, device=device)
     key_mask[0, :5] = False   # causal rows 0..4 of batch 0 see no key
     key_mask[1] = False       # batch 1 sees no key at all
-    route = torch.ones(2, 20, dtype=torch.bool)
-    out, lse = torch.ops.cram_ext.routed_attention_fwd(q, k, v, route, key_mask, True, 0.25)
-    ref = routed_attention_ref(q, k, v, route, key_mask=key_mask, scale=0.25)
-    torch.testing.assert_close(out, ref, **FORWARD_TOL[torch.float32], msg=lambda m: f"seed={seed}: {m}")
+    route = torch.ones(2, 20, dtype=torch.bool, device=device)
+    out = check_routed_attention(seed, q, k, v, route, key_mask, is_causal=True, scale=0.25)
+    _, lse = torch.ops.cram_ext.routed_attention_fwd(q, k, v, route, key_mask, True, 0.25)
     assert torch.equal(out[0, :, :5], torch.zeros_like(out[0, :, :5]))
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     assert torch.isneginf(lse[0, :, :5]).all() and torch.isneginf(lse[1]).all()
     assert torch.isfinite(lse[0, :, 5:]).all()
-    check_forward_and_backward(seed, q, k, v, route, key_mask, is_causal=True)
 
 
-def test_nan_propagates_like_the_reference():
-    q, k, v, _, _ = make_case(11, batch=1, heads=2, Lq=40, d=8)
-    route = torch.ones(1, 40, dtype=torch.bool)
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_propagates_like_the_reference(device):
+    q, k, v, _, _ = attention_inputs(11, batch=1, heads=2, Lq=40, d=8, device=device)
+    route = torch.ones(1, 40, dtype=torch.bool, device=device)
     route[0, 30] = False
     q[0, 0, 12, 3] = float("nan")   # one query row
     k[0, 1, 20, 0] = float("nan")   # causal rows from 20 on of head 1
-    for key_mask in (None, torch.ones(1, 40, dtype=torch.bool)):
-        out = routed_attention(q, k, v, route, key_mask=key_mask)
-        ref = routed_attention_ref(q, k, v, route, key_mask=key_mask)
-        torch.testing.assert_close(out, ref, equal_nan=True, **FORWARD_TOL[torch.float32])
+    for key_mask in (None, torch.ones(1, 40, dtype=torch.bool, device=device)):
+        out = check_routed_attention(11, q, k, v, route, key_mask, backward=False)
         assert out[0, 0, 12].isnan().all() and out[0, 1, 20:30].isnan().all()
         assert not out[0, 1, 30].isnan().any(), "an unrouted row stays 0"
     v[0, 0, 0, 5] = float("inf")    # the first key, seen by every causal row of head 0
-    torch.testing.assert_close(routed_attention(q, k, v, route), routed_attention_ref(q, k, v, route),
-                               equal_nan=True, **FORWARD_TOL[torch.float32])
+    out = check_routed_attention(11, q, k, v, route, backward=False)
+    assert not out[0, 0, route[0], 5].isfinite().any(), "every routed row of head 0 sees the Inf"
 
 
 # ---------------------------------------------------------------------------------------------
 # Autograd, op registration, torch.compile
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("is_causal", [True, False])
-def test_gradcheck(is_causal, seed):
-    q, k, v, route, key_mask = make_case(seed, batch=2, heads=4, kv_heads=2, Lq=9, Lk=9 if is_causal else 11,
-                                         d=4, dtype=torch.float64, fraction=0.6, per_head_route=True,
-                                         key_mask=True)
+def test_gradcheck(is_causal, device, seed):
+    q, k, v, route, key_mask = attention_inputs(seed, batch=2, heads=4, kv_heads=2, Lq=9,
+                                                Lk=9 if is_causal else 11, d=4,
+                                                dtype=torch.float64, fraction=0.6,
+                                                per_head_route=True, key_mask=True, device=device)
     inputs = tuple(t.requires_grad_() for t in (q, k, v))
 
     def fn(q, k, v):
-        return routed_attention(q, k, v, route, is_causal=is_causal, key_mask=key_mask)
+        return routed_attention(q, k, v, route=route, is_causal=is_causal, key_mask=key_mask)
 
     assert torch.autograd.gradcheck(fn, inputs), f"seed={seed}"
 
 
-def opcheck_inputs():
-    case_a = make_case(5, Lq=12, d=8, fraction=0.5)
-    case_b = make_case(6, heads=4, kv_heads=2, Lq=9, Lk=14, d=8, fraction=0.7, per_head_route=True,
-                       key_mask=True)
-    case_c = make_case(7, Lq=10, d=8, dtype=torch.bfloat16, fraction=1.0)
-    return [
-        (*[t.requires_grad_() for t in case_a[:3]], case_a[3], None, True, 0.35),
-        (*[t.requires_grad_() for t in case_b[:3]], case_b[3], case_b[4], False, 0.5),
-        (*case_c[:4], None, True, 0.3),
-    ]
+OPCHECK_CASES = {  # (inputs, is_causal, scale, with gradients)
+    "causal": (dict(Lq=12, d=8, fraction=0.5), True, 0.35, True),
+    "gqa-masked-full": (dict(heads=4, kv_heads=2, Lq=9, Lk=14, d=8, fraction=0.7,
+                             per_head_route=True, key_mask=True), False, 0.5, True),
+    "bf16-forward": (dict(Lq=10, d=8, dtype=torch.bfloat16, fraction=1.0), True, 0.3, False),
+}
 
 
-@pytest.mark.parametrize("case", range(3))
-def test_opcheck(case):
-    torch.library.opcheck(torch.ops.cram_ext.routed_attention_fwd, opcheck_inputs()[case])
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(OPCHECK_CASES))
+def test_opcheck(case, device):
+    """Every op the public call dispatches, with the arguments it passes."""
+    shape, is_causal, scale, with_gradients = OPCHECK_CASES[case]
+    q, k, v, route, key_mask = attention_inputs(5, **shape, device=device)
+    leaves = [t.requires_grad_(with_gradients) for t in (q, k, v)]
+
+    def call():
+        out = routed_attention(*leaves, route=route, is_causal=is_causal, scale=scale,
+                               key_mask=key_mask)
+        if with_gradients:
+            out.backward(torch.ones_like(out))
+
+    calls = cram_ops_called(call)
+    assert [op.name() for op, _, _ in calls] == ["cram_ext::routed_attention_fwd",
+                                                "cram_ext::routed_attention_bwd"][:1 + with_gradients]
+    for op, args, kwargs in calls:
+        torch.library.opcheck(op, args, kwargs)
 
 
 def test_torch_compile_fullgraph_matches_eager(seed):
-    q, k, v, route, key_mask = make_case(seed, heads=4, kv_heads=2, Lq=33, d=16, fraction=0.5,
-                                         key_mask=True)
+    q, k, v, route, key_mask = attention_inputs(seed, heads=4, kv_heads=2, Lq=33, d=16,
+                                                fraction=0.5, key_mask=True)
 
     def layer(q, k, v):
-        return routed_attention(q * 2, k, v, route, key_mask=key_mask).square().sum()
+        return routed_attention(q * 2, k, v, route=route, is_causal=True,
+                                key_mask=key_mask).square().sum()
 
     compiled = torch.compile(layer, fullgraph=True)
     eager_inputs = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -272,7 +239,7 @@ def test_torch_compile_fullgraph_matches_eager(seed):
 # ---------------------------------------------------------------------------------------------
 
 def good_inputs():
-    q, k, v, route, key_mask = make_case(0, heads=4, kv_heads=2, Lq=8, d=8, key_mask=True)
+    q, k, v, route, key_mask = attention_inputs(0, heads=4, kv_heads=2, Lq=8, d=8, key_mask=True)
     return dict(q=q, k=k, v=v, route=route, key_mask=key_mask)
 
 
@@ -304,11 +271,13 @@ def bad(**changes):
 ], ids=lambda x: x if isinstance(x, str) else "")
 def test_invalid_inputs_name_the_argument(inputs, message):
     with pytest.raises(RuntimeError, match=message):
-        routed_attention(inputs["q"], inputs["k"], inputs["v"], inputs["route"], key_mask=inputs["key_mask"])
+        routed_attention(inputs["q"], inputs["k"], inputs["v"], route=inputs["route"], is_causal=True,
+                         key_mask=inputs["key_mask"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_device_mismatch_names_the_argument():
+def test_cuda_device_mismatch_names_the_argument():
     inputs = good_inputs()
     with pytest.raises(RuntimeError, match="k is on"):
-        routed_attention(inputs["q"].cuda(), inputs["k"], inputs["v"].cuda(), inputs["route"].cuda())
+        routed_attention(inputs["q"].cuda(), inputs["k"], inputs["v"].cuda(),
+                         route=inputs["route"].cuda(), is_causal=True)

@@ -1,169 +1,126 @@
-"""cram_ext.selective_scan against cram_ext.reference.selective_scan_ref."""
+"""cram_ext.selective_scan against cram_ext.reference.selective_scan_ref, on the CPU and, where
+there is one, the CUDA device (the same cases; larger CUDA-only cases are in
+test_cuda_kernels.py). Accuracy rule and input builders: cases.py."""
 import pytest
 import torch
 
 import cram_ext
+from cases import (ALL_DTYPES, DEVICES, LOW_PRECISION, assert_matches_reference,
+                   check_selective_scan, cram_ops_called, scan_inputs)
 from cram_ext.reference import selective_scan_ref
 
-LOW_PRECISION = [torch.bfloat16, torch.float16]
 
-
-def make_inputs(batch=2, dim=6, L=33, N=4, groups=None, dtype=torch.float32, full=True,
-                device="cpu"):
-    """Random scan inputs; `groups=None` gives the (batch, N, L) form of B and C."""
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    bc_shape = (batch, N, L) if groups is None else (batch, groups, N, L)
-    inputs = dict(
-        u=torch.randn(batch, dim, L, device=device).to(dtype),
-        # With `full` the tests apply softplus; without it delta must stay positive to be stable.
-        delta=(0.5 * torch.randn(batch, dim, L, device=device) - 0.5 if full
-               else 0.5 * torch.rand(batch, dim, L, device=device) + 0.01).to(dtype),
-        A=-(0.1 + torch.rand(dim, N, device=device)).to(acc),
-        B=torch.randn(bc_shape, device=device).to(dtype),
-        C=torch.randn(bc_shape, device=device).to(dtype),
-    )
-    if full:
-        inputs.update(
-            D=torch.randn(dim, device=device).to(acc),
-            z=torch.randn(batch, dim, L, device=device).to(dtype),
-            delta_bias=(0.1 * torch.randn(dim, device=device)).to(acc),
-            dt_scale=(0.2 + 2 * torch.rand(batch, L, device=device)).to(acc),
-        )
-    return inputs
-
-
-def assert_close(actual, expected, seed, dtype, what="out"):
-    tol = {torch.float64: 1e-10, torch.float32: 2e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}[dtype]
-    scale = expected.abs().max().clamp_min(1.0)
-    err = (actual.double() - expected.double()).abs().max() / scale
-    assert err <= tol, f"{what}: max error {err:.3g} (relative to {scale:.3g}) > {tol} [seed {seed}]"
-
-
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("L", [1, 7, 128, 1000])
 @pytest.mark.parametrize("full", [True, False], ids=["all-options", "bare"])
-def test_forward_matches_reference(seed, L, full):
-    inputs = make_inputs(L=L, dim=20, groups=2 if full else None, full=full)
-    softplus = full
-    out, last = cram_ext.selective_scan(**inputs, delta_softplus=softplus, return_last_state=True)
-    ref, ref_last = selective_scan_ref(**inputs, delta_softplus=softplus, return_last_state=True)
-    assert out.dtype == inputs["u"].dtype and last.dtype == torch.float32
-    assert_close(out, ref, seed, torch.float32)
-    assert_close(last, ref_last, seed, torch.float32, "last_state")
+def test_forward_matches_reference(seed, L, full, device):
+    inputs = scan_inputs(seed, L=L, dim=20, groups=2 if full else None, full=full, device=device)
+    check_selective_scan(seed, inputs, delta_softplus=full, backward=False)
 
 
-@pytest.mark.parametrize("dtype", LOW_PRECISION)
-def test_low_precision_forward(seed, dtype):
-    inputs = make_inputs(L=300, dim=18, N=8, dtype=dtype)
-    out = cram_ext.selective_scan(**inputs, delta_softplus=True)
-    # Same (already rounded) inputs, computed in float32: only the output rounding differs.
-    ref = selective_scan_ref(**{k: v.float() for k, v in inputs.items()}, delta_softplus=True)
-    assert out.dtype == dtype
-    assert_close(out, ref, seed, dtype)
+SCAN_SHAPES = [  # (L, dim, N, groups); 600 steps cross two checkpoint chunks
+    *[pytest.param(7, 20, 4, 2, dtype) for dtype in ALL_DTYPES],
+    *[pytest.param(300, 18, 8, None, dtype) for dtype in ALL_DTYPES],
+    *[pytest.param(600, 20, 4, 2, dtype) for dtype in (torch.float32, *LOW_PRECISION)],
+]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32] + LOW_PRECISION)
-@pytest.mark.parametrize("L", [7, 600])
-def test_gradients_match_reference(seed, dtype, L):
-    inputs = make_inputs(L=L, dim=20, groups=2, dtype=dtype)
-    leaves = {k: v.detach().requires_grad_() for k, v in inputs.items()}
-    out = cram_ext.selective_scan(**leaves, delta_softplus=True)
-    grad_out = torch.randn_like(out)
-    grads = torch.autograd.grad(out, list(leaves.values()), grad_out)
-    ref_leaves = {k: v.detach().float().requires_grad_() for k, v in inputs.items()}
-    ref = selective_scan_ref(**ref_leaves, delta_softplus=True)
-    ref_grads = torch.autograd.grad(ref, list(ref_leaves.values()), grad_out.float())
-    for name, g, rg in zip(leaves, grads, ref_grads):
-        assert g.dtype == inputs[name].dtype and g.shape == inputs[name].shape
-        assert_close(g, rg, seed, dtype if dtype == torch.float32 else torch.bfloat16, f"d{name}")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("L, dim, N, groups, dtype", SCAN_SHAPES)
+def test_forward_and_gradients_match_reference(seed, dtype, L, dim, N, groups, device):
+    inputs = scan_inputs(seed, L=L, dim=dim, N=N, groups=groups, dtype=dtype, device=device)
+    check_selective_scan(seed, inputs)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("full", [True, False])
-def test_gradcheck_float64(seed, full):
-    inputs = make_inputs(batch=2, dim=5, L=9, N=3, groups=None, dtype=torch.float64, full=full)
+def test_gradcheck_float64(seed, full, device):
+    inputs = scan_inputs(seed, batch=2, dim=5, L=9, N=3, dtype=torch.float64, full=full,
+                         device=device)
     names = list(inputs)
 
     def scan(*tensors):
         return cram_ext.selective_scan(**dict(zip(names, tensors)), delta_softplus=full)
 
     tensors = [t.requires_grad_() for t in inputs.values()]
-    assert torch.autograd.gradcheck(scan, tensors, eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert torch.autograd.gradcheck(scan, tensors, eps=1e-6, atol=1e-7, rtol=1e-5), f"seed={seed}"
 
 
-def test_gradcheck_float64_across_checkpoints(seed):
-    """Sequences longer than one checkpoint chunk: the backward restarts from saved states.
-    Two full chunks and a partial third."""
-    L = 2 * cram_ext.ops.SCAN_CHUNK_SIZE + 3
-    inputs = make_inputs(batch=1, dim=3, L=L, N=2, groups=1, dtype=torch.float64)
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_float64_across_checkpoints(seed, device):
+    """Two full checkpoint chunks and a partial third: the backward restarts from saved
+    states."""
+    inputs = scan_inputs(seed, batch=1, dim=1, L=2 * cram_ext.ops.SCAN_CHUNK_SIZE + 3, N=2,
+                         groups=1, dtype=torch.float64, device=device)
     names = list(inputs)
     tensors = [t.requires_grad_() for t in inputs.values()]
     assert torch.autograd.gradcheck(
         lambda *ts: cram_ext.selective_scan(**dict(zip(names, ts)), delta_softplus=True),
-        tensors, eps=1e-6, atol=1e-7, rtol=1e-5)
+        tensors, eps=1e-6, atol=1e-7, rtol=1e-5), f"seed={seed}"
 
 
-def test_non_contiguous_inputs(seed):
-    inputs = make_inputs(L=40, dim=16, groups=1)
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs(seed, device):
+    inputs = scan_inputs(seed, L=40, dim=16, groups=1, device=device)
     # Channel-major storage (L not the fastest dimension) and sliced views with gaps.
     strided = dict(inputs)
     strided["u"] = inputs["u"].transpose(1, 2).contiguous().transpose(1, 2)
     strided["delta"] = torch.cat([inputs["delta"], inputs["delta"]], dim=1)[:, ::2]
-    strided["z"] = torch.randn(2, 16, 80)[:, :, ::2]
-    strided["B"] = inputs["B"].expand(2, 1, 4, 40)  # zero batch stride
+    strided["z"] = torch.cat([inputs["z"], inputs["z"]], dim=2)[:, :, ::2]
+    strided["B"] = inputs["B"][:1].expand(2, 1, 4, 40)  # zero batch stride
     assert not strided["u"].is_contiguous() and not strided["z"].is_contiguous()
-    ref_inputs = {k: v.contiguous() for k, v in strided.items()}
-    out = cram_ext.selective_scan(**strided, delta_softplus=True)
-    ref = selective_scan_ref(**ref_inputs, delta_softplus=True)
-    assert_close(out, ref, seed, torch.float32)
+    assert strided["B"].stride(0) == 0
+    check_selective_scan(seed, strided)
 
 
-def test_nan_propagates_like_reference(seed):
-    inputs = make_inputs(L=20, dim=4)
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_propagates_like_reference(seed, device):
+    inputs = scan_inputs(seed, L=20, dim=4, device=device)
     inputs["u"][0, 1, 5] = float("nan")
-    out = cram_ext.selective_scan(**inputs, delta_softplus=True)
-    ref = selective_scan_ref(**inputs, delta_softplus=True)
-    assert torch.equal(out.isnan(), ref.isnan())
+    out = check_selective_scan(seed, inputs, backward=False)
     assert out[0, 1, 5:].isnan().all() and not out[0, 1, :5].isnan().any()
     assert not out[1].isnan().any()
 
 
-def test_mamba_positional_call(seed):
+@pytest.mark.parametrize("device", DEVICES)
+def test_mamba_positional_call(seed, device):
     """Mamba's argument order: (u, delta, A, B, C, D, z, delta_bias, delta_softplus)."""
-    i = make_inputs(L=16, dim=8)
-    out = cram_ext.selective_scan(i["u"], i["delta"], i["A"], i["B"], i["C"], i["D"], i["z"],
-                                  i["delta_bias"], True)
-    ref = selective_scan_ref(i["u"], i["delta"], i["A"], i["B"], i["C"], i["D"], i["z"],
-                             i["delta_bias"], True)
-    assert_close(out, ref, seed, torch.float32)
+    i = scan_inputs(seed, L=16, dim=8, device=device)
+    positional = [i[name] for name in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    out = cram_ext.selective_scan(*positional, True)
+    ref = selective_scan_ref(*[t.double() for t in positional], True)
+    assert_matches_reference(out, ref, selective_scan_ref(*positional, True), what="out", seed=seed)
 
 
-def test_empty_sequence():
-    inputs = make_inputs(L=0, dim=4)
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_sequence(device):
+    inputs = scan_inputs(0, L=0, dim=4, device=device)
     out, last = cram_ext.selective_scan(**inputs, return_last_state=True)
-    assert out.shape == (2, 4, 0) and torch.equal(last, torch.zeros(2, 4, 4))
+    assert out.shape == (2, 4, 0) and torch.equal(last, torch.zeros(2, 4, 4, device=device))
 
 
-def test_opcheck(seed):
-    # Longer than one checkpoint chunk, so chunk_states has several entries.
-    L = cram_ext.ops.SCAN_CHUNK_SIZE + 10
-    inputs = make_inputs(batch=1, dim=4, L=L, N=3, groups=1)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("full", [True, False], ids=["all-options", "bare"])
+def test_opcheck(seed, full, device):
+    """Every op the public call dispatches, forward and backward, with the arguments it passes;
+    260 steps cross a checkpoint chunk."""
+    inputs = scan_inputs(seed, batch=2, dim=2, L=260, N=3, groups=2, full=full, device=device)
     inputs = {k: v.requires_grad_() for k, v in inputs.items()}
-    i = inputs
-    args = (i["u"], i["delta"], i["A"], i["B"], i["C"], i["D"], i["z"], i["delta_bias"],
-            i["dt_scale"], True)
-    torch.library.opcheck(torch.ops.cram_ext.selective_scan_fwd.default, args)
-    # Without softplus the raw delta is the step: positive inputs keep the state bounded.
-    b = {k: v.requires_grad_() for k, v in make_inputs(batch=1, dim=4, L=L, N=3, full=False).items()}
-    bare = (b["u"], b["delta"], b["A"], b["B"], b["C"], None, None, None, None, False)
-    torch.library.opcheck(torch.ops.cram_ext.selective_scan_fwd.default, bare)
-    detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-    out, states = torch.ops.cram_ext.selective_scan_fwd(*detached)
-    assert states.shape[2] == 2
-    bwd_args = (torch.randn_like(out), *detached[:9], states, True)
-    torch.library.opcheck(torch.ops.cram_ext.selective_scan_bwd.default, bwd_args)
+
+    def forward_and_backward():
+        out = cram_ext.selective_scan(**inputs, delta_softplus=full)
+        out.backward(torch.ones_like(out))
+
+    calls = cram_ops_called(forward_and_backward)
+    assert [op.name() for op, _, _ in calls] == ["cram_ext::selective_scan_fwd",
+                                                "cram_ext::selective_scan_bwd"]
+    for op, args, kwargs in calls:
+        torch.library.opcheck(op, args, kwargs)
 
 
-def test_torch_compile_fullgraph(seed):
-    inputs = make_inputs(L=24, dim=8, groups=2)
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(seed, device):
+    inputs = scan_inputs(seed, L=24, dim=8, groups=2, device=device)
     leaves = {k: v.requires_grad_() for k, v in inputs.items()}
 
     def layer(u, delta, A, B, C, D, z, delta_bias, dt_scale):
@@ -206,7 +163,7 @@ ERROR_CASES = {
 
 @pytest.mark.parametrize("case", list(ERROR_CASES))
 def test_bad_input_errors(case):
-    inputs = make_inputs(groups=None)
+    inputs = scan_inputs(0)  # batch 2, dim 6, L 33, N 4: the sizes the cases above assume
     mutate, message = ERROR_CASES[case]
     mutate(inputs)
     with pytest.raises(RuntimeError, match=message):
@@ -214,8 +171,8 @@ def test_bad_input_errors(case):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_device_mismatch_error():
-    inputs = make_inputs(device="cuda")
+def test_cuda_device_mismatch_error():
+    inputs = scan_inputs(0, device="cuda")
     inputs["A"] = inputs["A"].cpu()
     with pytest.raises(RuntimeError, match="A is on cpu but u is on cuda"):
         cram_ext.selective_scan(**inputs)

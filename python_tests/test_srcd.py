@@ -1,4 +1,5 @@
-"""SRCD generator: determinism, streaming contract, statistics; transfer tasks; metrics."""
+"""SRCD generator: determinism, streaming contract, statistics; transfer tasks; metrics and
+exposure statistics."""
 import itertools
 
 import numpy as np
@@ -8,6 +9,7 @@ import torch
 from cram_ext.srcd import (IGNORE_INDEX, KEY_WRITE, OBSERVATION, QUERY, SRCDConfig, SRCDStream,
                            TransferConfig, batch_at, generate_sequence, generate_transfer_sequence,
                            pattern_values)
+from cram_ext.srcd.exposure import PatternExposure
 from cram_ext.srcd.metrics import add_sums, summarize
 
 SMALL = SRCDConfig(seq_len=256)
@@ -120,7 +122,7 @@ def test_ideal_attention_fraction_and_config_errors():
         SRCDConfig(recurring_fraction=1.5)
 
 
-@pytest.mark.parametrize("task", ["copy", "recall"])
+@pytest.mark.parametrize("task", ["copy", "recall", "recurring_recall"])
 def test_transfer_tasks_query_only_keys_written_before(task):
     config = TransferConfig(task=task, n_items=10, source=SMALL)
     s = generate_transfer_sequence(config, seed=0, index=4)
@@ -129,7 +131,15 @@ def test_transfer_tasks_query_only_keys_written_before(task):
     for t in queries:
         (write,) = np.flatnonzero((s["token_type"][:t] == KEY_WRITE) & (s["key"][:t] == s["key"][t]))
         assert s["value"][write] == s["target_class"][t]
-    assert (s["key"][queries] >= SMALL.n_patterns).all()
+    recurring = s["pattern"][queries] >= 0
+    if task == "recurring_recall":   # half the items are SRCD's recurring bindings
+        assert recurring.sum() == 5
+        np.testing.assert_array_equal(s["key"][queries][recurring], s["pattern"][queries][recurring])
+        np.testing.assert_array_equal(s["target_class"][queries][recurring],
+                                      pattern_values(SMALL)[s["pattern"][queries][recurring]])
+    else:
+        assert not recurring.any()
+    assert (s["key"][queries][~recurring] >= SMALL.n_patterns).all()
     if task == "copy":
         np.testing.assert_array_equal(s["key"][queries], s["key"][:10])
     with pytest.raises(ValueError, match="unknown transfer task"):
@@ -147,3 +157,14 @@ def test_summarize_divides_the_accumulated_sums():
     assert metrics["attention_fraction/1"] == pytest.approx(6 / 20)
     assert metrics["attention_ops"] == pytest.approx(8 / 40)
     assert np.isnan(metrics["dynamics_mse"])
+
+
+def test_pattern_exposure_bins_queries_by_times_seen():
+    exposure = PatternExposure(n_patterns=3, n_layers=2)
+    exposure.update(np.array([0, 0, 0, 1]), np.array([[1, 0, 1, 1], [0, 0, 1, 0]]))
+    # pattern 0 seen for the 1st, 2nd, 3rd time: bins ⌊log2 k⌋ = 0, 1, 1
+    assert exposure.total[0, :2].tolist() == [1, 2]
+    assert exposure.episodic[0, 0, :2].tolist() == [1, 1]     # layer 0
+    assert exposure.episodic[1, 0, :2].tolist() == [0, 1]     # layer 1
+    assert exposure.episodic[:, 1, 0].tolist() == [1, 0]
+    assert exposure.seen.tolist() == [3, 1, 0]

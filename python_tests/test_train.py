@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from cram_ext import train
-from cram_ext.train import PatternExposure, run_config
+from cram_ext.train import run_config
 
 TINY = ["--size", "tiny", "--steps", "6"]
-LOGGED = {"step", "loss/total", "loss/retrieval", "loss/dynamics", "loss/episodic_cost",
-          "loss/semantic_reward", "loss/consolidation", "loss/q_regression", "accuracy",
-          "dynamics_mse", "attention_fraction", "mean_q", "mean_q_hat", "temperature",
-          "probe_rate", "lr", "q_histogram"}
+LOGGED = {"step", "loss/total", "loss/retrieval", "loss/dynamics", "loss/routing",
+          "loss/consolidation", "loss/q_regression", "accuracy", "dynamics_mse",
+          "attention_fraction", "attention/0/recurring", "attention/1/novel",
+          "attention/1/other", "mean_q", "mean_q_hat", "explore_rate", "lr", "q_histogram"}
 
 
 def read_log(directory):
@@ -30,7 +30,7 @@ def test_a_run_logs_every_step_and_checkpoints_atomically(tmp_path):
     assert all(LOGGED <= set(r) for r in log)
     assert "eval" in log[2] and "eval" in log[5] and "eval" not in log[0]
     assert log[-1]["eval"] == final
-    assert log[0]["temperature"] == pytest.approx(1.0) and log[-1]["temperature"] < 1.0
+    assert log[0]["explore_rate"] == pytest.approx(0.1) and log[-1]["explore_rate"] < 0.1
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "log.jsonl"]   # no .tmp left over
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert checkpoint["step"] == 6 and checkpoint["config"]["model"] == "cram"
@@ -51,15 +51,6 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, model):
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
     np.testing.assert_array_equal(a["exposure"]["total"], b["exposure"]["total"])
-
-
-def test_pattern_exposure_bins_queries_by_times_seen():
-    exposure = PatternExposure(n_patterns=3)
-    exposure.update(np.array([0, 0, 0, 1]), np.array([True, False, True, True]))
-    # pattern 0 seen for the 1st, 2nd, 3rd time: bins ⌊log2 k⌋ = 0, 1, 1
-    assert exposure.total[0, :2].tolist() == [1, 2]
-    assert exposure.episodic[0, :2].tolist() == [1, 1]
-    assert exposure.seen.tolist() == [3, 1, 0]
 
 
 def test_unknown_names_are_rejected():
@@ -88,22 +79,6 @@ def test_torchrun_trains_with_two_gloo_processes(tmp_path):
     assert checkpoint["exposure"]["seen"].sum() == 4 * 2 * config.batch_size * round(0.7 * queries)
 
 
-def test_results_section_replaces_only_the_text_between_its_markers(tmp_path):
-    from cram_ext.experiments import SECTION_BEGIN, SECTION_END, write_section
-    path = tmp_path / "RESULTS.md"
-    path.write_text("# Results\n\n## Kernels\n\nkernel table\n")
-    write_section(str(path), f"{SECTION_BEGIN}\nfirst\n{SECTION_END}")
-    text = path.read_text()
-    assert text.startswith("# Results\n\n## Kernels\n\nkernel table\n")
-    assert "## SRCD: CRAM vs baselines" in text and "first" in text
-    path.write_text(text + "\n## Later section\n\nkept\n")
-    write_section(str(path), f"{SECTION_BEGIN}\nsecond\n{SECTION_END}")
-    text = path.read_text()
-    assert "second" in text and "first" not in text
-    assert text.count("## SRCD: CRAM vs baselines") == 1
-    assert "kernel table" in text and text.endswith("## Later section\n\nkept\n")
-
-
 def test_the_ctode_working_memory_is_a_run_option():
     config = run_config("cram", "tiny", working="ctode").model_config()
     assert {spec.working for spec in config.layers} == {"ctode"}
@@ -111,3 +86,13 @@ def test_the_ctode_working_memory_is_a_run_option():
     assert [spec.working for spec in jamba.layers].count(None) == 1   # the attention layer
     with pytest.raises(ValueError, match="working memory"):
         run_config("cram", "tiny", working="lstm").model_config()
+
+
+def test_flags_override_any_scalar_model_setting():
+    args = train.parse_args(["--lambda-episodic", "0.5", "--use-q-reward", "false", "--d-model",
+                             "32"])
+    settings = {name: getattr(args, name) for name in train.FLAG_SETTINGS
+                if getattr(args, name) is not None}
+    config = run_config("cram", "cpu", **settings).model_config()
+    assert (config.lambda_episodic, config.use_q_reward, config.d_model) == (0.5, False, 32)
+    assert config.episodic_cost_start == train.CPU_MODEL["episodic_cost_start"]

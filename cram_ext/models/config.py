@@ -2,30 +2,16 @@
 
 A model is a stack of layers; each layer is described by a `LayerSpec` (which memories it has and
 how attention is routed). `ModelConfig` holds the sizes and the training-time schedules of the
-router. `model_config(name, **overrides)` returns the named configurations used in the paper's
-tables:
-
-=====================  ========================================================================
-name                   what it is
-=====================  ========================================================================
-cram                   scan working memory + routed episodic attention + semantic adapter,
-                       3-way router reading q̂, consolidation loss
-transformer            dense causal attention in every layer (plus FFN), positional embedding
-mamba                  selective-scan working memory only (SSM-only)
-jamba                  1 dense-attention layer per 8, the others scan-only (Jamba's 1:7)
-seqboat                scan + episodic attention behind a static learned gate on x_t only
-cram_no_consolidation  CRAM without any consolidation signal (γ=0, no q̂ reward)
-ablate_no_semantic     router over {working, episodic} only
-ablate_no_cons_loss    CRAM with γ=0
-ablate_no_q_router     CRAM whose router does not read q̂
-ablate_semantic_lr10   CRAM with the semantic memory's learning rate ×10 (of the configured one)
-=====================  ========================================================================
+router. `model_config(name, **overrides)` returns one of the named configurations used in the
+paper's tables; `MODELS` (at the end of this file) lists them, each with a one-line description.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+from .router import Path
 
 WORKING_MEMORIES = ("scan", "ctode", None)
 ATTENTION_MODES = ("routed", "dense", None)   # routed: only router-selected rows run attention
@@ -69,11 +55,11 @@ class LayerSpec:
         return self.attention == "routed"
 
     @property
-    def paths(self) -> Tuple[str, ...]:
-        """The router's choices for this layer, in logit order."""
+    def paths(self) -> Tuple[Path, ...]:
+        """The router's choices for this layer, in the order of its predictions."""
         if not self.has_router:
             return ()
-        return ("working", "episodic", "semantic") if self.semantic else ("working", "episodic")
+        return tuple(Path) if self.semantic else (Path.WORKING, Path.EPISODIC)
 
 
 @dataclass(frozen=True)
@@ -92,18 +78,20 @@ class ModelConfig:
     memory_size: int = 512               # M, the episodic buffer bound for "written" keys
     gap_frequencies: Tuple[float, ...] = (0.5, 1.0, 2.0)  # sin/cos(ω Δτ) input features
     # Router and consolidation (B3-B5)
-    router_episodic_bias: float = 2.0    # initial logit bonus of the episodic path
-    temperature_start: float = 1.0
-    temperature_end: float = 0.1
-    temperature_steps: int = 1000        # geometric anneal from start to end over these steps
-    probe_rate_start: float = 0.02       # fraction of semantic-routed tokens that still attend
-    probe_rate_end: float = 0.005
-    probe_steps: int = 1000              # linear anneal of the probe rate
+    router_episodic_bias: float = 2.0    # initial predicted-loss advantage of attention
+    explore_rate_start: float = 0.1      # fraction of (token, layer) pairs exploring a path
+    explore_rate_end: float = 0.02
+    explore_steps: int = 1000            # linear anneal of the exploration rate
     q_sigma: float = 0.5                 # q = exp(-‖f_sem - r‖² / (q_sigma² Σ Var r))
-    lambda_episodic: float = 0.1
-    episodic_cost_start: int = 100       # λ_E is 0 before this step ...
+    # Price of one attention call, in nats of the token's own loss: attention is worth it where
+    # it lowers that loss by more. At 0.1 or 0.5 recurring queries kept attending long after
+    # the rest of the network answered them (0.1 nats is within the noise of the router's
+    # loss predictions); at 2.0 the router gave attention up before it had learned to
+    # retrieve (SRCD, cpu preset).
+    lambda_episodic: float = 1.0
+    episodic_cost_start: int = 100       # every token attends before this step; λ_E is 0 ...
     episodic_cost_ramp: int = 100        # ... then rises linearly to its value over these steps
-    lambda_semantic: float = 0.05
+    lambda_semantic: float = 0.05        # semantic memory's reward per unit q̂, nats
     gamma_consolidation: float = 0.5
     use_q_reward: bool = True            # the −λ_S Σ π_S q̂ term
     semantic_lr_mult: float = 0.1        # the paper's consolidation lr: 0.1 × base lr
@@ -118,11 +106,9 @@ class ModelConfig:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.episodic_keys not in EPISODIC_KEYS:
             raise ValueError(f"episodic_keys must be one of {EPISODIC_KEYS}")
-        if not 0.0 < self.temperature_end <= self.temperature_start:
-            raise ValueError("need 0 < temperature_end <= temperature_start")
-        for rate in (self.probe_rate_start, self.probe_rate_end):
+        for rate in (self.explore_rate_start, self.explore_rate_end):
             if not 0.0 <= rate <= 1.0:
-                raise ValueError(f"probe rates must be in [0, 1], got {rate}")
+                raise ValueError(f"exploration rates must be in [0, 1], got {rate}")
         if self.memory_size < 1:
             raise ValueError("memory_size must be positive")
 
@@ -134,10 +120,6 @@ class ModelConfig:
     def n_attention_layers(self) -> int:
         return sum(spec.attention is not None for spec in self.layers)
 
-    def temperature(self, step: int) -> float:
-        progress = min(1.0, step / max(1, self.temperature_steps))
-        return self.temperature_start * (self.temperature_end / self.temperature_start) ** progress
-
     def episodic_cost_weight(self, step: int) -> float:
         """λ_E at `step`: 0 at first, so attention learns to retrieve before the router is
         charged for using it, then ramped up. With the full charge from step 0 the router
@@ -146,13 +128,15 @@ class ModelConfig:
         progress = (step - self.episodic_cost_start) / max(1, self.episodic_cost_ramp)
         return self.lambda_episodic * min(1.0, max(0.0, progress))
 
-    def probe_rate(self, step: int) -> float:
-        progress = min(1.0, step / max(1, self.probe_steps))
-        return self.probe_rate_start + (self.probe_rate_end - self.probe_rate_start) * progress
+    def explore_rate(self, step: int) -> float:
+        progress = min(1.0, step / max(1, self.explore_steps))
+        return (self.explore_rate_start
+                + (self.explore_rate_end - self.explore_rate_start) * progress)
 
 
-def _cram_layers(n_layers: int, **spec) -> Tuple[LayerSpec, ...]:
-    return (LayerSpec(**spec),) * n_layers
+def _every_layer(**spec) -> Callable[[int], Tuple[LayerSpec, ...]]:
+    """A stack of identical layers, `LayerSpec(**spec)`, of any depth."""
+    return lambda n_layers: (LayerSpec(**spec),) * n_layers
 
 
 def _jamba_layers(n_layers: int) -> Tuple[LayerSpec, ...]:
@@ -167,9 +151,51 @@ def _jamba_layers(n_layers: int) -> Tuple[LayerSpec, ...]:
                  for i in range(n_layers))
 
 
-MODEL_NAMES = ("cram", "transformer", "mamba", "jamba", "seqboat", "cram_no_consolidation",
-               "ablate_no_semantic", "ablate_no_cons_loss", "ablate_no_q_router",
-               "ablate_semantic_lr10")
+def _semantic_lr_times_10(config: ModelConfig) -> ModelConfig:
+    return dataclasses.replace(config, semantic_lr_mult=10 * config.semantic_lr_mult)
+
+
+@dataclass(frozen=True)
+class NamedModel:
+    """How a named configuration is built: its layer stack for a depth, the `ModelConfig` fields
+    it sets (overrides win over them), and an adjustment of the overridden config."""
+
+    description: str
+    layers: Callable[[int], Tuple[LayerSpec, ...]]
+    fields: Mapping[str, Any] = field(default_factory=dict)
+    adjust: Optional[Callable[[ModelConfig], ModelConfig]] = None
+
+
+_NO_ROUTER = dict(semantic=False, router_reads_state=False, router_reads_q=False)
+
+MODELS: Dict[str, NamedModel] = {
+    "cram": NamedModel(
+        "scan working memory + routed episodic attention + semantic adapter, 3-way router "
+        "reading q̂, consolidation loss", _every_layer()),
+    "transformer": NamedModel(
+        "dense causal attention in every layer (plus FFN), positional embedding",
+        _every_layer(working=None, attention="dense", **_NO_ROUTER),
+        dict(positional_embedding=True, episodic_keys="prefix")),
+    "mamba": NamedModel("selective-scan working memory only (SSM-only)",
+                        _every_layer(attention=None, **_NO_ROUTER)),
+    "jamba": NamedModel("1 dense-attention layer per 8, the others scan-only (Jamba's 1:7)",
+                        _jamba_layers, dict(episodic_keys="prefix")),
+    "seqboat": NamedModel("scan + episodic attention behind a static learned gate on x_t only",
+                          _every_layer(**_NO_ROUTER)),
+    "cram_no_consolidation": NamedModel(
+        "CRAM without any consolidation signal (γ=0, no q̂ reward)", _every_layer(),
+        dict(gamma_consolidation=0.0, use_q_reward=False)),
+    "ablate_no_semantic": NamedModel("router over {working, episodic} only",
+                                     _every_layer(semantic=False, router_reads_q=False)),
+    "ablate_no_cons_loss": NamedModel("CRAM with γ=0", _every_layer(),
+                                      dict(gamma_consolidation=0.0)),
+    "ablate_no_q_router": NamedModel("CRAM whose router does not read q̂",
+                                     _every_layer(router_reads_q=False)),
+    "ablate_semantic_lr10": NamedModel(
+        "CRAM with the semantic memory's learning rate ×10 (of the configured one)",
+        _every_layer(), adjust=_semantic_lr_times_10),
+}
+MODEL_NAMES = tuple(MODELS)
 TABLE1_MODELS = ("transformer", "mamba", "jamba", "seqboat", "cram", "cram_no_consolidation")
 ABLATIONS = ("cram", "ablate_no_semantic", "ablate_no_cons_loss", "ablate_no_q_router",
              "ablate_semantic_lr10")
@@ -177,34 +203,9 @@ ABLATIONS = ("cram", "ablate_no_semantic", "ablate_no_cons_loss", "ablate_no_q_r
 
 def model_config(name: str, n_layers: int = 2, **overrides) -> ModelConfig:
     """The named configuration, with `n_layers` layers and any `ModelConfig` field overridden."""
-    no_router = dict(semantic=False, router_reads_state=False, router_reads_q=False)
-    if name in ("cram", "ablate_no_cons_loss", "ablate_semantic_lr10", "cram_no_consolidation"):
-        layers = _cram_layers(n_layers)
-    elif name == "ablate_no_q_router":
-        layers = _cram_layers(n_layers, router_reads_q=False)
-    elif name == "ablate_no_semantic":
-        layers = _cram_layers(n_layers, semantic=False, router_reads_q=False)
-    elif name == "seqboat":
-        layers = _cram_layers(n_layers, **no_router)
-    elif name == "transformer":
-        layers = _cram_layers(n_layers, working=None, attention="dense", **no_router)
-    elif name == "mamba":
-        layers = _cram_layers(n_layers, attention=None, **no_router)
-    elif name == "jamba":
-        layers = _jamba_layers(n_layers)
-    else:
+    if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
-    fields = dict(name=name, layers=layers)
-    if name == "transformer":
-        fields.update(positional_embedding=True, episodic_keys="prefix")
-    if name == "jamba":
-        fields.update(episodic_keys="prefix")
-    if name in ("ablate_no_cons_loss", "cram_no_consolidation"):
-        fields.update(gamma_consolidation=0.0)
-    if name == "cram_no_consolidation":
-        fields.update(use_q_reward=False)
-    fields.update(overrides)
+    named = MODELS[name]
+    fields = {"name": name, "layers": named.layers(n_layers), **named.fields, **overrides}
     config = dataclasses.replace(ModelConfig(), **fields)
-    if name == "ablate_semantic_lr10":
-        config = dataclasses.replace(config, semantic_lr_mult=10 * config.semantic_lr_mult)
-    return config
+    return named.adjust(config) if named.adjust else config

@@ -33,8 +33,9 @@ import torch.nn.functional as F
 
 from ..srcd.generator import IGNORE_INDEX
 from .config import LayerSpec, ModelConfig
-from .memory import (CTODEMemory, EpisodicAttention, QualityPredictor, Router, SelectiveScanMemory,
+from .memory import (CTODEMemory, EpisodicAttention, QualityPredictor, SelectiveScanMemory,
                      SemanticAdapter)
+from .router import Path, Router, RoutingDecision, routing_loss
 
 
 @dataclass
@@ -42,7 +43,7 @@ class LayerRecord:
     """What one layer did on a batch; tensors are (batch, L) unless said otherwise."""
 
     attention_rows: Optional[torch.Tensor] = None   # bool: the rows that ran attention
-    probs: Optional[torch.Tensor] = None            # (batch, L, paths) router softmax
+    routing: Optional[RoutingDecision] = None       # the router's policy and choice
     q_hat: Optional[torch.Tensor] = None
     q: Optional[torch.Tensor] = None                # measured where attention ran, else 0
     consolidation_error: Optional[torch.Tensor] = None  # ‖f_sem − sg(r)‖²/d, 0 off attention
@@ -66,7 +67,7 @@ class CRAMLayer(nn.Module):
         self.episodic = EpisodicAttention(d, config.n_heads) if spec.attention else None
         self.semantic = SemanticAdapter(d, config.rank) if spec.semantic else None
         self.q_predictor = QualityPredictor(d) if spec.semantic else None
-        self.router = (Router(d, len(spec.paths), spec.router_reads_state, spec.router_reads_q,
+        self.router = (Router(d, spec.paths, spec.router_reads_state, spec.router_reads_q,
                               config.router_episodic_bias) if spec.has_router else None)
         self.q_sigma = config.q_sigma
         self.norm_mix = nn.LayerNorm(d)
@@ -75,9 +76,9 @@ class CRAMLayer(nn.Module):
         self.norm_ffn = nn.LayerNorm(d)
 
     def forward(self, x: torch.Tensor, gap: torch.Tensor, key_mask: Optional[torch.Tensor],
-                temperature: Optional[float], probe_rate: float):
-        """`temperature=None` routes by argmax (inference); `probe_rate` > 0 sends that fraction
-        of the semantic-routed tokens through attention as well, for measurement only."""
+                prices: "RoutingPrices"):
+        """Routes by `prices` (see `Router.forward`); `prices.explore_rate` > 0 only in
+        training."""
         record = LayerRecord()
         working_out = self.working(x, gap) if self.spec.working else torch.zeros_like(x)
         mixed = working_out
@@ -87,24 +88,16 @@ class CRAMLayer(nn.Module):
             record.attention_rows = rows
         elif self.spec.attention == "routed":
             q_hat = self.q_predictor(x) if self.q_predictor is not None else None
-            probs, gates = self.router(x, gap, working_out,
-                                       q_hat if q_hat is not None else x.new_zeros(x.shape[:2]),
-                                       temperature)
-            episodic_gate = gates[..., 1]
-            rows = episodic_gate.detach() > 0.5
-            if self.semantic is not None:
-                semantic_gate = gates[..., 2]
-                semantic_rows = semantic_gate.detach() > 0.5
-                if probe_rate > 0:
-                    probes = semantic_rows & (torch.rand(rows.shape, device=x.device) < probe_rate)
-                    rows = rows | probes
+            routing = self.router(x, gap, working_out,
+                                  q_hat if q_hat is not None else x.new_zeros(x.shape[:2]),
+                                  prices.episodic, prices.semantic if self.spec.router_reads_q
+                                  else 0.0, prices.explore_rate, prices.attend_all)
+            rows = episodic = routing.choice == Path.EPISODIC
             retrieved = self.episodic(x, rows, key_mask)
-            # Probe rows are not episodic-routed: their gate is 0 in value, so they only
-            # measure q and feed L_cons (and give the router the straight-through gradient).
-            mixed = mixed + episodic_gate[..., None] * retrieved
+            mixed = mixed + episodic[..., None].to(x.dtype) * retrieved
             if self.semantic is not None:
                 recalled = self.semantic(x)
-                mixed = mixed + semantic_gate[..., None] * recalled
+                mixed = mixed + (routing.choice == Path.SEMANTIC)[..., None].to(x.dtype) * recalled
                 target = retrieved.detach()
                 squared_error = (recalled - target).pow(2).sum(-1)
                 ran = rows.to(x.dtype)
@@ -112,7 +105,7 @@ class CRAMLayer(nn.Module):
                 record.q = torch.exp(-squared_error.detach()
                                      / (self.q_sigma ** 2 * retrieval_spread(target, rows))) * ran
                 record.q_hat = q_hat
-            record.probs, record.attention_rows = probs, rows
+            record.routing, record.attention_rows = routing, rows
         h = self.norm_mix(x + mixed)
         return self.norm_ffn(h + self.ffn(h)), record
 
@@ -167,6 +160,19 @@ def sinusoidal_positions(length: int, d_model: int, device) -> torch.Tensor:
     return table
 
 
+@dataclass(frozen=True)
+class RoutingPrices:
+    """What the routers charge at one training step (in nats of a token's loss): `episodic` per
+    attention call, `semantic` the reward per unit q̂ for semantic memory; the fraction of
+    tokens that explore a uniformly drawn path, and whether every other token attends (the
+    warm-up)."""
+
+    episodic: float
+    semantic: float
+    explore_rate: float = 0.0
+    attend_all: bool = False
+
+
 @dataclass
 class ModelOutput:
     value_logits: torch.Tensor       # (batch, L, n_values)
@@ -201,38 +207,42 @@ class CRAMModel(nn.Module):
         return written
 
     def forward(self, batch: Dict[str, torch.Tensor], step: int = 0) -> ModelOutput:
-        """Training mode samples the routers (Gumbel, temperature and probe rate of `step`);
-        eval mode routes by argmax with no probes."""
-        temperature = self.config.temperature(step) if self.training else None
-        probe_rate = self.config.probe_rate(step) if self.training else 0.0
+        """Training mode explores (the rate and λ_E warm-up of `step`); eval mode takes every
+        router's lowest-priced path."""
+        prices = self.routing_prices(step)
         key_mask = self.key_mask(batch)
         x = self.encoder(batch)
         records = []
         for layer in self.layers:
-            x, record = layer(x, batch["gap"], key_mask, temperature, probe_rate)
+            x, record = layer(x, batch["gap"], key_mask, prices)
             records.append(record)
         return ModelOutput(self.value_head(x), self.dynamics_head(x).squeeze(-1), records)
+
+    def routing_prices(self, step: int = 0) -> RoutingPrices:
+        """The routers' prices at `step` in training (warm-up, λ_E ramp, exploration), the full
+        prices and no exploration in eval mode."""
+        cfg = self.config
+        semantic = cfg.lambda_semantic if cfg.use_q_reward else 0.0
+        if not self.training:
+            return RoutingPrices(cfg.lambda_episodic, semantic)
+        return RoutingPrices(cfg.episodic_cost_weight(step), semantic, cfg.explore_rate(step),
+                             attend_all=step < cfg.episodic_cost_start)
 
     def losses(self, batch: Dict[str, torch.Tensor], output: ModelOutput,
                step: Optional[int] = None) -> Dict[str, torch.Tensor]:
         """The loss terms of the module docstring and their weighted sum, "total". λ_E follows
         its warm-up at `step` (None: the full λ_E)."""
         cfg = self.config
+        token_loss = self.token_losses(batch, output)
+        positions = token_loss.numel()
         queries = batch["target_class"] != IGNORE_INDEX
-        zero = output.next_value.new_zeros(())
-        positions = queries.numel()
-        retrieval = (F.cross_entropy(output.value_logits[queries], batch["target_class"][queries],
-                                     reduction="sum") / positions if queries.any() else zero)
-        observed = batch["dynamics_mask"]
-        dynamics = (F.mse_loss(output.next_value[observed], batch["target_value"][observed],
-                               reduction="sum") / positions if observed.any() else zero)
-        routed = [r for r in output.layers if r.probs is not None]
-        episodic_cost = (torch.stack([r.probs[..., 1].mean() for r in routed]).mean()
-                         if routed else zero)
-        semantic = [r for r in routed if r.q_hat is not None]
-        semantic_reward = (torch.stack([(r.probs[..., 2] * r.q_hat.detach()).mean()
-                                        for r in semantic]).mean()
-                           if semantic and cfg.use_q_reward else zero)
+        retrieval = token_loss[queries].sum() / positions
+        dynamics = token_loss[batch["dynamics_mask"]].sum() / positions
+        zero = token_loss.new_zeros(())
+        routed = [r.routing for r in output.layers if r.routing is not None]
+        routing = (sum(routing_loss(r, token_loss) for r in routed) / positions if routed
+                   else zero)
+        semantic = [r for r in output.layers if r.q_hat is not None]
         n_measured = sum(r.attention_rows.sum() for r in semantic) if semantic else 0
         if semantic and n_measured > 0:
             consolidation = sum(r.consolidation_error.sum() for r in semantic) / n_measured
@@ -240,14 +250,23 @@ class CRAMModel(nn.Module):
                                for r in semantic) / n_measured
         else:
             consolidation = q_regression = zero
-        lambda_episodic = (cfg.lambda_episodic if step is None
-                           else cfg.episodic_cost_weight(step))
-        total = (retrieval + dynamics + lambda_episodic * episodic_cost
-                 - cfg.lambda_semantic * semantic_reward
-                 + cfg.gamma_consolidation * consolidation + q_regression)
+        total = (retrieval + dynamics + routing + cfg.gamma_consolidation * consolidation
+                 + q_regression)
         return {"total": total, "retrieval": retrieval, "dynamics": dynamics,
-                "episodic_cost": episodic_cost, "semantic_reward": semantic_reward,
-                "consolidation": consolidation, "q_regression": q_regression}
+                "routing": routing, "consolidation": consolidation, "q_regression": q_regression}
+
+    @staticmethod
+    def token_losses(batch: Dict[str, torch.Tensor], output: ModelOutput) -> torch.Tensor:
+        """(batch, L) task loss of each position: cross-entropy at queries, squared error of
+        the next value at observations, 0 elsewhere."""
+        queries = batch["target_class"] != IGNORE_INDEX
+        cross_entropy = F.cross_entropy(output.value_logits.flatten(0, 1),
+                                        batch["target_class"].flatten(), reduction="none",
+                                        ignore_index=IGNORE_INDEX).view(queries.shape)
+        squared_error = (output.next_value - batch["target_value"]).pow(2)
+        return torch.where(queries, cross_entropy,
+                           torch.where(batch["dynamics_mask"], squared_error,
+                                       torch.zeros_like(squared_error)))
 
     def param_groups(self, lr: float, weight_decay: float) -> List[dict]:
         """AdamW groups: the semantic adapters at `semantic_lr_mult`·lr (the paper's

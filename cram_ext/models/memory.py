@@ -1,4 +1,4 @@
-"""The three memories of a CRAM layer and the router that chooses between them.
+"""The three memories of a CRAM layer (the router that chooses between them: `router.py`).
 
 The two kernels are reached through `scan_op` and `attention_op` only, so tests can wrap them
 (for example to count the rows that really ran attention).
@@ -150,42 +150,3 @@ class QualityPredictor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.net(x.detach())).squeeze(-1)
-
-
-class Router(nn.Module):
-    """Per-token choice among the layer's paths (B3, B4).
-
-    Features: x_t (the token content: without it no router can tell a query from an
-    observation) and, unless the router is a static gate, log(1 + Δτ_t), the working-memory
-    readout norm ‖y_t‖/√d (our stand-in for the state norm, which the fused scan does not
-    return) and q̂_t. Training samples a straight-through Gumbel-softmax: the forward uses the
-    hard one-hot, the backward the softmax at temperature τ. Inference takes the argmax.
-    """
-
-    def __init__(self, d_model: int, n_paths: int, reads_state: bool, reads_q: bool,
-                 episodic_bias: float):
-        super().__init__()
-        self.reads_state, self.reads_q = reads_state, reads_q
-        n_features = d_model + (3 if reads_state else 0)
-        self.proj = nn.Linear(n_features, n_paths)
-        with torch.no_grad():
-            self.proj.weight.mul_(0.1)
-            self.proj.bias.zero_()
-            self.proj.bias[1] = episodic_bias   # path 1 is episodic: attention starts in use
-
-    def features(self, x, gap, working_out, q_hat):
-        if not self.reads_state:
-            return x
-        state_norm = working_out.norm(dim=-1) / math.sqrt(x.shape[-1])
-        q_feature = q_hat.detach() if self.reads_q else torch.zeros_like(q_hat)
-        return torch.cat([x, torch.log1p(gap)[..., None], state_norm.detach()[..., None],
-                          q_feature[..., None]], dim=-1)
-
-    def forward(self, x, gap, working_out, q_hat, temperature: Optional[float]):
-        """Returns (probabilities π, gates): gates are one-hot in value; in training their
-        gradient is the Gumbel-softmax's (straight-through). `temperature=None`: argmax."""
-        logits = self.proj(self.features(x, gap, working_out, q_hat))
-        probs = logits.softmax(-1)
-        if temperature is None:
-            return probs, F.one_hot(logits.argmax(-1), logits.shape[-1]).to(x.dtype)
-        return probs, F.gumbel_softmax(logits, tau=temperature, hard=True)

@@ -11,8 +11,10 @@
   paper's "attention ops vs a dense Transformer of the same depth";
 * mean_q: q over the pairs that ran attention in layers with a semantic path; mean_q_hat: q̂ over
   query positions in those layers; both also split by recurring / novel query keys;
-* query_episodic / query_semantic: fraction of (query, routed layer) pairs the router (argmax of
-  π) sends to each path, split by recurring and novel keys.
+* routing by token kind (`TOKEN_KINDS`: recurring query, novel query, every other token), per
+  layer with a router: ``attention/<layer>/<kind>``, the fraction of that kind's tokens that ran
+  attention (P(attention | kind); in training this includes probes), and
+  ``semantic/<layer>/<kind>``, the fraction the router sent to semantic memory.
 """
 from __future__ import annotations
 
@@ -20,7 +22,18 @@ from typing import Dict
 
 import torch
 
+from ..models.router import Path
 from .generator import IGNORE_INDEX
+
+TOKEN_KINDS = ("recurring", "novel", "other")
+
+
+def token_kinds(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Boolean (batch, L) masks of the recurring queries, the novel queries and the rest."""
+    queries = batch["target_class"] != IGNORE_INDEX
+    recurring = queries & (batch["pattern"] >= 0)
+    novel = queries & (batch["pattern"] < 0)
+    return {"recurring": recurring, "novel": novel, "other": ~queries}
 
 
 @torch.no_grad()
@@ -62,13 +75,14 @@ def batch_sums(batch: Dict[str, torch.Tensor], output, n_layers: int) -> Dict[st
                        f"q_hat_{kind}_count": float(mask.sum())}
                 for key, value in add.items():
                     sums[key] = sums.get(key, 0.0) + value
-        if record.probs is not None:
-            choice = record.probs.argmax(-1)
-            for kind, mask in (("recurring", recurring), ("novel", novel)):
-                sums[f"{kind}_query_pairs"] = sums.get(f"{kind}_query_pairs", 0.0) + float(mask.sum())
-                for path_index, path in ((1, "episodic"), (2, "semantic")):
-                    key = f"{kind}_query_{path}"
-                    sums[key] = sums.get(key, 0.0) + float(((choice == path_index) & mask).sum())
+        if record.routing is not None:
+            for kind, mask in token_kinds(batch).items():
+                add = {f"tokens/{index}/{kind}": float(mask.sum()),
+                       f"attention/{index}/{kind}": float((record.attention_rows & mask).sum()),
+                       f"semantic/{index}/{kind}":
+                           float(((record.routing.choice == Path.SEMANTIC) & mask).sum())}
+                for key, value in add.items():
+                    sums[key] = sums.get(key, 0.0) + value
     return sums
 
 
@@ -106,9 +120,8 @@ def summarize(sums: Dict[str, float]) -> Dict[str, float]:
     for i in layer_ids:
         metrics[f"attention_fraction/{i}"] = _ratio(sums[f"attention_rows/{i}"],
                                                     sums[f"attention_tokens/{i}"])
-    for kind in ("recurring", "novel"):
-        for path in ("episodic", "semantic"):
-            key = f"{kind}_query_{path}"
-            if key in sums:
-                metrics[key] = _ratio(sums[key], sums[f"{kind}_query_pairs"])
+    for key in sums:
+        if key.startswith(("attention/", "semantic/")):
+            _, layer, kind = key.split("/")
+            metrics[key] = _ratio(sums[key], sums[f"tokens/{layer}/{kind}"])
     return metrics

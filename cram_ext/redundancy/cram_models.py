@@ -1,7 +1,7 @@
 """Attention redundancy R of this package's own SRCD models (`cram_ext.models.CRAMModel`).
 
-`cram_ext.analysis.redundancy` measures R with forward hooks found by an *adapter* and drives
-the model with token windows.  A `CRAMModel` needs two things that module does not know about:
+`cram_ext.redundancy` measures R with forward hooks found by an *adapter* and drives the model
+with token windows.  A `CRAMModel` needs two things that module does not know about:
 
 * **where its attention is.**  Each `CRAMLayer` with an episodic path owns an
   `EpisodicAttention` (``layer.episodic``: ``qkv`` → causal attention → ``out_proj``).  The
@@ -31,7 +31,7 @@ attention treats them; the query subset is where retrieval happens.
 
 Command line::
 
-    python -m cram_ext.analysis.cram_models --checkpoint runs/srcd/transformer_s0/checkpoint.pt \\
+    python -m cram_ext.redundancy.cram_models --checkpoint runs/srcd/transformer_s0/checkpoint.pt \\
         --sequences 2000 --out-json r.json --heatmap r.png
 
 The held-out SRCD stream uses data seed ``training data_seed + HELDOUT_SEED_OFFSET``, which is
@@ -51,9 +51,11 @@ from torch import nn
 from ..models import CRAMModel
 from ..srcd.generator import SRCDConfig, collate, generate_sequence, pattern_values
 from ..srcd.generator import KEY_WRITE, OBSERVATION, QUERY
-from .redundancy import (ActivationRecorder, AttentionTaps, ProbeStatistics, RedundancyReport,
-                         Tap, UnsupportedArchitectureError, measure_redundancy, model_device,
-                         register_adapter, save_heatmap, score_layer, write_json)
+from ..train import EVAL_SEED_OFFSET, RunConfig
+from .measure import RedundancyReport, measure_redundancy, model_device, save_heatmap, write_json
+from .probe import ProbeSplits, score_layer
+from .taps import (ActivationRecorder, AttentionTaps, Tap, UnsupportedArchitectureError,
+                   register_adapter)
 
 HELDOUT_SEED_OFFSET = 2_000_029   # probe stream: seed offset from the training data seed
 
@@ -157,29 +159,6 @@ register_adapter("cram", cram_adapter)
 TOKEN_SUBSETS = {"all": None, "observation": OBSERVATION, "key_write": KEY_WRITE, "query": QUERY}
 
 
-class _SubsetAccumulator:
-    """Fitting and held-out probe moments of one (subset, layer) pair."""
-
-    def __init__(self) -> None:
-        self.splits: dict[bool, ProbeStatistics] = {}
-        self.output_dim = 0
-
-    def update(self, pre, out, heads, heldout) -> None:
-        """``pre``, ``out``, ``heads``: (tokens, features); ``heldout``: a bool per token."""
-        target = torch.cat([out, heads], dim=-1)
-        if not self.splits:
-            self.output_dim = out.shape[-1]
-            self.splits = {split: ProbeStatistics(pre.shape[-1], target.shape[-1], pre.device)
-                           for split in (False, True)}
-        for split, stats in self.splits.items():
-            rows = heldout == split
-            if rows.any():
-                stats.update(pre[rows], target[rows])
-
-    def counts(self) -> tuple[int, int]:
-        return tuple(self.splits[split].count if self.splits else 0 for split in (False, True))
-
-
 @torch.no_grad()
 def measure_token_subsets(feeder: SRCDSequenceFeeder, index_batches, *, ridge: float = 1e-6,
                           holdout_every: int = 5) -> dict:
@@ -203,7 +182,7 @@ def measure_token_subsets(feeder: SRCDSequenceFeeder, index_batches, *, ridge: f
         raise UnsupportedArchitectureError("this CRAMModel has no episodic attention layer")
     taps = episodic_taps(model, layers)
     device = model_device(model)
-    accumulators = {name: [_SubsetAccumulator() for _ in layers] for name in TOKEN_SUBSETS}
+    accumulators = {name: [ProbeSplits() for _ in layers] for name in TOKEN_SUBSETS}
     sequences_seen = 0
     with ActivationRecorder(taps) as recorder:
         for indices in index_batches:
@@ -260,10 +239,8 @@ def format_subsets(subsets: dict) -> str:
 # --------------------------------------------------------------------------
 
 
-def load_checkpoint(path: str | Path) -> tuple[CRAMModel, "RunConfig"]:
+def load_checkpoint(path: str | Path) -> tuple[CRAMModel, RunConfig]:
     """Rebuild the model of a `cram_ext.train` checkpoint (config from the checkpoint itself)."""
-    from ..train import RunConfig
-
     state = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
         raise ValueError(f"{path} is not a cram_ext.train checkpoint (needs 'config' and 'model')")
@@ -274,11 +251,11 @@ def load_checkpoint(path: str | Path) -> tuple[CRAMModel, "RunConfig"]:
 
 
 def heldout_feeder(path: str | Path, data_seed: Optional[int] = None
-                   ) -> tuple[SRCDSequenceFeeder, "RunConfig"]:
+                   ) -> tuple[SRCDSequenceFeeder, RunConfig]:
     """The checkpoint's model fed from a held-out SRCD stream of its own data configuration."""
     model, config = load_checkpoint(path)
     seed = config.data_seed + HELDOUT_SEED_OFFSET if data_seed is None else data_seed
-    if seed in (config.data_seed, config.data_seed + _eval_seed_offset()):
+    if seed in (config.data_seed, config.data_seed + EVAL_SEED_OFFSET):
         raise ValueError(f"data seed {seed} is the training or evaluation stream of this run")
     return SRCDSequenceFeeder(model, config.data_config(), seed), config
 
@@ -301,15 +278,9 @@ def measure_checkpoint(path: str | Path, n_sequences: int, *, batch_size: int = 
     return report
 
 
-def _eval_seed_offset() -> int:
-    from ..train import EVAL_SEED_OFFSET
-
-    return EVAL_SEED_OFFSET
-
-
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m cram_ext.analysis.cram_models",
+        prog="python -m cram_ext.redundancy.cram_models",
         description="Attention redundancy R of a CRAMModel checkpoint trained on SRCD.")
     parser.add_argument("--checkpoint", required=True, help="cram_ext.train checkpoint.pt")
     parser.add_argument("--sequences", type=int, default=2000, help="SRCD sequences to stream")
@@ -334,7 +305,7 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``python -m cram_ext.analysis.cram_models``."""
+    """Entry point of ``python -m cram_ext.redundancy.cram_models``."""
     args = _parse_args(argv)
     torch.set_num_threads(args.threads)
     try:

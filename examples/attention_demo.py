@@ -1,6 +1,6 @@
 """Routed attention against dense `scaled_dot_product_attention` on the CPU.
 
-    python -m cram_ext.demo [--length 4096] [--heads 8] [--head-dim 64]
+    python -m examples.attention_demo [--length 4096] [--heads 8] [--head-dim 64]
 
 For each route fraction it checks that the routed rows match SDPA's rows and that the other rows
 are zero, then times both on the same tensors and prints the speed-up.

@@ -12,7 +12,7 @@ that fits a laptop CPU:
   scratch with AdamW;
 * at each checkpoint step the model is saved, its held-out loss is
   recorded, and R is measured with
-  :func:`cram_ext.analysis.redundancy.measure_redundancy` on held-out
+  :func:`cram_ext.redundancy.measure_redundancy` on held-out
   files only (the probe itself is fitted and scored on disjoint windows of
   that held-out text).
 
@@ -21,7 +21,7 @@ step, a heatmap of the final checkpoint, and, under ``--run-dir``, the saved
 checkpoints plus ``heldout.txt`` so that the command-line tool can
 re-measure any checkpoint::
 
-    python -m cram_ext.analysis.train_probe_lm --run-dir runs/redundancy_probe_lm --threads 1 \\
+    python -m experiments.train_probe_lm --run-dir runs/redundancy_probe_lm --threads 1 \\
         --out-json docs/results/redundancy_probe_lm_training.json \\
         --plot docs/figures/redundancy_probe_lm_training.png \\
         --heatmap docs/figures/redundancy_probe_lm_heatmap.png
@@ -40,7 +40,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .redundancy import RedundancyReport, batched, measure_redundancy, save_heatmap, token_windows, write_json
+from cram_ext.plotting import pyplot
+from cram_ext.redundancy import RedundancyReport, batched, measure_redundancy, save_heatmap, token_windows, write_json
 
 
 def stdlib_sources() -> list[Path]:
@@ -140,11 +141,7 @@ def measure_checkpoint(model, probe_ids: torch.Tensor, args: argparse.Namespace,
 
 def plot_r_vs_step(records: list[dict], path: str) -> None:
     """R (overall and by thirds) and held-out loss against training step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     steps = [r["step"] for r in records]
     summaries = [r["redundancy"]["summary"] for r in records]
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -170,7 +167,7 @@ def plot_r_vs_step(records: list[dict], path: str) -> None:
 
 
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m cram_ext.analysis.train_probe_lm", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.train_probe_lm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", default="runs/redundancy_probe_lm", help="checkpoints and held-out text go here")
     parser.add_argument("--out-json", required=True)
     parser.add_argument("--plot", help="PNG of R against step")
@@ -190,7 +187,7 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
     args = parser.parse_args(argv)
-    args.command = " ".join(["python -m cram_ext.analysis.train_probe_lm", *(sys.argv[1:] if argv is None else argv)])
+    args.command = " ".join(["python -m experiments.train_probe_lm", *(sys.argv[1:] if argv is None else argv)])
     args.checkpoint_steps = sorted({int(s) for s in args.checkpoints.split(",")})
     if args.checkpoint_steps[0] < 0:
         parser.error("checkpoint steps must be non-negative")

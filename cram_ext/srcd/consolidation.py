@@ -1,13 +1,15 @@
-"""Consolidation analysis of training logs: the attention curve and its transition, the q
-distribution around it, and the power law of P(episodic | pattern seen k times).
+"""Consolidation in training logs: the attention curve and its transition, the q distribution
+around it, and the power law of P(episodic | pattern seen k times).
 
-Plots use matplotlib's Agg backend and write PNG files.
+The figures are PNG files drawn with matplotlib (the `plot` extra), imported only when drawing.
 """
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+
+from ..plotting import pyplot
 
 
 def smooth(values: Sequence[float], window: int) -> np.ndarray:
@@ -105,11 +107,13 @@ def exposure_power_law(episodic: np.ndarray, total: np.ndarray, n_bootstrap: int
 # Figures
 # ---------------------------------------------------------------------------------------------
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+def _label_and_save(plt, fig, ax, path: str, xlabel: str, ylabel: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot_attention(curves: List[Dict[str, np.ndarray]], summary: Dict[str, float], path: str,
@@ -117,7 +121,7 @@ def plot_attention(curves: List[Dict[str, np.ndarray]], summary: Dict[str, float
                    ideal: Optional[float] = None) -> None:
     """Attention fraction vs step on a log scale, one faint line per run and the first run's
     evaluation points, with the transition step marked."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, curve in enumerate(curves):
         ax.plot(curve["steps"], np.maximum(curve["smoothed"], 1e-4), lw=1.5 if i == 0 else 0.8,
@@ -132,17 +136,12 @@ def plot_attention(curves: List[Dict[str, np.ndarray]], summary: Dict[str, float
     if ideal:
         ax.axhline(ideal, color="C2", ls=":", lw=1, label=f"ideal {ideal:.2%}")
     ax.set_yscale("log")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("attention fraction")
     ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _label_and_save(plt, fig, ax, path, "training step", "attention fraction")
 
 
 def plot_q_distribution(distributions: Dict[str, np.ndarray], path: str) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     centres = (np.arange(10) + 0.5) / 10
     for name, color, label in (("before", "C3", "10% of steps before the transition"),
@@ -151,16 +150,11 @@ def plot_q_distribution(distributions: Dict[str, np.ndarray], path: str) -> None
         density = counts / counts.sum() if counts.sum() else counts
         ax.bar(centres + (-0.02 if name == "before" else 0.02), density, width=0.04,
                color=color, label=f"{label} (n={int(counts.sum())})")
-    ax.set_xlabel("measured q (where attention ran)")
-    ax.set_ylabel("share of tokens")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _label_and_save(plt, fig, ax, path, "measured q (where attention ran)", "share of tokens")
 
 
 def plot_power_law(fit: Dict[str, object], path: str) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     k, p = np.array(fit["k"]), np.array(fit["probability"])
     positive = p > 0
@@ -170,9 +164,5 @@ def plot_power_law(fit: Dict[str, object], path: str) -> None:
         low, high = fit["gamma_ci95"]
         ax.loglog(grid, fit["a"] * grid ** -fit["gamma"], "-",
                   label=f"{fit['a']:.2f}·k^-{fit['gamma']:.2f} (γ 95% CI {low:.2f}–{high:.2f})")
-    ax.set_xlabel("times the pattern was seen in training, k")
-    ax.set_ylabel("P(episodic | k)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _label_and_save(plt, fig, ax, path, "times the pattern was seen in training, k",
+                    "P(episodic | k)")

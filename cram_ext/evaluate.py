@@ -1,0 +1,118 @@
+"""Evaluate a trained SRCD model on a stream no training run sees, with inference routing.
+
+    python -m cram_ext.evaluate runs/cram/checkpoint.pt
+    python -m cram_ext.evaluate runs/cram/checkpoint.pt --batches 32 --json routing.json
+    python -m cram_ext.evaluate runs/cram/checkpoint.pt --by-pattern     # per recurring pattern
+
+Prints retrieval accuracy (recurring / novel keys), the dynamics MSE beside the Bayes
+predictor's, the attention fraction, and per layer with a router the fraction of each token kind
+(recurring query, novel query, every other token) that ran attention and that went to semantic
+memory: where consolidation shows (recurring queries leave attention, novel ones keep it).
+`--by-pattern` adds, per recurring pattern and routed layer, how often its queries attended and
+the loss the router predicts for each path: which bindings have been consolidated.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Dict, List
+
+import torch
+
+from .models.router import Path
+from .srcd.generator import IGNORE_INDEX
+from .srcd.metrics import TOKEN_KINDS
+
+# Sequences of the test stream: the same bindings as training, a seed offset no training or
+# in-training evaluation stream uses.
+TEST_SEED_OFFSET = 2_000_003
+
+
+def routed_layers(metrics: Dict[str, float]) -> List[int]:
+    return sorted({int(key.split("/")[1]) for key in metrics if key.startswith("attention/")
+                   and key.count("/") == 2})
+
+
+def routing_table(metrics: Dict[str, float]) -> str:
+    """Per layer: P(attention | kind) and P(semantic | kind) for every token kind, as text."""
+    header = "layer  " + "  ".join(f"{'attention | ' + kind:>20}" for kind in TOKEN_KINDS) \
+        + "  " + "  ".join(f"{'semantic | ' + kind:>19}" for kind in TOKEN_KINDS)
+    lines = [header]
+    for layer in routed_layers(metrics):
+        cells = [f"{metrics[f'attention/{layer}/{kind}']:>20.3f}" for kind in TOKEN_KINDS]
+        cells += [f"{metrics.get(f'semantic/{layer}/{kind}', float('nan')):>19.3f}"
+                  for kind in TOKEN_KINDS]
+        lines.append(f"{layer:<5}  " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def summary_lines(metrics: Dict[str, float]) -> List[str]:
+    """The headline numbers of an evaluation, one per line."""
+    return [f"retrieval accuracy {100 * metrics['accuracy']:.2f}% (recurring "
+            f"{100 * metrics['accuracy_recurring']:.2f}%, novel "
+            f"{100 * metrics['accuracy_novel']:.2f}%)",
+            f"dynamics MSE {metrics['dynamics_mse']:.4f} (Bayes predictor "
+            f"{metrics['oracle_mse']:.4f})",
+            f"attention fraction {100 * metrics['attention_fraction']:.2f}%",
+            routing_table(metrics)]
+
+
+@torch.no_grad()
+def pattern_routing(trainer, n_batches: int) -> List[str]:
+    """Per recurring pattern, most queried first: its test queries and, per routed layer,
+    P(attention) and the router's mean predicted loss of each path, as text lines."""
+    model = trainer.model.eval()
+    attended: Dict[int, List[torch.Tensor]] = {}   # pattern → (queries, layers) decisions
+    predicted: Dict[int, List[torch.Tensor]] = {}  # pattern → (queries, layers, paths)
+    for i in range(n_batches):
+        batch = trainer.batch(i, trainer.config.data_seed + TEST_SEED_OFFSET)
+        routings = [r.routing for r in model(batch).layers if r.routing is not None]
+        queries = (batch["pattern"] >= 0) & (batch["target_class"] != IGNORE_INDEX)
+        choice = torch.stack([r.choice[queries] == Path.EPISODIC for r in routings], -1)
+        loss = torch.stack([r.predicted_loss[queries] for r in routings], 1)
+        for row, pattern in enumerate(batch["pattern"][queries].tolist()):
+            attended.setdefault(pattern, []).append(choice[row].float())
+            predicted.setdefault(pattern, []).append(loss[row])
+    if not attended:
+        return ["no recurring query was routed"]
+    paths = "/".join(p.name.lower() for p in model.layers[0].router.paths)
+    n_layers = len(next(iter(attended.values()))[0])
+    lines = ["pattern  queries  " + "  ".join(f"L{l}: P(attention), predicted loss {paths}"
+                                              for l in range(n_layers))]
+    for pattern in sorted(attended, key=lambda p: -len(attended[p])):
+        p_attention = torch.stack(attended[pattern]).mean(0)
+        mean_loss = torch.stack(predicted[pattern]).mean(0)
+        cells = [f"{p_attention[l]:.2f}, " + "/".join(f"{v:.2f}" for v in mean_loss[l].tolist())
+                 for l in range(n_layers)]
+        lines.append(f"{pattern:<7}  {len(attended[pattern]):<7}  " + "  ".join(cells))
+    return lines
+
+
+def main(argv=None) -> Dict[str, float]:
+    from .train import RunConfig, Trainer
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="a checkpoint.pt written by cram_ext.train")
+    parser.add_argument("--batches", type=int, default=16,
+                        help="test batches (of the run's batch size)")
+    parser.add_argument("--json", default=None, help="also write the metrics here")
+    parser.add_argument("--by-pattern", action="store_true",
+                        help="also print routing and predicted losses per recurring pattern")
+    args = parser.parse_args(argv)
+
+    state = torch.load(args.checkpoint, weights_only=False)
+    trainer = Trainer(RunConfig(**state["config"]), None, show_progress=False)
+    trainer.model.load_state_dict(state["model"])
+    metrics = trainer.evaluate(args.batches, seed_offset=TEST_SEED_OFFSET)
+    print(f"{args.checkpoint} (step {state['step']}), {args.batches} test batches")
+    print("\n".join(summary_lines(metrics)))
+    if args.by_pattern:
+        print("\n".join(pattern_routing(trainer, args.batches)))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(metrics, f, indent=1)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

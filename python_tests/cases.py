@@ -1,0 +1,270 @@
+"""Inputs of the CPU tests, the CUDA tests, the benchmarks and the sanitizer driver, and the one
+accuracy rule they are all held to.
+
+Accuracy (FlashAttention's rule): a kernel's error against the float64 reference may be at most
+`factor` times the error of the same reference computation done in the inputs' own dtype, plus
+a small floor. For float64 inputs the two references coincide and only the floor remains; for
+16-bit inputs the reference accumulates in float32 and rounds its result, which is what an exact
+kernel in that dtype can do at best. Errors are normwise (‖actual − reference‖ / ‖reference‖):
+an element a kernel gets wrong shows in the norm, and the ratio of two normwise errors does not
+swing from run to run the way a ratio of largest elementwise errors does. Exact properties
+(unrouted rows are 0, NaN positions, dtypes) are asserted separately, exactly.
+
+Inputs come from a torch.Generator seeded with the test's seed (see conftest.py), made on the
+device they are used on.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from cram_ext import routed_attention, selective_scan
+from cram_ext.reference import routed_attention_ref, selective_scan_ref
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+ALL_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                  reason="needs a CUDA device"))]
+# Normwise error every kernel may have on top of factor x the same-dtype reference's error, by
+# accumulation dtype: float64 kernels run the same formula in another order (1e-15 measured);
+# float32 kernels use a polynomial or fast-math exp and their own summation order (CPU: at most
+# 5e-7 measured, the float32 reference 4e-7), so the floor leaves room for long CUDA reductions.
+FLOOR = {torch.float64: 1e-11, torch.float32: 1e-5}
+# The backward recomputes P and rounds more intermediates than the reference's single final
+# rounding: CPU dq reached 2.6x the same-dtype error in 40 seeds of 7-row cases (median 1.4x).
+FORWARD_FACTOR, BACKWARD_FACTOR = 2.0, 4.0
+
+
+def accumulation_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# The accuracy rule
+# ---------------------------------------------------------------------------------------------
+
+def relative_error(actual, expected):
+    """‖actual − expected‖ / ‖expected‖ over the finite entries of `expected`, in float64. A
+    reference that is exactly zero (dq when every routed row sees a single key) is compared by
+    the largest absolute error instead."""
+    finite = expected.isfinite()
+    diff = actual.double()[finite] - expected.double()[finite]
+    norm = expected.double()[finite].norm()
+    if norm == 0:
+        return diff.abs().max().item() if diff.numel() else 0.0
+    return (diff.norm() / norm).item()
+
+
+def assert_matches_reference(actual, reference, same_dtype, *, what, seed, factor=FORWARD_FACTOR):
+    """`actual` (a kernel's result) against `reference` (the float64 reference) with the rule
+    above; `same_dtype` is the reference computed from the same inputs in their own dtype.
+
+    Non-finite reference entries (NaN/Inf inputs) must be reproduced exactly; an entry the kernel
+    leaves NaN where the reference is finite fails.
+    """
+    assert actual.shape == reference.shape, f"{what}: shape {tuple(actual.shape)} [seed {seed}]"
+    finite = reference.isfinite()
+    a, e = actual[~finite].double(), reference[~finite].double()
+    assert ((a == e) | (a.isnan() & e.isnan())).all(), \
+        f"{what}: non-finite entries differ from the reference [seed {seed}]"
+    assert actual[finite].isfinite().all(), \
+        f"{what}: NaN/Inf where the reference is finite (an element left unwritten?) [seed {seed}]"
+    err = relative_error(actual, reference)
+    base_err = relative_error(same_dtype, reference)
+    tol = factor * base_err + FLOOR[accumulation_dtype(actual.dtype)]
+    assert err <= tol, (f"{what} ({actual.dtype}, {actual.device.type}): error {err:.3g} > "
+                        f"{factor:g} x {base_err:.3g} (same-dtype reference) + floor [seed {seed}]")
+
+
+# ---------------------------------------------------------------------------------------------
+# Input builders
+# ---------------------------------------------------------------------------------------------
+
+def generator(seed, device):
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def random_route(g, shape, fraction, device="cpu"):
+    """Bool route of `shape` (..., L) with exactly round(fraction · L) rows routed per leading
+    index, at uniformly random positions."""
+    L = shape[-1]
+    ranks = torch.rand(shape, generator=g, device=device).argsort(-1).argsort(-1)
+    return ranks < round(fraction * L)
+
+
+def attention_inputs(seed, *, batch=2, heads=2, kv_heads=None, Lq=16, Lk=None, d=16,
+                     dtype=torch.float32, fraction=0.5, per_head_route=False, key_mask=False,
+                     layout="bhld", device="cpu"):
+    """Random q, k, v (standard normal), route and optional key_mask (80% of keys present).
+
+    layout: "bhld" dense (batch, heads, L, d); "blhd" a (batch, L, heads, d) buffer seen through
+    a transpose, as projections produce it; "unaligned" rows that start 2 bytes past a 16-byte
+    boundary (a slice of a d + 1 wide buffer), which the CUDA tensor-core path cannot load.
+    """
+    g = generator(seed, device)
+    kv_heads = kv_heads or heads
+    Lk = Lq if Lk is None else Lk
+
+    def tensor(h, L):
+        if layout == "blhd":
+            return randn(g, (batch, L, h, d), dtype, device).transpose(1, 2)
+        if layout == "unaligned":
+            return randn(g, (batch, h, L, d + 1), dtype, device)[..., 1:]
+        return randn(g, (batch, h, L, d), dtype, device)
+
+    q, k, v = tensor(heads, Lq), tensor(kv_heads, Lk), tensor(kv_heads, Lk)
+    route = random_route(g, (batch, heads, Lq) if per_head_route else (batch, Lq), fraction, device)
+    mask = torch.rand(batch, Lk, generator=g, device=device) < 0.8 if key_mask else None
+    return q, k, v, route, mask
+
+
+def scan_inputs(seed, *, batch=2, dim=6, L=33, N=4, groups=None, dtype=torch.float32, full=True,
+                noncontiguous=False, device="cpu"):
+    """Random selective-scan inputs; `groups=None` gives B and C the (batch, N, L) form. With
+    `full`, every optional input (D, z, delta_bias, dt_scale) is given and the caller applies
+    softplus; without it delta is the step itself and stays positive so the scan is stable.
+    `noncontiguous`: u, B, C and z are channel slices of wider buffers (batch and channel strides
+    that are not dense)."""
+    g = generator(seed, device)
+    acc = accumulation_dtype(dtype)
+    bc_shape = (batch, N, L) if groups is None else (batch, groups, N, L)
+
+    def sequence(shape):
+        if not noncontiguous:
+            return randn(g, shape, dtype, device)
+        return randn(g, (shape[0], shape[1] + 3, *shape[2:]), dtype, device)[:, 2:2 + shape[1]]
+
+    uniform = lambda *shape: torch.rand(shape, generator=g, device=device, dtype=acc)  # noqa: E731
+    inputs = dict(
+        u=sequence((batch, dim, L)),
+        delta=(0.5 * randn(g, (batch, dim, L), acc, device) - 0.5 if full
+               else 0.5 * uniform(batch, dim, L) + 0.01).to(dtype),
+        A=-(0.1 + uniform(dim, N)),
+        B=sequence(bc_shape),
+        C=sequence(bc_shape),
+    )
+    if full:
+        inputs.update(D=randn(g, (dim,), acc, device), z=sequence((batch, dim, L)),
+                      delta_bias=0.1 * randn(g, (dim,), acc, device),
+                      dt_scale=0.2 + 2 * uniform(batch, L))
+    return inputs
+
+
+def randn(g, shape, dtype, device):
+    """Standard normal in `dtype`, drawn in its accumulation dtype and rounded."""
+    return torch.randn(shape, generator=g, device=device, dtype=accumulation_dtype(dtype)).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel against reference, forward and backward
+# ---------------------------------------------------------------------------------------------
+
+def fill_free_cuda_memory_with_nan(nbytes=256 << 20):
+    """The caching allocator hands out these NaN-filled blocks next, so an output element a
+    kernel forgets to write reads as NaN."""
+    torch.cuda.synchronize()
+    junk = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").fill_(float("nan"))
+    del junk
+
+
+def _leaves(tensors, dtype=None):
+    return [t.detach().to(dtype or t.dtype).requires_grad_() for t in tensors]
+
+
+def check_routed_attention(seed, q, k, v, route, key_mask=None, *, is_causal=True, scale=None,
+                           backward=True):
+    """routed_attention's output (and dq, dk, dv) against the float64 reference, by the rule.
+    Also exact: unrouted rows are 0 and get dq = 0; with no routed row every gradient is 0.
+    Returns the kernel's output."""
+    if scale is None and q.dtype == torch.float64:
+        # The kernels receive the scale as a float32; give the float64 reference that same value.
+        scale = torch.tensor(1 / math.sqrt(q.shape[-1]), dtype=torch.float32).item()
+    kwargs = dict(route=route, is_causal=is_causal, scale=scale, key_mask=key_mask)
+    grad_out = randn(generator(seed + 1, q.device.type), q.shape, q.dtype, q.device.type)
+    results = {}
+    for name, dtype, fn in [("reference", torch.float64, routed_attention_ref),
+                            ("same_dtype", None, routed_attention_ref),
+                            ("kernel", None, routed_attention)]:
+        if name == "same_dtype" and q.dtype == torch.float64:
+            results[name] = results["reference"]
+            continue
+        leaves = _leaves((q, k, v), dtype)
+        if name == "kernel" and q.is_cuda:
+            fill_free_cuda_memory_with_nan()
+        out = fn(*leaves, **kwargs)
+        grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype)) if backward else ()
+        results[name] = (out.detach(), grads)
+    out, grads = results["kernel"]
+    assert out.dtype == q.dtype and all(g.dtype == q.dtype for g in grads), f"dtypes [seed {seed}]"
+    routed = route[:, None, :].expand(-1, q.shape[1], -1) if route.dim() == 2 else route
+    assert (out[~routed] == 0).all(), f"rows not routed must be exactly 0 [seed {seed}]"
+    assert_matches_reference(out, results["reference"][0], results["same_dtype"][0], what="out",
+                             seed=seed)
+    if backward:
+        assert (grads[0][~routed] == 0).all(), f"dq of rows not routed must be 0 [seed {seed}]"
+        if not routed.any():
+            assert all((g == 0).all() for g in grads), f"no routed row: zero gradients [seed {seed}]"
+        for name, g, g_ref, g_same in zip("qkv", grads, results["reference"][1],
+                                          results["same_dtype"][1]):
+            assert_matches_reference(g, g_ref, g_same, what=f"d{name}", seed=seed,
+                                     factor=BACKWARD_FACTOR)
+    return out
+
+
+def check_selective_scan(seed, inputs, *, delta_softplus=True, backward=True):
+    """selective_scan's output, last state (and every input's gradient) against the float64
+    reference, by the rule; outputs and gradients keep their inputs' dtypes and shapes."""
+    names = list(inputs)
+    grad_out = randn(generator(seed + 1, inputs["u"].device.type), inputs["u"].shape,
+                     inputs["u"].dtype, inputs["u"].device.type)
+    results = {}
+    for name, dtype, fn in [("reference", torch.float64, selective_scan_ref),
+                            ("same_dtype", None, selective_scan_ref),
+                            ("kernel", None, selective_scan)]:
+        if name == "same_dtype" and inputs["u"].dtype == torch.float64:
+            results[name] = results["reference"]
+            continue
+        leaves = dict(zip(names, _leaves(inputs.values(), dtype)))
+        if name == "kernel" and inputs["u"].is_cuda:
+            fill_free_cuda_memory_with_nan()
+        out, last = fn(**leaves, delta_softplus=delta_softplus, return_last_state=True)
+        grads = torch.autograd.grad(out, list(leaves.values()), grad_out.to(out.dtype)) \
+            if backward else ()
+        results[name] = (out.detach(), last.detach(), grads)
+    out, last, grads = results["kernel"]
+    assert out.dtype == inputs["u"].dtype and last.dtype == accumulation_dtype(out.dtype)
+    ref, ref_last, ref_grads = results["reference"]
+    same, same_last, same_grads = results["same_dtype"]
+    assert_matches_reference(out, ref, same, what="out", seed=seed)
+    assert_matches_reference(last, ref_last, same_last, what="last_state", seed=seed)
+    for name, g, g_ref, g_same in zip(names, grads, ref_grads, same_grads):
+        assert g.dtype == inputs[name].dtype and g.shape == inputs[name].shape, f"d{name}"
+        assert_matches_reference(g, g_ref, g_same, what=f"d{name}", seed=seed,
+                                 factor=BACKWARD_FACTOR)
+    return out
+
+
+class _RecordCramOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "cram_ext":
+            if not torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "Autograd"):
+                # A backward kernel: autograd never differentiates it, so neither does opcheck.
+                args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+            self.calls.append((func, args, kwargs))
+        return func(*args, **kwargs)
+
+
+def cram_ops_called(fn):
+    """Runs fn() and returns the cram_ext ops it dispatched as (OpOverload, args, kwargs), so a
+    test can `torch.library.opcheck` each op with the arguments the public API really passes."""
+    with _RecordCramOps() as recorder:
+        fn()
+    return recorder.calls

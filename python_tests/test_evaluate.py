@@ -1,0 +1,42 @@
+"""The evaluation command: a checkpoint on the test stream, routing by token kind per layer."""
+import torch
+
+from cram_ext import evaluate, train
+from cram_ext.models.router import Path
+from cram_ext.srcd.metrics import token_kinds
+from cram_ext.train import RunConfig, Trainer
+
+
+def test_evaluate_reports_routing_by_kind_on_the_test_stream(tmp_path, capsys):
+    train.main(["--config", "cram", "--size", "tiny", "--steps", "4", "--out", str(tmp_path)])
+    capsys.readouterr()
+    metrics = evaluate.main([str(tmp_path / "checkpoint.pt"), "--batches", "2",
+                             "--json", str(tmp_path / "metrics.json"), "--by-pattern"])
+    printed = capsys.readouterr().out
+    assert "attention | recurring" in printed and "attention fraction" in printed
+    assert "predicted loss working/episodic/semantic" in printed
+
+    # The same numbers by hand: inference routing on batches 0 and 1 of the test stream.
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    trainer = Trainer(RunConfig(**state["config"]), None, show_progress=False)
+    trainer.model.load_state_dict(state["model"])
+    trainer.model.eval()
+    counts = {}
+    with torch.no_grad():
+        for i in range(2):
+            batch = trainer.batch(i, trainer.config.data_seed + evaluate.TEST_SEED_OFFSET)
+            output = trainer.model(batch)
+            for layer, record in enumerate(output.layers):
+                for kind, mask in token_kinds(batch).items():
+                    ran, total = counts.get((layer, kind), (0, 0))
+                    attended = (record.routing.choice == Path.EPISODIC) & mask
+                    counts[layer, kind] = (ran + int(attended.sum()), total + int(mask.sum()))
+    for (layer, kind), (ran, total) in counts.items():
+        if total:
+            assert metrics[f"attention/{layer}/{kind}"] == ran / total
+    assert evaluate.routed_layers(metrics) == [0, 1]
+    # --by-pattern: one line per recurring pattern, its query counts adding up to the total
+    table = printed[printed.index("pattern  queries"):].splitlines()[1:]
+    assert sum(int(line.split()[1]) for line in table) == counts[0, "recurring"][1]
+    # a stream neither training (data_seed) nor in-training evaluation reads
+    assert evaluate.TEST_SEED_OFFSET != train.EVAL_SEED_OFFSET
