@@ -99,32 +99,177 @@ torch.library.register_autograd("cram_ext::selective_scan_fwd", _scan_backward,
 # Routed attention
 # ---------------------------------------------------------------------------------------------
 
-def routed_attention(q, k, v, route=None, *, is_causal=True, scale=None, key_mask=None):
-    """Softmax attention for the routed query rows only; a drop-in for
-    `F.scaled_dot_product_attention(q, k, v, is_causal=...)`.
+def routed_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                     scale=None, enable_gqa=False, *, route=None, key_mask=None):
+    """`F.scaled_dot_product_attention` computed only for the routed query rows.
+
+    The arguments before `route` are SDPA's, with its defaults and meaning; with `route=None`
+    and no `key_mask` the result is SDPA's.
 
     Args:
-        q: (batch, heads, Lq, head_dim); float32/float64/float16/bfloat16.
-        k, v: (batch, kv_heads, Lk, head_dim), q's dtype; kv_heads divides heads (GQA: query
-            head h reads key/value head h // (heads // kv_heads)).
-        route: bool (batch, Lq) or (batch, heads, Lq), True where the query row attends.
-            None routes every row.
-        is_causal: query i sees keys j <= i, as in `scaled_dot_product_attention`
-            (top-left aligned when Lq != Lk).
-        scale: score scale; default 1/sqrt(head_dim).
-        key_mask: optional bool (batch, Lk), the keys that exist (an episodic buffer).
+        query: (*batch, heads, L, E); float32/float64/float16/bfloat16. Any number of leading
+            batch dimensions, broadcast against key's and value's as in SDPA.
+        key, value: (*batch, kv_heads, S, E), query's dtype. kv_heads equals heads, or is 1
+            (broadcast), or with `enable_gqa` divides heads (query head h reads key/value head
+            h // (heads // kv_heads)).
+        attn_mask: bool (True: the key takes part, SDPA's convention) or additive float
+            (float32 or query's dtype), broadcastable to (*batch, heads, L, S). Only the rows
+            of routed queries are read. Unlike SDPA it may be combined with `is_causal`: a key
+            must pass both.
+        dropout_p: must be 0.0; dropout is not implemented (ValueError otherwise).
+        is_causal: query i sees keys j <= i (top-left aligned when L != S), as in SDPA.
+        scale: score scale; default 1/sqrt(E).
+        enable_gqa: allow kv_heads < heads (grouped-query attention), as in SDPA.
+        route: bool (*batch, L), shared by the heads, or (*batch, heads, L): True where the
+            query row attends; size-1 dimensions broadcast. None routes every row.
+        key_mask: bool (*batch, S), the keys that exist (an episodic buffer); size-1
+            dimensions broadcast.
 
-    Rows not routed output exactly 0 and get zero gradient; a routed row with no visible key
-    outputs 0. The cost scales with the number of routed rows (times the keys each can see).
-    Tensors whose last dimension is not contiguous are copied; other strides are used as they
-    are. Reference: `cram_ext.reference.routed_attention_ref`.
+    Rows not routed output exactly 0 and get zero gradient. A routed row that sees no key (all
+    hidden by `is_causal`, `key_mask`, False or -inf in `attn_mask`) outputs 0, as SDPA does for
+    fully masked rows. Without `attn_mask` the CPU/CUDA kernels run, and the cost scales with the
+    routed rows times the keys each can see. With `attn_mask` the result is a PyTorch composite
+    (gather the routed rows and their mask rows, softmax in float32 or float64, scatter back),
+    differentiable also in a float mask, whose cost scales with batch · kv_heads · the most routed
+    rows of one (batch, kv head) · S. Tensors whose last dimension is not contiguous are copied;
+    other strides are used as they are. Reference: `cram_ext.reference.routed_attention_ref`.
     """
-    if route is None and q.dim() == 4:
-        route = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device)
+    if dropout_p != 0.0:
+        raise ValueError(f"routed_attention does not implement dropout: dropout_p must be 0.0, "
+                         f"got {dropout_p}")
+    ndim = max(query.dim(), key.dim(), value.dim())
+    # Every tensor in the (*batch, heads, L, E) form: leading size-1 dimensions where one has
+    # fewer (a 2-D call is one head of one batch).
+    rank = max(ndim, 3)
+    q, k, v = (t if t.dim() == rank else t.reshape((1,) * (rank - t.dim()) + t.shape)
+               for t in (query, key, value))
+    heads, L, head_dim = q.shape[-3:]
+    kv_heads, S = k.shape[-3:-1]
+    if v.shape[-3:-1] != k.shape[-3:-1]:
+        raise RuntimeError(f"routed_attention: value must have key's heads and length "
+                           f"(kv_heads={kv_heads}, S={S}), got {tuple(value.shape)}")
+    if enable_gqa:
+        if heads % kv_heads:
+            raise RuntimeError(f"routed_attention: the number of key/value heads ({kv_heads}) must "
+                               f"divide the number of query heads ({heads})")
+    elif kv_heads != heads and kv_heads != 1:
+        if heads != 1:
+            raise RuntimeError(f"routed_attention: query has {heads} heads and key/value "
+                               f"{kv_heads}; grouped-query attention needs enable_gqa=True, as "
+                               f"in scaled_dot_product_attention")
+        heads = kv_heads  # one query head broadcast over the key/value heads
+    batch_shape = q.shape[:-3]
+    if not k.shape[:-3] == v.shape[:-3] == batch_shape:  # broadcast_shapes costs 20 us per call
+        try:
+            batch_shape = torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+        except RuntimeError:
+            raise RuntimeError(f"routed_attention: the batch dimensions of query "
+                               f"{tuple(query.shape)}, key {tuple(key.shape)} and value "
+                               f"{tuple(value.shape)} do not broadcast") from None
+    q = _merge_batch(q, batch_shape, (heads, L, head_dim))
+    k, v = (_merge_batch(t, batch_shape, t.shape[-3:]) for t in (k, v))
+    if route is None:
+        route = torch.ones(q.shape[0], L, dtype=torch.bool, device=q.device)
+    else:
+        per_head = route.dim() == len(batch_shape) + 2
+        route = _flatten_batch(route, batch_shape, (heads, L) if per_head else (L,), "route",
+                               "(*batch, L) or (*batch, heads, L)")
+    if key_mask is not None:
+        key_mask = _flatten_batch(key_mask, batch_shape, (S,), "key_mask", "(*batch, S)")
     if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1]) if q.dim() == 4 and q.shape[-1] > 0 else 1.0
-    out, _lse = _ops.routed_attention_fwd(q, k, v, route, key_mask, bool(is_causal), float(scale))
-    return out
+        # head_dim 0 is left for the kernel to reject by name.
+        scale = 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+    if attn_mask is None:
+        out, _lse = _ops.routed_attention_fwd(q, k, v, route, key_mask, bool(is_causal),
+                                              float(scale))
+    else:
+        attn_mask = _broadcast_attn_mask(attn_mask, (*batch_shape, heads, L, S), query.dtype)
+        out = _masked_routed_attention(q, k, v, route, key_mask, attn_mask, batch_shape,
+                                       bool(is_causal), float(scale))
+    full_shape = (*batch_shape, heads, L, out.shape[-1])
+    return out if out.shape == full_shape else out.view(full_shape[len(full_shape) - ndim:])
+
+
+def _merge_batch(t, batch_shape, inner_shape):
+    """`t` broadcast to (*batch_shape, *inner_shape), its batch dimensions merged into one (a
+    view unless broadcast dimensions cannot be merged)."""
+    shape = (*batch_shape, *inner_shape)
+    if t.shape != shape:
+        t = t.expand(shape)
+    return t if len(batch_shape) == 1 else t.reshape(math.prod(batch_shape), *inner_shape)
+
+
+def _flatten_batch(t, batch_shape, row_shape, name, layout):
+    """A bool `t` of shape (*batch_shape, *row_shape), size-1 dimensions broadcast, with its
+    batch dimensions merged into one."""
+    shape = (*batch_shape, *row_shape)
+    if t.dtype != torch.bool:
+        raise RuntimeError(f"routed_attention: {name} must be a bool tensor, got {t.dtype}")
+    if t.dim() != len(shape) or any(n not in (1, want) for n, want in zip(t.shape, shape)):
+        raise RuntimeError(f"routed_attention: {name} must have shape {layout} = {shape} "
+                           f"(size-1 dimensions broadcast), got {tuple(t.shape)}")
+    return _merge_batch(t, batch_shape, row_shape)
+
+
+def _broadcast_attn_mask(attn_mask, shape, query_dtype):
+    """`attn_mask` checked as SDPA checks it and expanded (a view) to `shape`."""
+    if attn_mask.dtype not in (torch.bool, torch.float32, query_dtype):
+        raise RuntimeError(f"routed_attention: attn_mask must be bool, float32 or query's dtype "
+                           f"({query_dtype}), got {attn_mask.dtype}")
+    if attn_mask.dim() > len(shape) or any(
+            n not in (1, want) for n, want in zip(reversed(attn_mask.shape), reversed(shape))):
+        raise RuntimeError(f"routed_attention: attn_mask must be broadcastable to "
+                           f"(*batch, heads, L, S) = {shape}, got {tuple(attn_mask.shape)}")
+    return attn_mask.expand(shape)
+
+
+def _masked_routed_attention(q, k, v, route, key_mask, attn_mask, batch_shape, is_causal, scale):
+    """The attn_mask case as a composite of PyTorch ops (the kernels take no mask).
+
+    q: (batch, heads, L, E); k, v: (batch, kv_heads, S, ·); route: bool (batch, L) or
+    (batch, heads, L); key_mask: bool (batch, S) or None; attn_mask: (*batch_shape, heads, L, S),
+    an expanded view, so only the routed rows' mask entries are read.
+
+    The routed rows of each (batch, kv head) are packed into one zero-padded block so that the
+    scores are a batched matmul against that head's keys, without copying keys per row.
+    """
+    batch, heads, L, head_dim = q.shape
+    kv_heads, S = k.shape[1], k.shape[2]
+    acc = _accumulation_dtype(q.dtype)
+    if route.dim() == 2:
+        route = route[:, None, :].expand(batch, heads, L)
+    b, h, i = route.nonzero(as_tuple=True)  # sorted by (b, h, i), so by (b, kv head) too
+    kv_h = h // (heads // kv_heads)
+    block = b * kv_heads + kv_h
+    rows_per_block = torch.bincount(block, minlength=batch * kv_heads)
+    slot = torch.arange(block.numel(), device=q.device) - (rows_per_block.cumsum(0) -
+                                                           rows_per_block)[block]
+    width = int(rows_per_block.max()) if block.numel() else 0
+
+    q_rows = q[b, h, i].to(acc)
+    packed_q = q_rows.new_zeros(batch, kv_heads, width, head_dim).index_put((b, kv_h, slot), q_rows)
+    scores = (packed_q @ k.to(acc).transpose(-1, -2))[b, kv_h, slot] * scale  # (rows, S)
+
+    visible = torch.ones_like(scores, dtype=torch.bool)
+    if is_causal:
+        visible = torch.arange(S, device=q.device) <= i[:, None]
+    if key_mask is not None:
+        visible = visible & key_mask[b]
+    mask_rows = attn_mask[(*torch.unravel_index(b, batch_shape), h, i)]
+    if mask_rows.dtype == torch.bool:
+        visible = visible & mask_rows
+    else:
+        visible = visible & (mask_rows != float("-inf"))
+        scores = scores + mask_rows.to(acc)
+    # A row that sees no key would be a softmax over nothing (NaN): it outputs 0 instead.
+    sees_none = ~visible.any(-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")).masked_fill(sees_none, 0.0),
+                          dim=-1).masked_fill(sees_none, 0.0)
+
+    packed_p = probs.new_zeros(batch, kv_heads, width, S).index_put((b, kv_h, slot), probs)
+    out_rows = (packed_p @ v.to(acc))[b, kv_h, slot]
+    out = q.new_zeros(batch, heads, L, v.shape[-1])
+    return out.index_put((b, h, i), out_rows.to(q.dtype))
 
 
 @torch.library.register_fake("cram_ext::routed_attention_fwd")

@@ -69,39 +69,57 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     return (out, h) if return_last_state else out
 
 
-def routed_attention_ref(q, k, v, route=None, *, is_causal=True, scale=None, key_mask=None):
-    """Softmax attention computed only for routed query rows.
+def routed_attention_ref(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                         scale=None, enable_gqa=False, *, route=None, key_mask=None):
+    """`scaled_dot_product_attention` (same arguments and defaults) computed densely, with the
+    rows not routed set to 0.
 
-    q: (batch, heads, Lq, d); k, v: (batch, kv_heads, Lk, d), kv_heads dividing heads (GQA).
-    route: bool (batch, Lq) or (batch, heads, Lq), True where a query row attends (None: all).
-    key_mask: bool (batch, Lk), the keys that exist. `is_causal` follows
-    `scaled_dot_product_attention`: query i sees keys j <= i (top-left aligned when Lq != Lk).
+    query: (*batch, heads, L, E); key, value: (*batch, kv_heads, S, E), batch dimensions
+    broadcasting, kv_heads dividing heads with `enable_gqa`. attn_mask: bool (True takes part) or
+    additive float, broadcastable to (*batch, heads, L, S); it combines with `is_causal` (SDPA
+    refuses both). route: bool (*batch, L) or (*batch, heads, L), True where a query row attends
+    (None: all). key_mask: bool (*batch, S), the keys that exist. `is_causal`: query i sees keys
+    j <= i (top-left aligned when L != S). dropout_p must be 0.
 
-    Rows not routed output exactly 0; a routed row with no visible key outputs 0. With every row
-    routed and no key_mask this is `scaled_dot_product_attention(q, k, v, is_causal=...)`.
-    A row never reads the keys and values it cannot see, so NaN/Inf there does not reach it in
-    the kernels; this dense formulation multiplies them by a zero weight (NaN for Inf values),
-    so compare the two only where non-finite values sit at visible positions.
+    A routed row that sees no key (causal, key_mask, attn_mask False or -inf) outputs 0, as SDPA
+    does for fully masked rows. A row never reads the keys and values it cannot see, so NaN/Inf
+    there does not reach it in the kernels; this dense formulation multiplies them by a zero
+    weight (NaN for Inf values), so compare the two only where non-finite values sit at visible
+    positions.
     """
-    batch, heads, Lq, d = q.shape
-    kv_heads, Lk = k.shape[1], k.shape[2]
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if dropout_p != 0.0:
+        raise ValueError(f"routed_attention_ref does not implement dropout: dropout_p must be 0.0, "
+                         f"got {dropout_p}")
+    if max(query.dim(), key.dim(), value.dim()) == 2:  # one head of one batch
+        return routed_attention_ref(query[None], key[None], value[None], attn_mask, dropout_p,
+                                    is_causal, scale, enable_gqa, route=route,
+                                    key_mask=key_mask)[0]
+    L, S, d = query.shape[-2], key.shape[-2], query.shape[-1]
+    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    k = k.repeat_interleave(heads // kv_heads, dim=1)
-    v = v.repeat_interleave(heads // kv_heads, dim=1)
-    scores = torch.einsum("bhid,bhjd->bhij", q.to(acc), k.to(acc)) * scale
-    visible = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device)
+    if enable_gqa:
+        if query.shape[-3] % key.shape[-3]:
+            raise RuntimeError("routed_attention_ref: the number of key/value heads must divide "
+                               "the number of query heads")
+        key = key.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)
+        value = value.repeat_interleave(query.shape[-3] // value.shape[-3], dim=-3)
+    scores = (query.to(acc) @ key.to(acc).transpose(-1, -2)) * scale
+    visible = torch.ones(L, S, dtype=torch.bool, device=query.device)
     if is_causal:
         visible = visible.tril()
-    visible = visible.expand(batch, 1, Lq, Lk)
     if key_mask is not None:
-        visible = visible & key_mask[:, None, None, :]
-    scores = scores.masked_fill(~visible, float("-inf"))
+        visible = visible & key_mask[..., None, None, :]
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        visible = visible & attn_mask
+    elif attn_mask is not None:
+        visible = visible & (attn_mask != float("-inf"))
+        scores = scores + attn_mask.to(acc)
     # A row with no visible key would be softmax over all -inf (NaN): define it as zero output.
-    any_visible = visible.any(-1, keepdim=True)
-    probs = torch.softmax(scores.masked_fill(~any_visible, 0.0), dim=-1) * any_visible
-    out = torch.einsum("bhij,bhjd->bhid", probs, v.to(acc))
+    sees_none = ~visible.any(-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")).masked_fill(sees_none, 0.0),
+                          dim=-1).masked_fill(sees_none, 0.0)
+    out = probs @ value.to(acc)
     if route is not None:
-        route = route[:, None, :] if route.dim() == 2 else route
-        out = torch.where(route[..., None], out, torch.zeros((), dtype=acc, device=q.device))
-    return out.to(q.dtype)
+        route = route[..., None, :] if route.dim() == out.dim() - 2 else route
+        out = torch.where(route[..., None], out, torch.zeros((), dtype=acc, device=query.device))
+    return out.to(query.dtype)

@@ -121,6 +121,21 @@ def attention_inputs(seed, *, batch=2, heads=2, kv_heads=None, Lq=16, Lk=None, d
     return q, k, v, route, mask
 
 
+def random_attn_mask(seed, shape, kind, device="cpu"):
+    """SDPA's attn_mask of `shape`: "bool" (True, 70% of entries, takes part) or "float"
+    (additive float32, 0.5 · standard normal, -inf at 20% of entries)."""
+    g = generator(seed + 2, device)
+    keep = torch.rand(shape, generator=g, device=device) < (0.7 if kind == "bool" else 0.8)
+    if kind == "bool":
+        return keep
+    return (0.5 * torch.randn(shape, generator=g, device=device)).masked_fill(~keep, float("-inf"))
+
+
+def routed_rows(route, shape):
+    """`route`, (*batch, L) or (*batch, heads, L), expanded to an output's (*batch, heads, L)."""
+    return (route.unsqueeze(-2) if route.dim() == len(shape) - 1 else route).expand(shape)
+
+
 def scan_inputs(seed, *, batch=2, dim=6, L=33, N=4, groups=None, dtype=torch.float32, full=True,
                 noncontiguous=False, device="cpu"):
     """Random selective-scan inputs; `groups=None` gives B and C the (batch, N, L) form. With
@@ -174,15 +189,17 @@ def _leaves(tensors, dtype=None):
     return [t.detach().to(dtype or t.dtype).requires_grad_() for t in tensors]
 
 
-def check_routed_attention(seed, q, k, v, route, key_mask=None, *, is_causal=True, scale=None,
-                           backward=True):
+def check_routed_attention(seed, q, k, v, route, key_mask=None, *, attn_mask=None, is_causal=False,
+                           scale=None, backward=True):
     """routed_attention's output (and dq, dk, dv) against the float64 reference, by the rule.
     Also exact: unrouted rows are 0 and get dq = 0; with no routed row every gradient is 0.
+    The cases' grouped-query shapes are passed with enable_gqa, as SDPA needs them.
     Returns the kernel's output."""
     if scale is None and q.dtype == torch.float64:
         # The kernels receive the scale as a float32; give the float64 reference that same value.
         scale = torch.tensor(1 / math.sqrt(q.shape[-1]), dtype=torch.float32).item()
-    kwargs = dict(route=route, is_causal=is_causal, scale=scale, key_mask=key_mask)
+    kwargs = dict(is_causal=is_causal, scale=scale, enable_gqa=q.shape[-3] != k.shape[-3],
+                  route=route, key_mask=key_mask)
     grad_out = randn(generator(seed + 1, q.device.type), q.shape, q.dtype, q.device.type)
     results = {}
     for name, dtype, fn in [("reference", torch.float64, routed_attention_ref),
@@ -192,14 +209,17 @@ def check_routed_attention(seed, q, k, v, route, key_mask=None, *, is_causal=Tru
             results[name] = results["reference"]
             continue
         leaves = _leaves((q, k, v), dtype)
+        # A float mask goes with its query's dtype into the float64 reference.
+        mask = attn_mask.to(dtype) if dtype and attn_mask is not None and \
+            attn_mask.is_floating_point() else attn_mask
         if name == "kernel" and q.is_cuda:
             fill_free_cuda_memory_with_nan()
-        out = fn(*leaves, **kwargs)
+        out = fn(*leaves, mask, **kwargs)
         grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype)) if backward else ()
         results[name] = (out.detach(), grads)
     out, grads = results["kernel"]
     assert out.dtype == q.dtype and all(g.dtype == q.dtype for g in grads), f"dtypes [seed {seed}]"
-    routed = route[:, None, :].expand(-1, q.shape[1], -1) if route.dim() == 2 else route
+    routed = routed_rows(route, q.shape[:-1])
     assert (out[~routed] == 0).all(), f"rows not routed must be exactly 0 [seed {seed}]"
     assert_matches_reference(out, results["reference"][0], results["same_dtype"][0], what="out",
                              seed=seed)

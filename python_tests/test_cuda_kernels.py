@@ -96,7 +96,7 @@ def lse_ref(q, k, key_mask, causal, scale):
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=CASE_IDS)
 def test_attention_forward(seed, dtype, case):
     q, k, v, route, mask = case_inputs(seed, case, dtype)
-    check_routed_attention(seed, q, k, v, route, mask, backward=False)
+    check_routed_attention(seed, q, k, v, route, mask, is_causal=True, backward=False)
     scale = 1 / math.sqrt(q.shape[-1])
     _, lse = torch.ops.cram_ext.routed_attention_fwd(q, k, v, route, mask, True, scale)
     routed = route[:, None, :].expand(-1, q.shape[1], -1) if route.dim() == 2 else route
@@ -115,7 +115,7 @@ def test_attention_forward(seed, dtype, case):
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=CASE_IDS)
 def test_attention_backward(seed, dtype, case):
     q, k, v, route, mask = case_inputs(seed, case, dtype)
-    check_routed_attention(seed, q, k, v, route, mask)
+    check_routed_attention(seed, q, k, v, route, mask, is_causal=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -137,8 +137,8 @@ def test_opcheck_attention_tensor_cores(seed):
     leaves = [t.requires_grad_() for t in (q, k, v)]
 
     def call():
-        out = cram_ext.routed_attention(*leaves, route=route, is_causal=True, scale=0.125,
-                                        key_mask=mask)
+        out = cram_ext.routed_attention(*leaves, is_causal=True, scale=0.125, enable_gqa=True,
+                                        route=route, key_mask=mask)
         out.backward(torch.ones_like(out))
 
     for op, args, kwargs in cram_ops_called(call):

@@ -34,9 +34,9 @@ class AttentionCounter:
         self.routes = []
         original = cram_ext.routed_attention
 
-        def counted(q, k, v, route=None, **kwargs):
+        def counted(q, k, v, *, route, **kwargs):
             self.routes.append(route.clone())
-            out = original(q, k, v, route, **kwargs)
+            out = original(q, k, v, route=route, **kwargs)
             assert (out[~route[:, None, :].expand(out.shape[:3])] == 0).all()
             return out
         monkeypatch.setattr(cram_ext, "routed_attention", counted)
@@ -145,9 +145,9 @@ def test_episodic_keys_are_the_written_entries(monkeypatch, batch):
     seen = {}
     original = cram_ext.routed_attention
 
-    def record_mask(q, k, v, route=None, key_mask=None, **kwargs):
+    def record_mask(q, k, v, *, key_mask, **kwargs):
         seen["key_mask"] = key_mask
-        return original(q, k, v, route, key_mask=key_mask, **kwargs)
+        return original(q, k, v, key_mask=key_mask, **kwargs)
     monkeypatch.setattr(cram_ext, "routed_attention", record_mask)
     CRAMModel(tiny("cram")).eval()(batch)
     assert torch.equal(seen["key_mask"], batch["value"] != DATA.n_values)

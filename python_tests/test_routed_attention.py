@@ -1,17 +1,21 @@
-"""cram_ext.routed_attention against the reference `routed_attention_ref`, on the CPU and, where
-there is one, the CUDA device (the same cases; larger CUDA-only cases are in
-test_cuda_kernels.py). Accuracy rule and input builders: cases.py.
+"""cram_ext.routed_attention against the reference `routed_attention_ref` and against
+`F.scaled_dot_product_attention` itself, on the CPU and, where there is one, the CUDA device (the
+same cases; larger CUDA-only cases are in test_cuda_kernels.py). Accuracy rule and input
+builders: cases.py.
 
 Random cases take the `seed` fixture (python_tests/conftest.py: fresh per test unless
 CRAM_TEST_SEED is set) and put it in their assertion messages; a few cases use fixed seeds.
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from cases import ALL_DTYPES, DEVICES, attention_inputs, check_routed_attention, cram_ops_called
+from cases import (ALL_DTYPES, DEVICES, assert_matches_reference, attention_inputs,
+                   check_routed_attention, cram_ops_called, random_attn_mask, routed_rows)
 from cram_ext import routed_attention
 
 # ---------------------------------------------------------------------------------------------
@@ -104,7 +108,8 @@ def test_all_routed_equals_sdpa(is_causal, device, seed):
                                                   enable_gqa=heads != kv_heads)
         all_rows = torch.ones(2, L, dtype=torch.bool, device=device)
         for route in (None, all_rows):
-            out = routed_attention(q, k, v, route=route, is_causal=is_causal)
+            out = routed_attention(q, k, v, is_causal=is_causal, enable_gqa=heads != kv_heads,
+                                   route=route)
             torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4, msg=lambda m: f"seed={seed}: {m}")
 
 
@@ -114,7 +119,7 @@ def test_unrouted_rows_are_exactly_zero_with_zero_gradient(device, seed):
                                                 fraction=0.3, per_head_route=True, key_mask=True,
                                                 device=device)
     q.requires_grad_()
-    out = routed_attention(q, k, v, route=route, is_causal=True, key_mask=key_mask)
+    out = routed_attention(q, k, v, is_causal=True, enable_gqa=True, route=route, key_mask=key_mask)
     out.backward(torch.randn_like(out))
     off = ~route
     assert torch.equal(out[off], torch.zeros_like(out[off])), f"seed={seed}"
@@ -128,7 +133,7 @@ def test_nothing_routed_gives_zero_gradients_everywhere(device):
     for t in (q, k, v):
         t.requires_grad_()
     route = torch.zeros(2, 30, dtype=torch.bool, device=device)
-    out = routed_attention(q, k, v, route=route, is_causal=True)
+    out = routed_attention(q, k, v, is_causal=True, route=route)
     out.sum().backward()
     assert torch.equal(out, torch.zeros_like(out))
     for t in (q, k, v):
@@ -158,12 +163,179 @@ def test_nan_propagates_like_the_reference(device):
     q[0, 0, 12, 3] = float("nan")   # one query row
     k[0, 1, 20, 0] = float("nan")   # causal rows from 20 on of head 1
     for key_mask in (None, torch.ones(1, 40, dtype=torch.bool, device=device)):
-        out = check_routed_attention(11, q, k, v, route, key_mask, backward=False)
+        out = check_routed_attention(11, q, k, v, route, key_mask, is_causal=True, backward=False)
         assert out[0, 0, 12].isnan().all() and out[0, 1, 20:30].isnan().all()
         assert not out[0, 1, 30].isnan().any(), "an unrouted row stays 0"
     v[0, 0, 0, 5] = float("inf")    # the first key, seen by every causal row of head 0
-    out = check_routed_attention(11, q, k, v, route, backward=False)
+    out = check_routed_attention(11, q, k, v, route, is_causal=True, backward=False)
     assert not out[0, 0, route[0], 5].isfinite().any(), "every routed row of head 0 sees the Inf"
+
+
+# ---------------------------------------------------------------------------------------------
+# Against scaled_dot_product_attention itself
+# ---------------------------------------------------------------------------------------------
+
+def check_against_sdpa(seed, q, k, v, attn_mask=None, *, route=None, **sdpa_kwargs):
+    """routed_attention against `F.scaled_dot_product_attention` with the same arguments, by the
+    accuracy rule (SDPA in float64 the reference, SDPA in q's dtype the same-dtype one): routed
+    rows equal SDPA's rows, the others are exactly 0."""
+    out = routed_attention(q, k, v, attn_mask, route=route, **sdpa_kwargs)
+    mask64 = attn_mask.double() if attn_mask is not None and attn_mask.is_floating_point() \
+        else attn_mask
+    expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), mask64,
+                                              **sdpa_kwargs)
+    same_dtype = F.scaled_dot_product_attention(q, k, v, attn_mask, **sdpa_kwargs)
+    if route is not None:
+        routed = routed_rows(route, out.shape[:-1])
+        assert (out[~routed] == 0).all(), f"rows not routed must be exactly 0 [seed {seed}]"
+        expected, same_dtype = (torch.where(routed[..., None], t, 0)
+                                for t in (expected, same_dtype))
+    assert_matches_reference(out, expected, same_dtype, what="out", seed=seed)
+
+
+SDPA_CALLS = {  # SDPA keyword arguments, attention_inputs shapes
+    "defaults": ({}, {}),
+    "is_causal": (dict(is_causal=True), {}),
+    "is_causal-Lq<Lk": (dict(is_causal=True), dict(Lq=12, Lk=29)),
+    "scale": (dict(scale=0.3), {}),
+    "enable_gqa": (dict(enable_gqa=True), dict(heads=8, kv_heads=2)),
+    "one-kv-head-broadcast": ({}, dict(heads=4, kv_heads=1)),
+    "causal-gqa-scale": (dict(is_causal=True, enable_gqa=True, scale=0.2),
+                         dict(heads=4, kv_heads=2)),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("call", list(SDPA_CALLS))
+@pytest.mark.parametrize("mask", [None, "bool", "float"])
+@pytest.mark.parametrize("routed", ["all", "route", "per-head-route"])
+def test_each_sdpa_keyword_matches_sdpa(call, mask, routed, device, seed):
+    kwargs, shape = SDPA_CALLS[call]
+    if mask and kwargs.get("is_causal"):
+        pytest.skip("SDPA refuses attn_mask with is_causal: test_attn_mask_combines_with_is_causal")
+    q, k, v, route, _ = attention_inputs(seed, **{"Lq": 17, "d": 16, **shape},
+                                         per_head_route=routed == "per-head-route", device=device)
+    attn_mask = random_attn_mask(seed, (q.shape[0], 1, q.shape[2], k.shape[2]), mask, device) \
+        if mask else None
+    check_against_sdpa(seed, q, k, v, attn_mask, route=None if routed == "all" else route, **kwargs)
+
+
+def test_defaults_are_sdpas(seed):
+    """Positional and default arguments mean what they mean in SDPA: not causal by default."""
+    q, k, v, _, _ = attention_inputs(seed, Lq=9, d=8)
+    mask = random_attn_mask(seed, (9, 9), "bool")
+    causal = torch.ones(9, 9, dtype=torch.bool).tril()
+    torch.testing.assert_close(routed_attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    torch.testing.assert_close(routed_attention(q, k, v, mask, 0.0, True),
+                               F.scaled_dot_product_attention(q, k, v, mask & causal, 0.0, False))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("leading", [(), (6,), (2, 3)], ids=["3-D", "4-D", "5-D"])
+@pytest.mark.parametrize("mask", [None, "bool", "float"])
+def test_any_number_of_leading_batch_dimensions(leading, mask, device, seed):
+    q, k, v, route, _ = attention_inputs(seed, batch=math.prod(leading), heads=4, kv_heads=2,
+                                         Lq=12, Lk=15, d=8, device=device)
+    q, k, v, route = (t.reshape(*leading, *t.shape[1:]) for t in (q, k, v, route))
+    attn_mask = random_attn_mask(seed, (*leading[-1:], 1, 12, 15), mask, device) if mask else None
+    for r in (None, route):
+        check_against_sdpa(seed, q, k, v, attn_mask, enable_gqa=True, route=r)
+
+
+@pytest.mark.parametrize("mask", [None, "bool"])
+def test_batch_dimensions_broadcast_like_sdpa(mask, seed):
+    """Key and value with fewer or size-1 batch dimensions, a 2-D call, route and key_mask with
+    size-1 dimensions."""
+    q, k, v, route, _ = attention_inputs(seed, batch=6, heads=2, Lq=10, d=8)
+    q, route = q.unflatten(0, (2, 3)), route.unflatten(0, (2, 3))[:1]      # route (1, 3, L)
+    k, v = k[:3], v[:3]                                                     # (3, heads, S, d)
+    attn_mask = random_attn_mask(seed, (10, 10), mask) if mask else None
+    check_against_sdpa(seed, q, k, v, attn_mask, route=route)
+    check_against_sdpa(seed, q[0, 0, 0], k[0, 0], v[0, 0], attn_mask)       # (L, d)
+    key_mask = torch.ones(1, 1, 10, dtype=torch.bool)
+    torch.testing.assert_close(routed_attention(q, k, v, attn_mask, route=route, key_mask=key_mask),
+                               routed_attention(q, k, v, attn_mask, route=route))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mask", ["bool", "float"])
+def test_attn_mask_combines_with_is_causal(mask, device, seed):
+    """SDPA refuses both; here a key must pass both: SDPA with the mask and the causal mask
+    merged into one."""
+    q, k, v, route, _ = attention_inputs(seed, heads=4, kv_heads=2, Lq=14, Lk=20, d=8,
+                                         per_head_route=True, device=device)
+    attn_mask = random_attn_mask(seed, (2, 4, 14, 20), mask, device)
+    causal = torch.ones(14, 20, dtype=torch.bool, device=device).tril()
+    merged = attn_mask & causal if mask == "bool" else attn_mask.masked_fill(~causal, float("-inf"))
+    out = routed_attention(q, k, v, attn_mask, is_causal=True, enable_gqa=True, route=route)
+    torch.testing.assert_close(out, routed_attention(q, k, v, merged, enable_gqa=True, route=route))
+    check_against_sdpa(seed, q, k, v, merged, enable_gqa=True, route=route)
+
+
+# ---------------------------------------------------------------------------------------------
+# attn_mask: the composite path
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("mask", ["bool", "float"])
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_attn_mask_matches_reference(dtype, mask, is_causal, device, seed):
+    q, k, v, route, key_mask = attention_inputs(seed, heads=4, kv_heads=2, Lq=33, Lk=40, d=16,
+                                                dtype=dtype, fraction=0.4, per_head_route=True,
+                                                key_mask=True, device=device)
+    attn_mask = random_attn_mask(seed, (2, 1, 33, 40), mask, device)
+    check_routed_attention(seed, q, k, v, route, key_mask, attn_mask=attn_mask, is_causal=is_causal)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mask", ["bool", "float"])
+def test_attn_mask_gradcheck(mask, device, seed):
+    q, k, v, route, key_mask = attention_inputs(seed, heads=2, kv_heads=1, Lq=5, Lk=6, d=3,
+                                                dtype=torch.float64, fraction=0.6,
+                                                per_head_route=True, key_mask=True, device=device)
+    attn_mask = random_attn_mask(seed, (2, 2, 5, 6), mask, device)
+    inputs = [t.requires_grad_() for t in (q, k, v)]
+    if mask == "float":   # a float mask is differentiable too, as in SDPA
+        inputs.append(attn_mask.double().requires_grad_())
+
+    def fn(q, k, v, attn_mask=attn_mask):
+        return routed_attention(q, k, v, attn_mask, is_causal=True, enable_gqa=True, route=route,
+                                key_mask=key_mask)
+
+    assert torch.autograd.gradcheck(fn, inputs), f"seed={seed}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rows_that_see_no_key_are_zero_like_sdpa(device, seed):
+    q, k, v, _, _ = attention_inputs(seed, Lq=6, d=8, device=device)
+    for t in (q, k, v):
+        t.requires_grad_()
+    bool_mask = torch.ones(2, 1, 6, 6, dtype=torch.bool, device=device)
+    bool_mask[0, :, 2] = False
+    float_mask = torch.zeros(2, 1, 6, 6, device=device).masked_fill(~bool_mask, float("-inf"))
+    for attn_mask in (bool_mask, float_mask):
+        out = routed_attention(q, k, v, attn_mask)
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask)
+        assert torch.equal(out[0, :, 2], torch.zeros_like(out[0, :, 2]))
+        assert torch.equal(expected[0, :, 2], torch.zeros_like(expected[0, :, 2]))
+        torch.testing.assert_close(out, expected, msg=lambda m: f"seed={seed}: {m}")
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+        assert all(g.isfinite().all() for g in grads)
+        assert torch.equal(grads[0][0, :, 2], torch.zeros_like(grads[0][0, :, 2]))
+
+
+def test_attn_mask_is_read_only_for_routed_rows(seed):
+    """NaN in the mask rows of unrouted queries reaches nothing: those rows are never read. The
+    masked path is a composite: no cram_ext kernel runs."""
+    q, k, v, route, _ = attention_inputs(seed, heads=2, Lq=20, d=8, fraction=0.3,
+                                         per_head_route=True)
+    attn_mask = random_attn_mask(seed, (2, 2, 20, 20), "float")
+    poisoned = attn_mask.masked_fill(~route[..., None], float("nan"))
+    calls = cram_ops_called(lambda: routed_attention(q, k, v, poisoned, route=route))
+    assert calls == []
+    torch.testing.assert_close(routed_attention(q, k, v, poisoned, route=route),
+                               routed_attention(q, k, v, attn_mask, route=route), rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +352,8 @@ def test_gradcheck(is_causal, device, seed):
     inputs = tuple(t.requires_grad_() for t in (q, k, v))
 
     def fn(q, k, v):
-        return routed_attention(q, k, v, route=route, is_causal=is_causal, key_mask=key_mask)
+        return routed_attention(q, k, v, is_causal=is_causal, enable_gqa=True, route=route,
+                                key_mask=key_mask)
 
     assert torch.autograd.gradcheck(fn, inputs), f"seed={seed}"
 
@@ -202,8 +375,8 @@ def test_opcheck(case, device):
     leaves = [t.requires_grad_(with_gradients) for t in (q, k, v)]
 
     def call():
-        out = routed_attention(*leaves, route=route, is_causal=is_causal, scale=scale,
-                               key_mask=key_mask)
+        out = routed_attention(*leaves, is_causal=is_causal, scale=scale,
+                               enable_gqa=q.shape[1] != k.shape[1], route=route, key_mask=key_mask)
         if with_gradients:
             out.backward(torch.ones_like(out))
 
@@ -214,15 +387,19 @@ def test_opcheck(case, device):
         torch.library.opcheck(op, args, kwargs)
 
 
-def test_torch_compile_fullgraph_matches_eager(seed):
+@pytest.mark.parametrize("mask", [None, "float"], ids=["kernels-fullgraph", "attn_mask-composite"])
+def test_torch_compile_matches_eager(mask, seed):
+    """The kernels' path compiles into one graph; the masked composite (data-dependent row
+    counts) compiles with graph breaks."""
     q, k, v, route, key_mask = attention_inputs(seed, heads=4, kv_heads=2, Lq=33, d=16,
                                                 fraction=0.5, key_mask=True)
+    attn_mask = random_attn_mask(seed, (33, 33), mask) if mask else None
 
     def layer(q, k, v):
-        return routed_attention(q * 2, k, v, route=route, is_causal=True,
-                                key_mask=key_mask).square().sum()
+        return routed_attention(q * 2, k, v, attn_mask, is_causal=True, enable_gqa=True,
+                                route=route, key_mask=key_mask).square().sum()
 
-    compiled = torch.compile(layer, fullgraph=True)
+    compiled = torch.compile(layer, fullgraph=mask is None)
     eager_inputs = [t.clone().requires_grad_() for t in (q, k, v)]
     compiled_inputs = [t.clone().requires_grad_() for t in (q, k, v)]
     expected = layer(*eager_inputs)
@@ -240,7 +417,8 @@ def test_torch_compile_fullgraph_matches_eager(seed):
 
 def good_inputs():
     q, k, v, route, key_mask = attention_inputs(0, heads=4, kv_heads=2, Lq=8, d=8, key_mask=True)
-    return dict(q=q, k=k, v=v, route=route, key_mask=key_mask)
+    return dict(query=q, key=k, value=v, is_causal=True, enable_gqa=True, route=route,
+                key_mask=key_mask)
 
 
 def bad(**changes):
@@ -250,34 +428,48 @@ def bad(**changes):
 
 
 @pytest.mark.parametrize("inputs, message", [
-    (bad(q=torch.randn(2, 4, 8)), "q must have shape"),
-    (bad(k=torch.randn(2, 2, 8)), "k must have shape"),
-    (bad(k=torch.randn(3, 2, 8, 8)), "k must have shape"),
-    (bad(v=torch.randn(2, 2, 9, 8)), "v must have shape"),
+    (bad(query=torch.randn(2, 4, 8, 9)), "k must have shape"),
+    (bad(key=torch.randn(2, 2, 8)), "value must have key's heads and length"),
+    (bad(value=torch.randn(2, 2, 9, 8)), "value must have key's heads and length"),
+    (bad(key=torch.randn(3, 2, 8, 8), value=torch.randn(3, 2, 8, 8)),
+     "batch dimensions of query .* do not broadcast"),
     (bad(route=torch.ones(2, 9, dtype=torch.bool)), "route must have shape"),
     (bad(route=torch.ones(2, 3, 8, dtype=torch.bool)), "route must have shape"),
     (bad(route=torch.ones(8, dtype=torch.bool)), "route must have shape"),
     (bad(key_mask=torch.ones(2, 9, dtype=torch.bool)), "key_mask must have shape"),
-    (bad(k=torch.randn(2, 2, 8, 8, dtype=torch.float64)), "k must be"),
-    (bad(v=torch.randn(2, 2, 8, 8).half()), "v must be"),
-    (bad(q=torch.ones(2, 4, 8, 8, dtype=torch.int32), k=torch.ones(2, 2, 8, 8, dtype=torch.int32),
-         v=torch.ones(2, 2, 8, 8, dtype=torch.int32)), "q must be float32, float64, float16 or bfloat16"),
+    (bad(key=torch.randn(2, 2, 8, 8, dtype=torch.float64)), "k must be"),
+    (bad(value=torch.randn(2, 2, 8, 8).half()), "v must be"),
+    (bad(query=torch.ones(2, 4, 8, 8, dtype=torch.int32), key=torch.ones(2, 2, 8, 8, dtype=torch.int32),
+         value=torch.ones(2, 2, 8, 8, dtype=torch.int32)), "q must be float32, float64, float16 or bfloat16"),
     (bad(route=torch.ones(2, 8)), "route must be a bool tensor"),
     (bad(key_mask=torch.ones(2, 8, dtype=torch.uint8)), "key_mask must be a bool tensor"),
-    (bad(k=torch.randn(2, 3, 8, 8), v=torch.randn(2, 3, 8, 8)), "key/value heads .* must divide"),
-    (bad(k=torch.randn(2, 2, 8, 4), v=torch.randn(2, 2, 8, 4)), "k must have shape"),
-    (bad(q=torch.randn(2, 4, 8, 300), k=torch.randn(2, 2, 8, 300), v=torch.randn(2, 2, 8, 300)),
-     "head_dim must be in"),
+    (bad(key=torch.randn(2, 3, 8, 8), value=torch.randn(2, 3, 8, 8)), "key/value heads .* must divide"),
+    (bad(key=torch.randn(2, 2, 8, 4), value=torch.randn(2, 2, 8, 4)), "k must have shape"),
+    (bad(query=torch.randn(2, 4, 8, 300), key=torch.randn(2, 2, 8, 300),
+         value=torch.randn(2, 2, 8, 300)), "head_dim must be in"),
+    (bad(enable_gqa=False), "grouped-query attention needs enable_gqa=True"),
+    (bad(attn_mask=torch.ones(8, 9, dtype=torch.bool)), "attn_mask must be broadcastable"),
+    (bad(attn_mask=torch.ones(3, 4, 8, 8, dtype=torch.bool)), "attn_mask must be broadcastable"),
+    (bad(attn_mask=torch.zeros(2, 1, 4, 8, 8)), "attn_mask must be broadcastable"),
+    (bad(attn_mask=torch.ones(8, 8, dtype=torch.int64)), "attn_mask must be bool, float32 or query"),
+    (bad(attn_mask=torch.ones(8, 8, dtype=torch.bool), route=torch.ones(2, 8)),
+     "route must be a bool tensor"),
 ], ids=lambda x: x if isinstance(x, str) else "")
 def test_invalid_inputs_name_the_argument(inputs, message):
     with pytest.raises(RuntimeError, match=message):
-        routed_attention(inputs["q"], inputs["k"], inputs["v"], route=inputs["route"], is_causal=True,
-                         key_mask=inputs["key_mask"])
+        routed_attention(**inputs)
+
+
+@pytest.mark.parametrize("dropout_p", [0.1, 1.0])
+def test_dropout_is_refused_by_name(dropout_p):
+    inputs = good_inputs()
+    with pytest.raises(ValueError, match="dropout_p must be 0.0"):
+        routed_attention(**inputs, dropout_p=dropout_p)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_device_mismatch_names_the_argument():
     inputs = good_inputs()
     with pytest.raises(RuntimeError, match="k is on"):
-        routed_attention(inputs["q"].cuda(), inputs["k"], inputs["v"].cuda(),
-                         route=inputs["route"].cuda(), is_causal=True)
+        routed_attention(**dict(inputs, query=inputs["query"].cuda(), value=inputs["value"].cuda(),
+                                route=inputs["route"].cuda(), key_mask=None))

@@ -23,7 +23,7 @@ def scan_op(u, delta, A, B, C, D, z, delta_bias, dt_scale):
 
 def attention_op(q, k, v, route, key_mask):
     """`cram_ext.routed_attention`, causal: rows where `route` is False cost nothing, output 0."""
-    return cram_ext.routed_attention(q, k, v, route, is_causal=True, key_mask=key_mask)
+    return cram_ext.routed_attention(q, k, v, is_causal=True, route=route, key_mask=key_mask)
 
 
 def gap_scale(gap: torch.Tensor) -> torch.Tensor:
