@@ -1,8 +1,10 @@
-"""CPU benchmark: selective_scan forward against the reference, and its achieved memory traffic
-beside this machine's copy bandwidth measured in the same run.
+"""CPU benchmark: selective_scan forward (and forward + backward) against the reference, and its
+achieved memory traffic beside this machine's copy bandwidth measured in the same run.
 
     pytest bench/test_bench_selective_scan_cpu.py --benchmark-json=bench/results/cpu_scan.json
 """
+import time
+
 import pytest
 import torch
 
@@ -39,6 +41,39 @@ def test_selective_scan_forward(benchmark, dtype):
                                 shape=f"batch={BATCH} dim={DIM} L={L} N={N}")
     with torch.no_grad():
         benchmark(lambda: cram_ext.selective_scan(**inputs, delta_softplus=True))
+
+
+def test_selective_scan_forward_backward(benchmark):
+    """Forward and backward (gradients of every input), fp32: the target is <= 4x the forward."""
+    inputs = {k: v.requires_grad_() for k, v in scan_inputs(torch.float32).items()}
+    grad_out = torch.randn(BATCH, DIM, L, generator=torch.Generator().manual_seed(1))
+    benchmark.group = "selective_scan"
+    benchmark.extra_info.update(kernel="selective_scan_fwd_bwd", dtype=str(torch.float32),
+                                bytes=scan_bytes(inputs), shape=f"batch={BATCH} dim={DIM} L={L} N={N}")
+
+    def forward_backward():
+        out = cram_ext.selective_scan(**inputs, delta_softplus=True)
+        return torch.autograd.grad(out, list(inputs.values()), grad_out)
+
+    benchmark(forward_backward)
+    # On a shared machine the load changes between benchmarks: the ratio to the forward is also
+    # measured with the two alternating, fastest of each.
+    def forward():
+        with torch.no_grad():
+            return cram_ext.selective_scan(**inputs, delta_softplus=True)
+
+    benchmark.extra_info["paired_ratio"] = paired_ratio(forward_backward, forward)
+
+
+def paired_ratio(fn, baseline, pairs=7):
+    """min time of fn / min time of baseline, the two called alternately."""
+    times = {fn: [], baseline: []}
+    for _ in range(pairs):
+        for f in (fn, baseline):
+            start = time.perf_counter()
+            f()
+            times[f].append(time.perf_counter() - start)
+    return min(times[fn]) / min(times[baseline])
 
 
 def test_selective_scan_reference(benchmark):

@@ -11,13 +11,13 @@ from typing import Optional
 
 import torch
 
-from . import _C  # noqa: F401  (loads the kernels and registers torch.ops.cram_ext)
+from . import _C  # loads the kernels and registers torch.ops.cram_ext
 
 _ops = torch.ops.cram_ext
 
-# The forward checkpoints the scan state every this many steps; the backward recomputes the
-# states inside a chunk from its checkpoint instead of keeping all L states in memory.
-SCAN_CHUNK_SIZE = 256
+# The forward checkpoints the scan state every this many steps (the kernels' constant, read from
+# the extension); the backward recomputes the states inside a chunk from its checkpoint.
+SCAN_CHUNK_SIZE = _C.SCAN_CHECKPOINT_CHUNK
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -53,23 +53,22 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     Reference: `cram_ext.reference.selective_scan_ref`.
     """
     out, chunk_states = _ops.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, dt_scale,
-                                                 bool(delta_softplus), SCAN_CHUNK_SIZE)
+                                                 bool(delta_softplus))
     if return_last_state:
         return out, chunk_states[:, :, -1].detach()
     return out
 
 
 @torch.library.register_fake("cram_ext::selective_scan_fwd")
-def _(u, delta, A, B, C, D, z, delta_bias, dt_scale, delta_softplus, chunk_size):
+def _(u, delta, A, B, C, D, z, delta_bias, dt_scale, delta_softplus):
     batch, dim, L = u.shape
-    n_chunks = max(1, -(-L // chunk_size))
+    n_chunks = max(1, -(-L // SCAN_CHUNK_SIZE))
     return (u.new_empty(u.shape),
             u.new_empty(batch, dim, n_chunks, A.shape[1], dtype=_accumulation_dtype(u.dtype)))
 
 
 @torch.library.register_fake("cram_ext::selective_scan_bwd")
-def _(dout, u, delta, A, B, C, D, z, delta_bias, dt_scale, chunk_states, delta_softplus,
-      chunk_size):
+def _(dout, u, delta, A, B, C, D, z, delta_bias, dt_scale, chunk_states, delta_softplus):
     acc = _accumulation_dtype(u.dtype)
 
     def like(t, dtype=None):  # an optional input's gradient: same shape, or absent
@@ -80,17 +79,16 @@ def _(dout, u, delta, A, B, C, D, z, delta_bias, dt_scale, chunk_states, delta_s
 
 
 def _scan_setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, dt_scale, delta_softplus, chunk_size = inputs
+    u, delta, A, B, C, D, z, delta_bias, dt_scale, delta_softplus = inputs
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, dt_scale, output[1])
-    ctx.delta_softplus, ctx.chunk_size = delta_softplus, chunk_size
+    ctx.delta_softplus = delta_softplus
 
 
 def _scan_backward(ctx, grad_out, _grad_chunk_states):
     u, delta, A, B, C, D, z, delta_bias, dt_scale, chunk_states = ctx.saved_tensors
     du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, ddt_scale = _ops.selective_scan_bwd(
-        grad_out, u, delta, A, B, C, D, z, delta_bias, dt_scale, chunk_states,
-        ctx.delta_softplus, ctx.chunk_size)
-    return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, ddt_scale, None, None
+        grad_out, u, delta, A, B, C, D, z, delta_bias, dt_scale, chunk_states, ctx.delta_softplus)
+    return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, ddt_scale, None
 
 
 torch.library.register_autograd("cram_ext::selective_scan_fwd", _scan_backward,

@@ -76,9 +76,21 @@ void check_device_supported(const at::Tensor& t, const char* op) {
 #endif
 }
 
+// The one launch path of every op, after its inputs are checked and its params filled: the CPU
+// kernel, or for tensors on a CUDA device the CUDA launcher, on that device's current stream.
+// `cuda_launch` is a generic lambda, so builds without CUDA kernels never instantiate its body.
+template <typename Params, typename CudaLaunch>
+void launch(const at::Tensor& on, const Params& params, void (*cpu_kernel)(const Params&),
+            [[maybe_unused]] CudaLaunch cuda_launch) {
 #ifdef CRAM_WITH_CUDA
-void* current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+  if (on.is_cuda()) {
+    c10::cuda::CUDAGuard guard(on.device());
+    cuda_launch(params, static_cast<void*>(c10::cuda::getCurrentCUDAStream().stream()));
+    return;
+  }
 #endif
+  cpu_kernel(params);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Selective scan
@@ -93,7 +105,7 @@ ScanInputs check_scan_inputs(const at::Tensor& u, const at::Tensor& delta, const
                              const at::Tensor& B, const at::Tensor& C,
                              const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
                              const c10::optional<at::Tensor>& delta_bias,
-                             const c10::optional<at::Tensor>& dt_scale, int64_t chunk_size) {
+                             const c10::optional<at::Tensor>& dt_scale) {
   const char* op = "selective_scan";
   check_device_supported(u, op);
   TORCH_CHECK(u.dim() == 3, op, ": u must have shape (batch, dim, L), got ", u.sizes());
@@ -105,7 +117,8 @@ ScanInputs check_scan_inputs(const at::Tensor& u, const at::Tensor& delta, const
               ", N), got ", A.sizes());
   TORCH_CHECK(!A.is_complex(), op, ": A must be real (complex A is not supported)");
   const int64_t N = A.size(1);
-  TORCH_CHECK(N >= 1 && N <= 256, op, ": the state size N = A.size(1) must be in [1, 256], got ", N);
+  TORCH_CHECK(N >= 1 && N <= kScanMaxDState, op, ": the state size N = A.size(1) must be in [1, ",
+              kScanMaxDState, "], got ", N);
   check_shape(delta, u.sizes(), op, "delta", "(batch, dim, L)");
   TORCH_CHECK(B.dim() == 3 || B.dim() == 4, op,
               ": B must have shape (batch, N, L) or (batch, groups, N, L), got ", B.sizes());
@@ -118,7 +131,6 @@ ScanInputs check_scan_inputs(const at::Tensor& u, const at::Tensor& delta, const
               ") must divide dim (", dim, ")");
   check_shape(B4, {batch, groups, N, L}, op, "B", "(batch, groups, N, L)");
   check_shape(C4, {batch, groups, N, L}, op, "C", "(batch, groups, N, L)");
-  TORCH_CHECK(chunk_size >= 1, op, ": chunk_size must be positive, got ", chunk_size);
 
   ScanInputs in;
   const std::pair<const at::Tensor*, const char*> same_dtype[] = {{&delta, "delta"}, {&B, "B"},
@@ -159,16 +171,16 @@ ScanInputs check_scan_inputs(const at::Tensor& u, const at::Tensor& delta, const
   return in;
 }
 
+// `out` is the forward's output; the backward passes an undefined tensor (it writes gradients).
 void fill_scan_params(SelectiveScanParams& p, const ScanInputs& in, bool delta_softplus,
-                      int64_t chunk_size, const at::Tensor& out, const at::Tensor& chunk_states) {
+                      const at::Tensor& out, const at::Tensor& chunk_states) {
   p.input_type = to_dtype(in.u, "selective_scan", "u");
   p.batch = in.u.size(0);
   p.dim = in.u.size(1);
   p.seqlen = in.u.size(2);
   p.dstate = in.A.size(1);
   p.n_groups = in.B.size(1);
-  p.chunk_size = static_cast<int>(chunk_size);
-  p.n_chunks = chunk_states.size(2);
+  p.n_chunks = static_cast<int>(chunk_states.size(2));
   p.delta_softplus = delta_softplus;
   p.u_batch_stride = in.u.stride(0);
   p.u_d_stride = in.u.stride(1);
@@ -182,8 +194,8 @@ void fill_scan_params(SelectiveScanParams& p, const ScanInputs& in, bool delta_s
   p.C_dstate_stride = in.C.stride(2);
   p.z_batch_stride = in.z.defined() ? in.z.stride(0) : 0;
   p.z_d_stride = in.z.defined() ? in.z.stride(1) : 0;
-  p.out_batch_stride = out.stride(0);
-  p.out_d_stride = out.stride(1);
+  p.out_batch_stride = out.defined() ? out.stride(0) : 0;
+  p.out_d_stride = out.defined() ? out.stride(1) : 0;
   p.u = in.u.const_data_ptr();
   p.delta = in.delta.const_data_ptr();
   p.A = in.A.const_data_ptr();
@@ -193,35 +205,25 @@ void fill_scan_params(SelectiveScanParams& p, const ScanInputs& in, bool delta_s
   p.z = in.z.defined() ? in.z.const_data_ptr() : nullptr;
   p.delta_bias = in.delta_bias.defined() ? in.delta_bias.const_data_ptr() : nullptr;
   p.dt_scale = in.dt_scale.defined() ? in.dt_scale.const_data_ptr() : nullptr;
-  p.out = out.data_ptr();
+  p.out = out.defined() ? out.data_ptr() : nullptr;
   p.chunk_states = chunk_states.data_ptr();
-}
-
-int64_t num_chunks(int64_t L, int64_t chunk_size) {
-  return std::max<int64_t>(1, (L + chunk_size - 1) / chunk_size);
 }
 
 std::tuple<at::Tensor, at::Tensor> selective_scan_fwd(
     const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
     const at::Tensor& C, const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
     const c10::optional<at::Tensor>& delta_bias, const c10::optional<at::Tensor>& dt_scale,
-    bool delta_softplus, int64_t chunk_size) {
-  ScanInputs in = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, dt_scale, chunk_size);
+    bool delta_softplus) {
+  ScanInputs in = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, dt_scale);
   const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2), N = A.size(1);
   at::Tensor out = at::empty({batch, dim, L}, u.options());
-  at::Tensor chunk_states = at::zeros({batch, dim, num_chunks(L, chunk_size), N},
+  at::Tensor chunk_states = at::zeros({batch, dim, scan_checkpoint_count(L), N},
                                       u.options().dtype(accumulation_type(u.scalar_type())));
   if (batch == 0 || dim == 0 || L == 0) return {out, chunk_states};
   SelectiveScanParams p;
-  fill_scan_params(p, in, delta_softplus, chunk_size, out, chunk_states);
-#ifdef CRAM_WITH_CUDA
-  if (u.is_cuda()) {
-    c10::cuda::CUDAGuard guard(u.device());
-    selective_scan_fwd_cuda(p, current_stream());
-    return {out, chunk_states};
-  }
-#endif
-  selective_scan_fwd_cpu(p);
+  fill_scan_params(p, in, delta_softplus, out, chunk_states);
+  launch(u, p, selective_scan_fwd_cpu,
+         [](const auto& params, void* stream) { selective_scan_fwd_cuda(params, stream); });
   return {out, chunk_states};
 }
 
@@ -232,16 +234,17 @@ selective_scan_bwd(const at::Tensor& dout, const at::Tensor& u, const at::Tensor
                    const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
                    const c10::optional<at::Tensor>& delta_bias,
                    const c10::optional<at::Tensor>& dt_scale, const at::Tensor& chunk_states,
-                   bool delta_softplus, int64_t chunk_size) {
+                   bool delta_softplus) {
   const char* op = "selective_scan backward";
-  ScanInputs in = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, dt_scale, chunk_size);
+  ScanInputs in = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, dt_scale);
   const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2), N = A.size(1);
   const auto acc = accumulation_type(u.scalar_type());
   check_shape(dout, u.sizes(), op, "dout", "(batch, dim, L)");
   check_same_device(dout, u, op, "dout", "u");
   check_dtype(dout, u.scalar_type(), op, "dout", "the dtype of u");
-  check_shape(chunk_states, {batch, dim, num_chunks(L, chunk_size), N}, op, "chunk_states",
-              "(batch, dim, n_chunks, N)");
+  check_same_device(chunk_states, u, op, "chunk_states", "u");
+  check_shape(chunk_states, {batch, dim, scan_checkpoint_count(L), N}, op, "chunk_states",
+              "(batch, dim, n_chunks, N), as returned by the forward");
   check_dtype(chunk_states, acc, op, "chunk_states", "the accumulation type");
   at::Tensor dout_c = last_dim_contiguous(dout);
   at::Tensor states = chunk_states.contiguous();
@@ -259,9 +262,7 @@ selective_scan_bwd(const at::Tensor& dout, const at::Tensor& u, const at::Tensor
 
   if (batch > 0 && dim > 0 && L > 0) {
     SelectiveScanBwdParams p;
-    fill_scan_params(p, in, delta_softplus, chunk_size, du, states);
-    p.out = nullptr;
-    p.chunk_states = states.data_ptr();
+    fill_scan_params(p, in, delta_softplus, at::Tensor(), states);
     p.dout_batch_stride = dout_c.stride(0);
     p.dout_d_stride = dout_c.stride(1);
     p.du_batch_stride = du.stride(0);
@@ -286,13 +287,8 @@ selective_scan_bwd(const at::Tensor& dout, const at::Tensor& u, const at::Tensor
     p.dD = dD.defined() ? dD.data_ptr() : nullptr;
     p.ddelta_bias = ddelta_bias.defined() ? ddelta_bias.data_ptr() : nullptr;
     p.ddt_scale = ddt_scale.defined() ? ddt_scale.data_ptr() : nullptr;
-#ifdef CRAM_WITH_CUDA
-    if (u.is_cuda()) {
-      c10::cuda::CUDAGuard guard(u.device());
-      selective_scan_bwd_cuda(p, current_stream());
-    } else
-#endif
-      selective_scan_bwd_cpu(p);
+    launch(u, p, selective_scan_bwd_cpu,
+           [](const auto& params, void* stream) { selective_scan_bwd_cuda(params, stream); });
   } else {
     du.zero_();
     ddelta.zero_();
@@ -317,8 +313,6 @@ struct AttentionInputs {
   at::Tensor q, k, v, route, key_mask;  // route: (batch, heads, Lq) view, maybe head-broadcast
 };
 
-constexpr int64_t kMaxHeadDim = 256;
-
 AttentionInputs check_attention_inputs(const at::Tensor& q, const at::Tensor& k,
                                        const at::Tensor& v, const at::Tensor& route,
                                        const c10::optional<at::Tensor>& key_mask, double scale) {
@@ -338,7 +332,8 @@ AttentionInputs check_attention_inputs(const at::Tensor& q, const at::Tensor& k,
   check_shape(v, k.sizes(), op, "v", "k's shape (batch, kv_heads, Lk, head_dim)");
   TORCH_CHECK(kv_heads >= 1 && heads % kv_heads == 0, op, ": the number of key/value heads (",
               kv_heads, ") must divide the number of query heads (", heads, ")");
-  TORCH_CHECK(d >= 1 && d <= kMaxHeadDim, op, ": head_dim must be in [1, ", kMaxHeadDim, "], got ", d);
+  TORCH_CHECK(d >= 1 && d <= kAttentionMaxHeadDim, op, ": head_dim must be in [1, ",
+              kAttentionMaxHeadDim, "], got ", d);
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
 
   check_same_device(route, q, op, "route", "q");
@@ -405,6 +400,12 @@ void fill_attention_params(RoutedAttentionParams& p, const AttentionInputs& in, 
   p.lse = lse.data_ptr();
 }
 
+// Device memory for the CUDA kernels' row compaction (a template: only CUDA launches instantiate it).
+template <typename Params>
+at::Tensor attention_cuda_workspace(const at::Tensor& q, const Params& params) {
+  return at::empty({routed_attention_cuda_workspace_bytes(params)}, q.options().dtype(at::kByte));
+}
+
 std::tuple<at::Tensor, at::Tensor> routed_attention_fwd(const at::Tensor& q, const at::Tensor& k,
                                                         const at::Tensor& v, const at::Tensor& route,
                                                         const c10::optional<at::Tensor>& key_mask,
@@ -419,16 +420,9 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_fwd(const at::Tensor& q, con
   }
   RoutedAttentionParams p;
   fill_attention_params(p, in, is_causal, scale, out, lse);
-#ifdef CRAM_WITH_CUDA
-  if (q.is_cuda()) {
-    c10::cuda::CUDAGuard guard(q.device());
-    at::Tensor workspace = at::empty({routed_attention_cuda_workspace_bytes(p)},
-                                     q.options().dtype(at::kByte));
-    routed_attention_fwd_cuda(p, workspace.data_ptr(), current_stream());
-    return {out, lse};
-  }
-#endif
-  routed_attention_fwd_cpu(p);
+  launch(q, p, routed_attention_fwd_cpu, [&q](const auto& params, void* stream) {
+    routed_attention_fwd_cuda(params, attention_cuda_workspace(q, params).data_ptr(), stream);
+  });
   return {out, lse};
 }
 
@@ -462,15 +456,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_bwd(
     p.dq = dq.data_ptr();
     p.dk = dk.data_ptr();
     p.dv = dv.data_ptr();
-#ifdef CRAM_WITH_CUDA
-    if (q.is_cuda()) {
-      c10::cuda::CUDAGuard guard(q.device());
-      at::Tensor workspace = at::empty({routed_attention_cuda_workspace_bytes(p)},
-                                       q.options().dtype(at::kByte));
-      routed_attention_bwd_cuda(p, workspace.data_ptr(), current_stream());
-    } else
-#endif
-      routed_attention_bwd_cpu(p);
+    launch(q, p, routed_attention_bwd_cpu, [&q](const auto& params, void* stream) {
+      routed_attention_bwd_cuda(params, attention_cuda_workspace(q, params).data_ptr(), stream);
+    });
   }
   return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
 }
@@ -480,11 +468,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_bwd(
 
 TORCH_LIBRARY(cram_ext, m) {
   m.def("selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, "
-        "Tensor? z, Tensor? delta_bias, Tensor? dt_scale, bool delta_softplus, int chunk_size) "
+        "Tensor? z, Tensor? delta_bias, Tensor? dt_scale, bool delta_softplus) "
         "-> (Tensor out, Tensor chunk_states)");
   m.def("selective_scan_bwd(Tensor dout, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, "
         "Tensor? D, Tensor? z, Tensor? delta_bias, Tensor? dt_scale, Tensor chunk_states, "
-        "bool delta_softplus, int chunk_size) -> (Tensor du, Tensor ddelta, Tensor dA, Tensor dB, "
+        "bool delta_softplus) -> (Tensor du, Tensor ddelta, Tensor dA, Tensor dB, "
         "Tensor dC, Tensor? dD, Tensor? dz, Tensor? ddelta_bias, Tensor? ddt_scale)");
   m.def("routed_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor route, Tensor? key_mask, "
         "bool is_causal, float scale) -> (Tensor out, Tensor lse)");
@@ -494,21 +482,23 @@ TORCH_LIBRARY(cram_ext, m) {
 }
 
 // One implementation per op serves both devices: it checks, then launches the CPU or CUDA kernel.
-TORCH_LIBRARY_IMPL(cram_ext, CPU, m) {
+namespace {
+void register_kernels(torch::Library& m) {
   m.impl("selective_scan_fwd", &cram::selective_scan_fwd);
   m.impl("selective_scan_bwd", &cram::selective_scan_bwd);
   m.impl("routed_attention_fwd", &cram::routed_attention_fwd);
   m.impl("routed_attention_bwd", &cram::routed_attention_bwd);
 }
+}  // namespace
 
+TORCH_LIBRARY_IMPL(cram_ext, CPU, m) { register_kernels(m); }
 #ifdef CRAM_WITH_CUDA
-TORCH_LIBRARY_IMPL(cram_ext, CUDA, m) {
-  m.impl("selective_scan_fwd", &cram::selective_scan_fwd);
-  m.impl("selective_scan_bwd", &cram::selective_scan_bwd);
-  m.impl("routed_attention_fwd", &cram::routed_attention_fwd);
-  m.impl("routed_attention_bwd", &cram::routed_attention_bwd);
-}
+TORCH_LIBRARY_IMPL(cram_ext, CUDA, m) { register_kernels(m); }
 #endif
 
 // An importable module, so `import cram_ext._C` loads the library and registers the ops.
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "cram_ext kernels (ops live in torch.ops.cram_ext)"; }
+// It also carries the checkpoint interval, for the fake implementation's chunk_states shape.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "cram_ext kernels (ops live in torch.ops.cram_ext)";
+  m.attr("SCAN_CHECKPOINT_CHUNK") = cram::kScanCheckpointChunk;
+}

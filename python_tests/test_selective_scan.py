@@ -48,9 +48,10 @@ def test_gradcheck_float64(seed, full, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck_float64_across_checkpoints(seed, device):
-    """Longer than one checkpoint chunk (256 steps): the backward restarts from saved states."""
-    inputs = scan_inputs(seed, batch=1, dim=1, L=260, N=2, groups=1, dtype=torch.float64,
-                         device=device)
+    """Two full checkpoint chunks and a partial third: the backward restarts from saved
+    states."""
+    inputs = scan_inputs(seed, batch=1, dim=1, L=2 * cram_ext.ops.SCAN_CHUNK_SIZE + 3, N=2,
+                         groups=1, dtype=torch.float64, device=device)
     names = list(inputs)
     tensors = [t.requires_grad_() for t in inputs.values()]
     assert torch.autograd.gradcheck(

@@ -1,48 +1,164 @@
-// Scalar math for the CPU kernels, written so that gcc/clang vectorise loops that call it.
+// Math for the CPU kernels: SIMD vector types, and scalar and vector functions written so that
+// gcc/clang vectorise loops that call the scalar forms.
 //
 // std::exp is an opaque libm call that blocks vectorisation; `exp_approx` is inline arithmetic
 // (range reduction to 2^k · e^r, |r| <= ln2/2, and a degree-6 polynomial) accurate to about
-// 1 ulp in float. It keeps IEEE semantics where it matters: NaN in gives NaN out, large negative
-// arguments (and -inf) give 0, large positive ones give +inf.
+// 1 ulp in float, one definition for a float and for a vector of floats. It keeps IEEE
+// semantics where it matters: NaN in gives NaN out, large negative arguments (and -inf) give 0
+// (through the subnormal range), large positive ones give +inf.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
+
+// The scalar functions must be inlined into the loops that call them for those loops to
+// vectorise; GCC's heuristics sometimes decline in large kernels, so they are forced.
+#define CRAM_INLINE inline __attribute__((always_inline))
 
 namespace cram {
 
-inline float exp_approx(float x) {
+// ---------------------------------------------------------------------------------------------
+// SIMD vectors: GCC/Clang vector extensions sized to the widest unit the target has, so one
+// generic code path serves every element type and instruction set.
+// ---------------------------------------------------------------------------------------------
+
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64;
+constexpr int kVectorRegisters = 32;
+#elif defined(__AVX__)
+constexpr int kVectorBytes = 32;
+constexpr int kVectorRegisters = 16;
+#else
+constexpr int kVectorBytes = 16;
+constexpr int kVectorRegisters = 16;
+#endif
+
+template <typename T>
+struct Simd {
+  typedef T vec __attribute__((vector_size(kVectorBytes)));
+  static constexpr int lanes = kVectorBytes / sizeof(T);
+};
+template <typename T> using Vec = typename Simd<T>::vec;
+typedef int32_t VecI32 __attribute__((vector_size(kVectorBytes)));
+
+template <typename T> CRAM_INLINE Vec<T> splat(T x) { return Vec<T>{} + x; }
+template <typename T> CRAM_INLINE Vec<T> max_vec(Vec<T> a, Vec<T> b) { return b > a ? b : a; }
+// Unaligned loads and stores of one vector.
+template <typename T> CRAM_INLINE Vec<T> load_vec(const T* p) {
+  Vec<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T> CRAM_INLINE void store_vec(T* p, Vec<T> v) { std::memcpy(p, &v, sizeof(v)); }
+// Sum of the lanes, in lane order (call as lane_sum<T>(v)).
+template <typename T> CRAM_INLINE T lane_sum(Vec<T> v) {
+  T sum = v[0];
+  for (int i = 1; i < Simd<T>::lanes; ++i) sum += v[i];
+  return sum;
+}
+
+namespace detail {
+// Lanes 0, 2, 4, ... (kOdd: 1, 3, 5, ...) of the concatenation of a and b.
+template <int kOdd, typename V, int... I>
+CRAM_INLINE V every_other_lane(V a, V b, std::integer_sequence<int, I...>) {
+  return __builtin_shufflevector(a, b, (2 * I + kOdd)...);
+}
+}  // namespace detail
+
+// Transposes a square block of vectors in place: afterwards v[j][i] is the old v[i][j]. Each
+// round deinterleaves pairs of vectors; log2(lanes) rounds make the transpose.
+template <typename T> CRAM_INLINE void transpose_vecs(Vec<T>* v) {
+  constexpr int kLanes = Simd<T>::lanes;
+  using Order = std::make_integer_sequence<int, kLanes>;
+  for (int round = 1; round < kLanes; round *= 2) {
+    Vec<T> next[kLanes];
+    for (int i = 0; i < kLanes / 2; ++i) {
+      next[i] = detail::every_other_lane<0>(v[2 * i], v[2 * i + 1], Order{});
+      next[i + kLanes / 2] = detail::every_other_lane<1>(v[2 * i], v[2 * i + 1], Order{});
+    }
+    for (int i = 0; i < kLanes; ++i) v[i] = next[i];
+  }
+}
+
+// The lane sums of `lanes` vectors at once, as one vector: result[j] = Σ_i v[j][i]. Each round
+// adds neighbouring lanes of pairs of vectors, halving the vectors and packing their sums, so
+// the whole costs about 3 operations per vector instead of a sequential sum's one per lane.
+// The order of the additions is fixed (pairwise), so results are deterministic.
+template <typename T> CRAM_INLINE Vec<T> lane_sums(const Vec<T>* v) {
+  constexpr int kLanes = Simd<T>::lanes;
+  using Order = std::make_integer_sequence<int, kLanes>;
+  Vec<T> level[kLanes];
+  for (int i = 0; i < kLanes; ++i) level[i] = v[i];
+  for (int n = kLanes; n > 1; n /= 2)
+    for (int i = 0; i < n / 2; ++i)
+      level[i] = detail::every_other_lane<0>(level[2 * i], level[2 * i + 1], Order{}) +
+                 detail::every_other_lane<1>(level[2 * i], level[2 * i + 1], Order{});
+  return level[0];
+}
+
+// ---------------------------------------------------------------------------------------------
+// exp
+// ---------------------------------------------------------------------------------------------
+
+namespace detail {
+
+CRAM_INLINE int32_t float_bits(float x) {
+  int32_t i;
+  std::memcpy(&i, &x, sizeof(i));
+  return i;
+}
+CRAM_INLINE VecI32 float_bits(Vec<float> x) { return reinterpret_cast<VecI32>(x); }
+CRAM_INLINE float bits_float(int32_t i) {
+  float x;
+  std::memcpy(&x, &i, sizeof(x));
+  return x;
+}
+CRAM_INLINE Vec<float> bits_float(VecI32 i) { return reinterpret_cast<Vec<float>>(i); }
+
+// F is float or Vec<float>: the same operations, lane-wise for vectors.
+template <typename F>
+CRAM_INLINE F exp_approx(F x) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
-  const bool underflow = x < -103.0f;  // e^-103 is below the smallest float subnormal
-  const bool overflow = x > 88.7228f;
-  const float xc = underflow ? 0.0f : (overflow ? 0.0f : x);  // NaN passes through unchanged
-  const float k = std::nearbyint(xc * kLog2e);
-  const float r = (xc - k * kLn2Hi) - k * kLn2Lo;
-  float p = 1.9875691500e-4f;
+  constexpr float kRoundShift = 12582912.0f;  // 1.5 · 2^23: adding it rounds to an integer
+  const F zero{};
+  const auto underflow = x < -103.0f;  // e^-103 is below the smallest float subnormal
+  const auto overflow = x > 88.7228f;
+  const F xc = underflow ? zero : (overflow ? zero : x);  // NaN passes through unchanged
+  const F shifted = xc * kLog2e + kRoundShift;
+  const F k = shifted - kRoundShift;
+  const F r = (xc - k * kLn2Hi) - k * kLn2Lo;
+  F p = zero + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  // 2^k in two halves so that k down to -149 (subnormal results) stays representable.
-  const int32_t ki = static_cast<int32_t>(k == k ? k : 0.0f);  // NaN stays in p, not in the cast
-  const int32_t k1 = ki / 2, k2 = ki - k1;
-  const uint32_t b1 = static_cast<uint32_t>(k1 + 127) << 23;
-  const uint32_t b2 = static_cast<uint32_t>(k2 + 127) << 23;
-  float s1, s2;
-  std::memcpy(&s1, &b1, sizeof(s1));
-  std::memcpy(&s2, &b2, sizeof(s2));
-  const float y = p * s1 * s2;
-  return underflow ? 0.0f : (overflow ? INFINITY : y);
+  // 2^k in two halves so that k down to -149 (subnormal results) stays representable. The
+  // integer k comes from the shifted value's low mantissa bits (NaN there only reaches p).
+  const auto ki = float_bits(shifted) - float_bits(kRoundShift);
+  const auto k1 = ki >> 1, k2 = ki - k1;
+  const F y = p * bits_float((k1 + 127) << 23) * bits_float((k2 + 127) << 23);
+  return underflow ? zero : (overflow ? zero + INFINITY : y);
 }
-inline double exp_approx(double x) { return std::exp(x); }
+
+}  // namespace detail
+
+CRAM_INLINE float exp_approx(float x) { return detail::exp_approx(x); }
+CRAM_INLINE Vec<float> exp_approx(Vec<float> x) { return detail::exp_approx(x); }
+// Double inputs are for exactness (gradcheck), not speed: the library exp.
+CRAM_INLINE double exp_approx(double x) { return std::exp(x); }
+CRAM_INLINE Vec<double> exp_approx(Vec<double> x) {
+  for (int i = 0; i < Simd<double>::lanes; ++i) x[i] = std::exp(x[i]);
+  return x;
+}
 
 // Natural log of a positive normal float: x = 2^e · m with m in [√½, √2), log m by a
 // polynomial in m - 1 (about 1 ulp).
-inline float log_approx(float x) {
+CRAM_INLINE float log_approx(float x) {
   uint32_t bits;
   std::memcpy(&bits, &x, sizeof(bits));
   float e = static_cast<float>(static_cast<int32_t>(bits >> 23) - 127);
@@ -68,15 +184,15 @@ inline float log_approx(float x) {
 
 // log(1 + e) without losing e's digits when e is small: log(u) · e / (u - 1) with u = 1 + e
 // cancels the rounding error of u.
-inline float log1p_approx(float e) {
+CRAM_INLINE float log1p_approx(float e) {
   const float u = 1.0f + e;
   return u == 1.0f ? e : log_approx(u) * (e / (u - 1.0f));
 }
 
 // softplus(x) = log(1 + e^x), linear above 20 as torch.nn.functional.softplus.
-inline float softplus(float x) { return x > 20.0f ? x : log1p_approx(exp_approx(x)); }
-inline double softplus(double x) { return x > 20.0 ? x : std::log1p(std::exp(x)); }
-inline float sigmoid(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
-inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+CRAM_INLINE float softplus(float x) { return x > 20.0f ? x : log1p_approx(exp_approx(x)); }
+CRAM_INLINE double softplus(double x) { return x > 20.0 ? x : std::log1p(std::exp(x)); }
+CRAM_INLINE float sigmoid(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
+CRAM_INLINE double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 
 }  // namespace cram

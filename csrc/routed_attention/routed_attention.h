@@ -19,18 +19,21 @@
 
 namespace cram {
 
+// The largest head dimension, checked by the binding layer; the kernels size buffers by it.
+constexpr int kAttentionMaxHeadDim = 256;
+
 struct RoutedAttentionParams {
   DType dtype;  // q, k, v, out (and dout, dq, dk, dv)
   int batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim;
   double scale;  // kernels use it in their accumulation type
   bool is_causal;
 
-  long q_batch_stride, q_head_stride, q_row_stride;
-  long k_batch_stride, k_head_stride, k_row_stride;
-  long v_batch_stride, v_head_stride, v_row_stride;
-  long out_batch_stride, out_head_stride, out_row_stride;
-  long route_batch_stride, route_head_stride, route_row_stride;
-  long key_mask_batch_stride;
+  int64_t q_batch_stride, q_head_stride, q_row_stride;
+  int64_t k_batch_stride, k_head_stride, k_row_stride;
+  int64_t v_batch_stride, v_head_stride, v_row_stride;
+  int64_t out_batch_stride, out_head_stride, out_row_stride;
+  int64_t route_batch_stride, route_head_stride, route_row_stride;
+  int64_t key_mask_batch_stride;
 
   const void* q;
   const void* k;
@@ -42,7 +45,7 @@ struct RoutedAttentionParams {
 };
 
 struct RoutedAttentionBwdParams : RoutedAttentionParams {
-  long dout_batch_stride, dout_head_stride, dout_row_stride;
+  int64_t dout_batch_stride, dout_head_stride, dout_row_stride;
   // dq, dk, dv are contiguous, have q's, k's and v's shapes, are in the accumulation type and
   // arrive zeroed, so a kernel may accumulate into them; the binding layer casts them back.
   const void* dout;
@@ -56,7 +59,7 @@ void routed_attention_bwd_cpu(const RoutedAttentionBwdParams& params);
 
 // CUDA launchers; `stream` is a cudaStream_t. `workspace` is device memory of
 // routed_attention_cuda_workspace_bytes(params) bytes for the row compaction.
-long routed_attention_cuda_workspace_bytes(const RoutedAttentionParams& params);
+int64_t routed_attention_cuda_workspace_bytes(const RoutedAttentionParams& params);
 void routed_attention_fwd_cuda(const RoutedAttentionParams& params, void* workspace, void* stream);
 void routed_attention_bwd_cuda(const RoutedAttentionBwdParams& params, void* workspace, void* stream);
 

@@ -16,7 +16,9 @@
 //        S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q, dQ = dS K on tensor cores.
 //      - simt_bwd_kernel (every other case): 16 keys per block, rows four at a time, float or
 //        double FMAs.
+#include <atomic>
 #include <cmath>
+#include <cstdint>
 
 #include "routed_attention_tiles.cuh"
 
@@ -29,7 +31,7 @@ constexpr int kBwdKeys = 16;    // keys per block: lanes 0-15 score them, lanes 
 // The block's 128 threads own the dK/dV accumulators of (key, dim) pairs: key = thread / 8,
 // dims thread % 8 + 8 i.
 constexpr int kThreadsPerKey = kBwdWarps * 32 / kBwdKeys;
-constexpr int kAccPerThread = kMaxHeadDim / kThreadsPerKey;
+constexpr int kAccPerThread = kAttentionMaxHeadDim / kThreadsPerKey;
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kBwdWarps * 32)
@@ -38,7 +40,7 @@ row_dot_kernel(const RoutedAttentionBwdParams p, const RoutedRows rows) {
   const int bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads, lane = threadIdx.x % 32;
   const int slot = blockIdx.x * kBwdWarps + threadIdx.x / 32;
   if (slot >= rows.count[bh]) return;
-  const long row_index = static_cast<long>(bh) * p.seqlen_q + slot;
+  const int64_t row_index = static_cast<int64_t>(bh) * p.seqlen_q + slot;
   const int pos = rows.positions[row_index];
   const scalar_t* dout = static_cast<const scalar_t*>(p.dout) + b * p.dout_batch_stride + h * p.dout_head_stride + pos * p.dout_row_stride;
   const scalar_t* out = static_cast<const scalar_t*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride + pos * p.out_row_stride;
@@ -105,12 +107,12 @@ simt_bwd_kernel(const RoutedAttentionBwdParams p, const RoutedRows rows) {
   for (int h = hk * group; h < (hk + 1) * group; ++h) {
     const int bh = b * p.heads + h;
     const int count = rows.count[bh];
-    const int* positions = rows.positions + static_cast<long>(bh) * p.seqlen_q;
-    const acc_t* row_dot = static_cast<const acc_t*>(rows.row_dot) + static_cast<long>(bh) * p.seqlen_q;
-    const acc_t* lse = static_cast<const acc_t*>(p.lse) + static_cast<long>(bh) * p.seqlen_q;
+    const int* positions = rows.positions + static_cast<int64_t>(bh) * p.seqlen_q;
+    const acc_t* row_dot = static_cast<const acc_t*>(rows.row_dot) + static_cast<int64_t>(bh) * p.seqlen_q;
+    const acc_t* lse = static_cast<const acc_t*>(p.lse) + static_cast<int64_t>(bh) * p.seqlen_q;
     const scalar_t* q = static_cast<const scalar_t*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
     const scalar_t* dout = static_cast<const scalar_t*>(p.dout) + b * p.dout_batch_stride + h * p.dout_head_stride;
-    acc_t* dq = static_cast<acc_t*>(p.dq) + static_cast<long>(bh) * p.seqlen_q * d;
+    acc_t* dq = static_cast<acc_t*>(p.dq) + static_cast<int64_t>(bh) * p.seqlen_q * d;
     const int first_slot = p.is_causal ? lower_bound(positions, count, key0) : 0;
 
     for (int slot0 = first_slot; slot0 < count; slot0 += kBwdWarps) {
@@ -148,7 +150,7 @@ simt_bwd_kernel(const RoutedAttentionBwdParams p, const RoutedRows rows) {
           acc_t acc = 0;
 #pragma unroll
           for (int jj = 0; jj < kBwdKeys; ++jj) acc += dscores[warp * kBwdKeys + jj] * k_tile[jj * layout.kv_stride() + c];
-          if (acc != acc_t(0)) atomicAdd(dq + static_cast<long>(pos) * d + c, scale * acc);
+          if (acc != acc_t(0)) atomicAdd(dq + static_cast<int64_t>(pos) * d + c, scale * acc);
         }
       }
       __syncthreads();
@@ -173,7 +175,7 @@ simt_bwd_kernel(const RoutedAttentionBwdParams p, const RoutedRows rows) {
 
   const int key = key0 + my_key;
   if (key >= p.seqlen_k) return;
-  const long kv_row = (static_cast<long>(b) * p.kv_heads + hk) * p.seqlen_k + key;
+  const int64_t kv_row = (static_cast<int64_t>(b) * p.kv_heads + hk) * p.seqlen_k + key;
   acc_t* dk_row = static_cast<acc_t*>(p.dk) + kv_row * d;
   acc_t* dv_row = static_cast<acc_t*>(p.dv) + kv_row * d;
 #pragma unroll
@@ -253,12 +255,12 @@ flash_bwd_kernel(const RoutedAttentionBwdParams p, const RoutedRows rows) {
   for (int h = hk * group; h < (hk + 1) * group; ++h) {
     const int bh = b * p.heads + h;
     const int count = rows.count[bh];
-    const int* positions = rows.positions + static_cast<long>(bh) * p.seqlen_q;
-    const float* row_dot = static_cast<const float*>(rows.row_dot) + static_cast<long>(bh) * p.seqlen_q;
-    const float* lse = static_cast<const float*>(p.lse) + static_cast<long>(bh) * p.seqlen_q;
+    const int* positions = rows.positions + static_cast<int64_t>(bh) * p.seqlen_q;
+    const float* row_dot = static_cast<const float*>(rows.row_dot) + static_cast<int64_t>(bh) * p.seqlen_q;
+    const float* lse = static_cast<const float*>(p.lse) + static_cast<int64_t>(bh) * p.seqlen_q;
     const scalar_t* q = static_cast<const scalar_t*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
     const scalar_t* dout = static_cast<const scalar_t*>(p.dout) + b * p.dout_batch_stride + h * p.dout_head_stride;
-    float* dq = static_cast<float*>(p.dq) + static_cast<long>(bh) * p.seqlen_q * kHeadDim;
+    float* dq = static_cast<float*>(p.dq) + static_cast<int64_t>(bh) * p.seqlen_q * kHeadDim;
     const int first_slot = p.is_causal ? lower_bound(positions, count, key0) : 0;
 
     for (int slot0 = first_slot; slot0 < count; slot0 += kBlockM) {
@@ -378,7 +380,7 @@ flash_bwd_kernel(const RoutedAttentionBwdParams p, const RoutedRows rows) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           if (my_rows[r] >= n_rows) continue;
-          float* dq_row = dq + static_cast<long>(pos_tile[my_rows[r]]) * kHeadDim + pair * 16 + quad_col;
+          float* dq_row = dq + static_cast<int64_t>(pos_tile[my_rows[r]]) * kHeadDim + pair * 16 + quad_col;
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
             atomicAdd(dq_row + half * 8, scale * acc[half][2 * r]);
@@ -391,7 +393,7 @@ flash_bwd_kernel(const RoutedAttentionBwdParams p, const RoutedRows rows) {
 
   cp_async_wait<0>();  // without any visiting row the K, V copies are still in flight
   // dK, dV rows of this thread's keys: each key belongs to exactly this block, so plain stores.
-  const long kv_base = (static_cast<long>(b) * p.kv_heads + hk) * p.seqlen_k;
+  const int64_t kv_base = (static_cast<int64_t>(b) * p.kv_heads + hk) * p.seqlen_k;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if (my_keys[r] >= p.seqlen_k) continue;
@@ -409,15 +411,33 @@ template <typename scalar_t, int kHeadDim>
 void launch_flash_bwd(const RoutedAttentionBwdParams& p, const RoutedRows& rows, cudaStream_t stream) {
   using Tile = FlashBwdTile<kHeadDim>;
   auto kernel = flash_bwd_kernel<scalar_t, kHeadDim>;
-  CRAM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes));
+  static std::atomic<uint64_t> smem_configured{0};
+  allow_dynamic_smem(kernel, Tile::kSmemBytes, smem_configured);
   const dim3 grid((p.seqlen_k + Tile::kBlockN - 1) / Tile::kBlockN, p.batch * p.kv_heads);
   kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(p, rows);
+  CRAM_CUDA_CHECK_LAUNCH();
+}
+
+template <typename scalar_t>
+void launch_simt_bwd(const RoutedAttentionBwdParams& p, const RoutedRows& rows, cudaStream_t stream) {
+  using acc_t = typename AccType<scalar_t>::type;
+  // The limit is raised once, to what the largest head dimension needs.
+  static std::atomic<uint64_t> smem_configured{0};
+  allow_dynamic_smem(simt_bwd_kernel<scalar_t>, BwdSmem{kAttentionMaxHeadDim}.elems() * static_cast<int>(sizeof(acc_t)),
+                     smem_configured);
+  const int smem_bytes = BwdSmem{p.head_dim}.elems() * static_cast<int>(sizeof(acc_t));
+  const dim3 grid((p.seqlen_k + kBwdKeys - 1) / kBwdKeys, p.batch * p.kv_heads);
+  simt_bwd_kernel<scalar_t><<<grid, kBwdWarps * 32, smem_bytes, stream>>>(p, rows);
   CRAM_CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace
 }  // namespace cuda
 
+// Per call, after the binding layer's allocations (dq, dk, dv zeroed in the accumulation type,
+// and the workspace; for 16-bit inputs the binding layer's casts back add three more): 3
+// launches (compaction, row dots, the dK/dV/dQ kernel), no host synchronisation, and host-side
+// queries only on a device's first call.
 void routed_attention_bwd_cuda(const RoutedAttentionBwdParams& params, void* workspace, void* stream) {
   using namespace cuda;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
@@ -425,7 +445,6 @@ void routed_attention_bwd_cuda(const RoutedAttentionBwdParams& params, void* wor
   const RoutedRows rows = routed_rows(params, workspace);
   compact_routed_rows(params, rows, s);
   CRAM_CUDA_DTYPE_SWITCH(params.dtype, "routed_attention backward (CUDA)", [&] {
-    using acc_t = typename AccType<scalar_t>::type;
     const dim3 dot_grid((params.seqlen_q + kBwdWarps - 1) / kBwdWarps, params.batch * params.heads);
     row_dot_kernel<scalar_t><<<dot_grid, kBwdWarps * 32, 0, s>>>(params, rows);
     CRAM_CUDA_CHECK_LAUNCH();
@@ -436,11 +455,7 @@ void routed_attention_bwd_cuda(const RoutedAttentionBwdParams& params, void* wor
         if (params.head_dim == 128) return launch_flash_bwd<scalar_t, 128>(params, rows, s);
       }
     }
-    const int smem_bytes = BwdSmem{params.head_dim}.elems() * static_cast<int>(sizeof(acc_t));
-    CRAM_CUDA_CHECK(cudaFuncSetAttribute(simt_bwd_kernel<scalar_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
-    const dim3 grid((params.seqlen_k + kBwdKeys - 1) / kBwdKeys, params.batch * params.kv_heads);
-    simt_bwd_kernel<scalar_t><<<grid, kBwdWarps * 32, smem_bytes, s>>>(params, rows);
-    CRAM_CUDA_CHECK_LAUNCH();
+    launch_simt_bwd<scalar_t>(params, rows, s);
   });
 }
 

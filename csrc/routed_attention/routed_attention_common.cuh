@@ -7,6 +7,7 @@
 // block [j0, j1) is seen by exactly the rows whose position is >= j0 (a suffix of the list).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 
 #include "../common/cuda_dtype.cuh"
@@ -16,14 +17,14 @@
 namespace cram {
 namespace cuda {
 
-constexpr int kMaxHeadDim = 256;  // the binding layer's limit
-
 // Scheduling of the tensor-core forward (routed_attention_fwd.cu). Its tiles of kTileRows routed
 // rows, over all (batch, head) pairs, form one list, so the grid's first blocks are the real
 // work whatever the route fraction. When the list is shorter than kTilesPerSm per multiprocessor
 // (sparse routing: few tiles, each walking up to all keys), each tile's key blocks are split
-// over up to kMaxKeySplits blocks, which write normalised partial outputs and their lse; a merge
-// kernel combines them. The partial buffers hold kPartialTilesPerSm per multiprocessor.
+// over up to kMaxKeySplits blocks, which write normalised partial outputs and their lse; the
+// last of a tile's splits to finish combines them (no merge kernel, so nothing is launched for
+// the splits when there are none). The partial buffers hold kPartialTilesPerSm per
+// multiprocessor.
 constexpr int kTileRows = 64;
 constexpr int kMaxKeySplits = 8;
 constexpr int kTilesPerSm = 2;
@@ -37,15 +38,17 @@ struct RoutedRows {
                       // rowsum(dout * out) per compacted row
   int* tile_offset;   // (batch * heads + 1): list index of each pair's first tile; last: total
   int* plan;          // [0]: tiles in the list, [1]: key splits per tile
+  int* splits_done;   // (partial tiles): per list tile, its splits finished so far; zeroed by
+                      // plan_tiles_kernel, counted by the forward (the last split merges)
   float* partial_lse; // (partial tiles, kTileRows): lse of each split's rows, natural log
   float* partial_out; // (partial tiles, kTileRows, head_dim): each split's normalised rows
   int partial_tiles;  // capacity of the partial buffers, in (tile, split) pairs
 };
 
-constexpr long kWorkspaceAlign = 256;
-inline long align_up(long bytes) { return (bytes + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign; }
+constexpr int64_t kWorkspaceAlign = 256;
+inline int64_t align_up(int64_t bytes) { return (bytes + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign; }
 
-inline long acc_bytes(DType t) { return t == DType::kFloat64 ? 8 : 4; }
+inline int64_t acc_bytes(DType t) { return t == DType::kFloat64 ? 8 : 4; }
 
 // Whether the tensor-core forward may run (the other condition, 16-byte aligned rows, is
 // checked at launch; unaligned inputs leave the partial buffers unused).
@@ -54,11 +57,39 @@ inline bool tensor_core_shape(const RoutedAttentionParams& p) {
          (p.head_dim == 64 || p.head_dim == 128);
 }
 
-inline int multiprocessor_count() {
-  int device = 0, sms = 0;
+// Host state kept once per device and process (the SM count, kernel attributes), in tables
+// indexed by device id.
+constexpr int kMaxDevices = 64;
+
+inline int current_device() {
+  int device = 0;
   CRAM_CUDA_CHECK(cudaGetDevice(&device));
-  CRAM_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  if (device >= kMaxDevices)
+    throw std::invalid_argument("routed_attention (CUDA): device ids must be below " + std::to_string(kMaxDevices));
+  return device;
+}
+
+// The multiprocessor count of the current device, queried once per device.
+inline int multiprocessor_count() {
+  static std::atomic<int> cached[kMaxDevices] = {};
+  const int device = current_device();
+  int sms = cached[device].load(std::memory_order_relaxed);
+  if (sms == 0) {
+    CRAM_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    cached[device].store(sms, std::memory_order_relaxed);
+  }
   return sms;
+}
+
+// Raises `kernel`'s dynamic shared memory limit to `bytes` once per device (the attribute is a
+// per-device setting); `configured` is the kernel's own flag set, one bit per device. Setting it
+// twice from racing threads is harmless.
+template <typename Kernel>
+inline void allow_dynamic_smem(Kernel kernel, int bytes, std::atomic<uint64_t>& configured) {
+  const uint64_t device_bit = uint64_t(1) << current_device();
+  if (configured.load(std::memory_order_acquire) & device_bit) return;
+  CRAM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  configured.fetch_or(device_bit, std::memory_order_release);
 }
 
 inline int partial_tile_capacity(const RoutedAttentionParams& p) {
@@ -66,13 +97,13 @@ inline int partial_tile_capacity(const RoutedAttentionParams& p) {
 }
 
 // Lays the views out over `workspace`; with workspace null, returns the byte count in `bytes`.
-inline RoutedRows routed_rows(const RoutedAttentionParams& p, void* workspace, long* bytes = nullptr) {
-  const long bh = static_cast<long>(p.batch) * p.heads;
+inline RoutedRows routed_rows(const RoutedAttentionParams& p, void* workspace, int64_t* bytes = nullptr) {
+  const int64_t bh = static_cast<int64_t>(p.batch) * p.heads;
   RoutedRows r;
   r.partial_tiles = partial_tile_capacity(p);
   char* base = static_cast<char*>(workspace);
-  long offset = 0;
-  auto take = [&](long n) {
+  int64_t offset = 0;
+  auto take = [&](int64_t n) {
     char* at = base ? base + offset : nullptr;
     offset += align_up(n);
     return at;
@@ -82,9 +113,10 @@ inline RoutedRows routed_rows(const RoutedAttentionParams& p, void* workspace, l
   r.row_dot = take(bh * p.seqlen_q * acc_bytes(p.dtype));
   r.tile_offset = reinterpret_cast<int*>(take((bh + 1) * sizeof(int)));
   r.plan = reinterpret_cast<int*>(take(2 * sizeof(int)));
-  r.partial_lse = reinterpret_cast<float*>(take(static_cast<long>(r.partial_tiles) * kTileRows * sizeof(float)));
+  r.splits_done = reinterpret_cast<int*>(take(static_cast<int64_t>(r.partial_tiles) * sizeof(int)));
+  r.partial_lse = reinterpret_cast<float*>(take(static_cast<int64_t>(r.partial_tiles) * kTileRows * sizeof(float)));
   r.partial_out = reinterpret_cast<float*>(
-      take(static_cast<long>(r.partial_tiles) * kTileRows * p.head_dim * sizeof(float)));
+      take(static_cast<int64_t>(r.partial_tiles) * kTileRows * p.head_dim * sizeof(float)));
   if (bytes) *bytes = offset;
   return r;
 }
@@ -106,14 +138,12 @@ __device__ __forceinline__ ListTile list_tile(const RoutedRows& rows, int n_pair
   return {lo, (tiles_here - 1 - (tile - rows.tile_offset[lo])) * kTileRows};
 }
 
-// The launch limits of these kernels (one grid row per (batch, head)), checked before launching.
+// The launch limits of these kernels (one grid row per (batch, head)), checked before launching
+// (head_dim <= kAttentionMaxHeadDim is checked by the binding layer).
 inline void check_attention_launch(const RoutedAttentionParams& p, const char* op) {
-  if (static_cast<long>(p.batch) * p.heads > 65535)
+  if (static_cast<int64_t>(p.batch) * p.heads > 65535)
     throw std::invalid_argument(std::string(op) + ": batch * heads must be at most 65535, got " +
-                                std::to_string(static_cast<long>(p.batch) * p.heads));
-  if (p.head_dim > kMaxHeadDim)
-    throw std::invalid_argument(std::string(op) + ": head_dim must be at most " +
-                                std::to_string(kMaxHeadDim) + ", got " + std::to_string(p.head_dim));
+                                std::to_string(static_cast<int64_t>(p.batch) * p.heads));
 }
 
 // Fills rows.count and rows.positions from params.route (kernel in routed_attention_compact.cu).

@@ -46,7 +46,7 @@ compact_routed_rows_kernel(const RoutedAttentionParams p, const RoutedRows rows)
   __shared__ int warp_totals[kCompactWarps];
   const int b = blockIdx.x / p.heads, h = blockIdx.x % p.heads;
   const uint8_t* route = p.route + b * p.route_batch_stride + h * p.route_head_stride;
-  int* positions = rows.positions + static_cast<long>(blockIdx.x) * p.seqlen_q;
+  int* positions = rows.positions + static_cast<int64_t>(blockIdx.x) * p.seqlen_q;
   int written = 0;  // routed rows found in earlier tiles (the same in every thread)
   for (int tile = 0; tile < p.seqlen_q; tile += kCompactTile) {
     const int first = tile + threadIdx.x * kFlagsPerThread;
@@ -64,7 +64,8 @@ compact_routed_rows_kernel(const RoutedAttentionParams p, const RoutedRows rows)
   if (threadIdx.x == 0) rows.count[blockIdx.x] = written;
 }
 
-// One block: tile_offset = exclusive prefix sum of the pairs' tile counts, then the plan. The key
+// One block: tile_offset = exclusive prefix sum of the pairs' tile counts, then the plan, and
+// the split counters zeroed. The key
 // split S is 1 unless the tiles are fewer than half of `target_tiles` (kTilesPerSm per
 // multiprocessor); then S = ceil(target / tiles), at most kMaxKeySplits, so tiles * S stays
 // under tiles + target <= 1.5 target, within the partial buffers (and is cut back if not).
@@ -81,6 +82,8 @@ plan_tiles_kernel(const RoutedAttentionParams p, const RoutedRows rows, int targ
     if (pair < n_pairs) rows.tile_offset[pair] = first;
     total += chunk_total;
   }
+  // The forward's split counters start at zero on every call (the workspace is not cleared).
+  for (int i = threadIdx.x; i < rows.partial_tiles; i += kCompactThreads) rows.splits_done[i] = 0;
   if (threadIdx.x == 0) {
     rows.tile_offset[n_pairs] = total;
     int splits = 1;
@@ -106,8 +109,8 @@ void compact_routed_rows(const RoutedAttentionParams& p, const RoutedRows& rows,
 
 }  // namespace cuda
 
-long routed_attention_cuda_workspace_bytes(const RoutedAttentionParams& p) {
-  long bytes = 0;
+int64_t routed_attention_cuda_workspace_bytes(const RoutedAttentionParams& p) {
+  int64_t bytes = 0;
   cuda::routed_rows(p, nullptr, &bytes);
   return bytes;
 }

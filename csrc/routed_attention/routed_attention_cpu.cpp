@@ -22,7 +22,6 @@
 // vector extensions sized to the widest unit the target has, so one generic code path serves
 // every element type and instruction set.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -30,66 +29,12 @@
 #include <type_traits>
 #include <vector>
 
+#include "../common/cpu_math.h"
 #include "../common/parallel.h"
 #include "routed_attention.h"
 
 namespace cram {
 namespace {
-
-// ---------------------------------------------------------------------------------------------
-// SIMD vectors
-// ---------------------------------------------------------------------------------------------
-
-#if defined(__AVX512F__)
-constexpr int kVectorBytes = 64;
-constexpr int kVectorRegisters = 32;
-#elif defined(__AVX__)
-constexpr int kVectorBytes = 32;
-constexpr int kVectorRegisters = 16;
-#else
-constexpr int kVectorBytes = 16;
-constexpr int kVectorRegisters = 16;
-#endif
-
-template <typename T>
-struct Simd {
-  typedef T vec __attribute__((vector_size(kVectorBytes)));
-  static constexpr int lanes = kVectorBytes / sizeof(T);
-};
-template <typename T> using Vec = typename Simd<T>::vec;
-typedef int32_t VecI32 __attribute__((vector_size(kVectorBytes)));
-
-template <typename T> inline Vec<T> splat(T x) { return Vec<T>{} + x; }
-
-// 2^x, lane-wise, for x <= 127 (softmax arguments are <= 0): range reduction to x = n + f with
-// |f| <= 1/2, a degree-6 polynomial for 2^f (relative error < 1 ulp), 2^n built in the exponent
-// bits. x < -126 (including -inf) gives exactly 0; NaN stays NaN.
-inline Vec<float> exp2_vec(Vec<float> x) {
-  const Vec<float> clamped = x < splat(-127.0f) ? splat(-127.0f) : x;
-  const Vec<float> round_shift = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to integer
-  const Vec<float> shifted = clamped + round_shift;
-  const Vec<float> n = shifted - round_shift;
-  const Vec<float> f = clamped - n;
-  Vec<float> p = splat(1.5370705e-04f);
-  p = p * f + 1.3399848e-03f;
-  p = p * f + 9.6183736e-03f;
-  p = p * f + 5.5503290e-02f;
-  p = p * f + 2.4022648e-01f;
-  p = p * f + 6.9314718e-01f;
-  p = p * f + 1.0f;
-  const VecI32 n_int = (VecI32)shifted - (VecI32)round_shift;
-  const Vec<float> two_to_n = (Vec<float>)((n_int + 127) << 23);
-  const Vec<float> result = p * two_to_n;
-  return x < splat(-126.0f) ? splat(0.0f) : result;
-}
-
-// Double inputs are for exactness (gradcheck), not speed: the library exp2 per lane.
-inline Vec<double> exp2_vec(Vec<double> x) {
-  for (int i = 0; i < Simd<double>::lanes; ++i) x[i] = std::exp2(x[i]);
-  return x;
-}
-
-template <typename T> inline Vec<T> max_vec(Vec<T> a, Vec<T> b) { return b > a ? b : a; }
 
 // ---------------------------------------------------------------------------------------------
 // Micro-kernels. A "tile" holds one query row per lane; `tile_t[c]` is column c of the tile.
@@ -99,7 +44,7 @@ template <typename T> inline Vec<T> max_vec(Vec<T> a, Vec<T> b) { return b > a ?
 template <typename T>
 struct RowsView {
   const T* data;
-  long stride;
+  int64_t stride;
   const T* row(int j) const { return data + j * stride; }
 };
 
@@ -184,8 +129,6 @@ void accumulate_outer(const Vec<T>* weights, int n, const Vec<T>* tile_rows, int
 // ---------------------------------------------------------------------------------------------
 
 constexpr int kKeyBlock = 64;
-constexpr double kLog2e = 1.4426950408889634;
-constexpr double kLn2 = 0.6931471805599453;
 
 // A tile: up to one vector's worth of consecutive routed rows of one (batch, head).
 struct Tile {
@@ -238,7 +181,7 @@ class Problem {
     return static_cast<scalar_t*>(p_.out) + batch_of(bh) * p_.out_batch_stride +
            head_of(bh) * p_.out_head_stride + i * p_.out_row_stride;
   }
-  acc_t* lse(int bh) const { return static_cast<acc_t*>(p_.lse) + static_cast<long>(bh) * p_.seqlen_q; }
+  acc_t* lse(int bh) const { return static_cast<acc_t*>(p_.lse) + static_cast<int64_t>(bh) * p_.seqlen_q; }
   int kv_head(int bh) const { return head_of(bh) / group_; }
   int group_size() const { return group_; }
   const scalar_t* k_row(int b, int kvh, int j) const {
@@ -303,7 +246,7 @@ class Problem {
 // Rows [j0, j0 + n) of a key or value head in the accumulation type: the tensor itself when it
 // already is, else widened into `buffer`.
 template <typename acc_t, typename scalar_t>
-RowsView<acc_t> rows_as_acc(const scalar_t* first, long stride, int n, int d, std::vector<acc_t>& buffer) {
+RowsView<acc_t> rows_as_acc(const scalar_t* first, int64_t stride, int n, int d, std::vector<acc_t>& buffer) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     return {first, stride};
   } else {
@@ -354,40 +297,33 @@ void gather_transposed(const Problem<scalar_t>& pb, const Tile& t, RowOf row, ac
   }
 }
 
-// Calls work(item, scratch) for every item in [0, n_items) on the thread pool. Items differ a lot
-// in cost (a causal tile costs its position), and cram::parallel_for splits a range statically,
-// so each worker instead takes the next item from a shared counter; callers order items longest
-// first. Each worker makes its scratch once.
-template <typename MakeScratch, typename Work>
-void run_dynamic(int64_t n_items, MakeScratch make_scratch, Work work) {
-  std::atomic<int64_t> next{0};
-  parallel_for(n_items, 1, [&](int64_t, int64_t) {
-    auto scratch = make_scratch();
-    for (int64_t item = next++; item < n_items; item = next++) work(item, scratch);
-  });
-}
-
 // Consecutive tiles of one (batch, head), processed together so that each key/value block is
 // read from memory once for all of them instead of once per tile (a head's keys and values
 // outgrow the L2 cache at a few thousand positions).
 struct TileGroup {
   int first_tile, count;
-  long cost;  // visible keys summed over the tiles
+  int64_t cost;  // visible keys summed over the tiles
 };
 
-constexpr int kTilesPerGroup = 8;
+constexpr int kTilesPerGroup = 16;
 
-// Groups of up to `tiles_per_group` tiles, most work first.
+// Groups of up to `tiles_per_group` tiles, as even in size as a head's tile count allows, most
+// work first. Even sizes matter for sparse routes: 9 tiles as 8 + 1 would leave the head's last
+// (longest) tile alone, streaming every key and value from memory for a single tile.
 template <typename scalar_t>
 std::vector<TileGroup> tile_groups_longest_first(const Problem<scalar_t>& pb, int tiles_per_group) {
   std::vector<TileGroup> groups;
   const int n_bh = pb.params().batch * pb.params().heads;
-  for (int bh = 0; bh < n_bh; ++bh)
-    for (int t = pb.tile_begin(bh); t < pb.tile_begin(bh + 1); t += tiles_per_group) {
-      TileGroup g{t, std::min(tiles_per_group, pb.tile_begin(bh + 1) - t), 0};
+  for (int bh = 0; bh < n_bh; ++bh) {
+    const int first = pb.tile_begin(bh), n_tiles = pb.tile_begin(bh + 1) - first;
+    const int n_groups = (n_tiles + tiles_per_group - 1) / tiles_per_group;
+    for (int k = 0, t = first; k < n_groups; ++k) {
+      TileGroup g{t, n_tiles / n_groups + (k < n_tiles % n_groups ? 1 : 0), 0};
       for (int i = 0; i < g.count; ++i) g.cost += pb.key_end(pb.tiles()[t + i]);
       groups.push_back(g);
+      t += g.count;
     }
+  }
   std::stable_sort(groups.begin(), groups.end(),
                    [](const TileGroup& a, const TileGroup& b) { return a.cost > b.cost; });
   return groups;
@@ -429,7 +365,7 @@ struct ForwardScratch {
   std::vector<acc_t> k_buffer, v_buffer;
 };
 
-// Online softmax over one key block, in base 2: updates the running max and sum, rescales the
+// Online softmax over one key block: updates the running max and sum, rescales the
 // output tile, and turns the block's scores into unnormalised probabilities.
 template <typename acc_t>
 void softmax_update(Vec<acc_t>* scores, int n, ForwardTileState<acc_t>& state, int d) {
@@ -438,10 +374,10 @@ void softmax_update(Vec<acc_t>* scores, int n, ForwardTileState<acc_t>& state, i
   // A lane that has seen only masked keys keeps max -inf; subtract 0 there to avoid -inf - -inf.
   const Vec<acc_t> minus_inf = splat(-std::numeric_limits<acc_t>::infinity());
   const Vec<acc_t> shift = block_max == minus_inf ? Vec<acc_t>{} : block_max;
-  const Vec<acc_t> rescale = exp2_vec(state.running_max - shift);
+  const Vec<acc_t> rescale = exp_approx(state.running_max - shift);
   Vec<acc_t> block_sum{};
   for (int j = 0; j < n; ++j) {
-    scores[j] = exp2_vec(scores[j] - shift);
+    scores[j] = exp_approx(scores[j] - shift);
     block_sum += scores[j];
   }
   state.running_sum = state.running_sum * rescale + block_sum;
@@ -451,8 +387,8 @@ void softmax_update(Vec<acc_t>* scores, int n, ForwardTileState<acc_t>& state, i
 
 template <typename scalar_t, typename acc_t = typename AccType<scalar_t>::type>
 void start_tile(const Problem<scalar_t>& pb, const Tile& t, ForwardTileState<acc_t>& state) {
-  const acc_t scale_log2 = static_cast<acc_t>(pb.params().scale * kLog2e);
-  gather_transposed(pb, t, [&](int i) { return pb.q_row(t.bh, i); }, scale_log2, state.q_t);
+  const acc_t scale = static_cast<acc_t>(pb.params().scale);
+  gather_transposed(pb, t, [&](int i) { return pb.q_row(t.bh, i); }, scale, state.q_t);
   for (int c = 0; c < pb.head_dim(); ++c) state.out_t[c] = Vec<acc_t>{};
   state.running_max = splat(-std::numeric_limits<acc_t>::infinity());
   state.running_sum = Vec<acc_t>{};
@@ -469,7 +405,7 @@ void finish_tile(const Problem<scalar_t>& pb, const Tile& t, const ForwardTileSt
     scalar_t* out = pb.out_row(t.bh, i);
     for (int c = 0; c < pb.head_dim(); ++c) out[c] = from_float<scalar_t>(state.out_t[c][lane] * inv_sum);
     lse[i] = sum == 0 ? -std::numeric_limits<acc_t>::infinity()
-                      : static_cast<acc_t>(state.running_max[lane] * kLn2 + std::log(sum));
+                      : static_cast<acc_t>(state.running_max[lane] + std::log(sum));
   }
 }
 
@@ -504,7 +440,7 @@ void forward(const RoutedAttentionParams& params) {
   const std::vector<TileGroup> groups = tile_groups_longest_first(pb, kTilesPerGroup);
   // One parallel region: the groups, then the cheap zeroing of each (batch, head) to fill the gaps.
   const int64_t n_groups = static_cast<int64_t>(groups.size());
-  run_dynamic(
+  parallel_for_dynamic(
       n_groups + params.batch * params.heads, [&] { return ForwardScratch<acc_t>(params.head_dim); },
       [&](int64_t item, ForwardScratch<acc_t>& s) {
         if (item < n_groups) forward_group(pb, groups[item], s);
@@ -520,11 +456,11 @@ void forward(const RoutedAttentionParams& params) {
 // Vec<acc_t> while the operands are gathered and `const Vec<acc_t>` afterwards.
 template <typename V>
 struct TileOperandsOf {
-  V* q_t;           // [d] columns of Q · scale · log2(e)
+  V* q_t;           // [d] columns of Q · scale
   V* dout_t;        // [d] columns of dO
   V* q_rows;        // [lanes][vecs] rows of Q, zero padded to whole vectors
   V* dout_rows;     // [lanes][vecs] rows of dO
-  V* lse_log2;      // lse · log2(e); +inf where P must be 0 (no visible key, padding lane)
+  V* lse;           // +inf where P must be 0 (no visible key, padding lane)
   V* dout_dot_out;  // rowsum(dO ⊙ O)
   V* positions;
 };
@@ -563,10 +499,10 @@ class BackwardOperands {
              i * p.dout_row_stride;
     };
     auto q_row = [&](int i) { return pb.q_row(t.bh, i); };
-    gather_transposed(pb, t, q_row, static_cast<acc_t>(p.scale * kLog2e), op.q_t);
+    gather_transposed(pb, t, q_row, static_cast<acc_t>(p.scale), op.q_t);
     gather_transposed(pb, t, dout_row, acc_t(1), op.dout_t);
     *op.positions = lane_positions(pb, t);
-    *op.lse_log2 = splat(std::numeric_limits<acc_t>::infinity());
+    *op.lse = splat(std::numeric_limits<acc_t>::infinity());
     *op.dout_dot_out = Vec<acc_t>{};
     for (int v = 0; v < kLanes * vecs_; ++v) op.q_rows[v] = op.dout_rows[v] = Vec<acc_t>{};
     const acc_t* lse = pb.lse(t.bh);
@@ -583,12 +519,12 @@ class BackwardOperands {
         dot += dout_c * load_acc<acc_t>(out[c]);
       }
       (*op.dout_dot_out)[lane] = dot;
-      if (lse[i] != -std::numeric_limits<acc_t>::infinity()) (*op.lse_log2)[lane] = lse[i] * kLog2e;
+      if (lse[i] != -std::numeric_limits<acc_t>::infinity()) (*op.lse)[lane] = lse[i];
     }
   }
 
   const int d_, vecs_;
-  const long per_tile_;
+  const int64_t per_tile_;
   std::vector<Vec<acc_t>> storage_;
 };
 
@@ -602,7 +538,7 @@ struct BackwardScratch {
   std::vector<acc_t> k_buffer, v_buffer;
 };
 
-// P and dS of one tile against keys [j0, j0 + n): P = exp2(S·log2e − lse·log2e),
+// P and dS of one tile against keys [j0, j0 + n): P = exp(S − lse),
 // dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O)). dS overwrites dprobs.
 template <typename scalar_t, typename acc_t = typename AccType<scalar_t>::type>
 void probabilities_and_score_grads(const Problem<scalar_t>& pb, const Tile& t, const TileOperands<acc_t>& op,
@@ -611,7 +547,7 @@ void probabilities_and_score_grads(const Problem<scalar_t>& pb, const Tile& t, c
   const int d = pb.head_dim();
   rows_dot_tile(keys, n, op.q_t, d, s.probs.data());
   mask_scores(pb, t, *op.positions, j0, n, s.probs.data());
-  for (int j = 0; j < n; ++j) s.probs[j] = exp2_vec(s.probs[j] - *op.lse_log2);
+  for (int j = 0; j < n; ++j) s.probs[j] = exp_approx(s.probs[j] - *op.lse);
   rows_dot_tile(values, n, op.dout_t, d, s.dprobs.data());
   for (int j = 0; j < n; ++j) s.dprobs[j] = s.probs[j] * (s.dprobs[j] - *op.dout_dot_out);
 }
@@ -638,9 +574,9 @@ void backward_dq_group(const Problem<scalar_t>& pb, const BackwardOperands<scala
   }
   for (int i = 0; i < g.count; ++i) {
     const Tile& t = tiles[i];
-    acc_t* dq = static_cast<acc_t*>(p.dq) + static_cast<long>(t.bh) * p.seqlen_q * d;
+    acc_t* dq = static_cast<acc_t*>(p.dq) + static_cast<int64_t>(t.bh) * p.seqlen_q * d;
     for (int lane = 0; lane < t.count; ++lane) {
-      acc_t* row = dq + static_cast<long>(pb.position(t.first + lane)) * d;
+      acc_t* row = dq + static_cast<int64_t>(pb.position(t.first + lane)) * d;
       for (int c = 0; c < d; ++c) row[c] = static_cast<acc_t>(p.scale) * s.grad_t[i * d + c][lane];
     }
   }
@@ -666,7 +602,7 @@ void backward_dkdv_block(const Problem<scalar_t>& pb, const BackwardOperands<sca
       accumulate_outer<acc_t>(s.dprobs.data(), n, op.q_rows, vecs, s.dk_block.data());
     }
   }
-  const long offset = ((static_cast<long>(b) * p.kv_heads + kvh) * p.seqlen_k + j0) * d;
+  const int64_t offset = ((static_cast<int64_t>(b) * p.kv_heads + kvh) * p.seqlen_k + j0) * d;
   acc_t* dk = static_cast<acc_t*>(p.dk) + offset;
   acc_t* dv = static_cast<acc_t*>(p.dv) + offset;
   for (int j = 0; j < n; ++j)
@@ -685,14 +621,14 @@ void backward(const RoutedAttentionBwdParams& params) {
   auto make_scratch = [&] { return BackwardScratch<acc_t>(params.head_dim, ops.vecs()); };
 
   const std::vector<TileGroup> groups = tile_groups_longest_first(pb, kTilesPerGroup);
-  run_dynamic(static_cast<int64_t>(groups.size()), make_scratch, [&](int64_t item, BackwardScratch<acc_t>& s) {
+  parallel_for_dynamic(static_cast<int64_t>(groups.size()), make_scratch, [&](int64_t item, BackwardScratch<acc_t>& s) {
     backward_dq_group(pb, ops, params, groups[item], s);
   });
 
   // Key blocks in order of the work they get: with a causal mask, early blocks are seen by most rows.
   const int blocks = (params.seqlen_k + kKeyBlock - 1) / kKeyBlock;
   const int64_t n_items = static_cast<int64_t>(params.batch) * params.kv_heads * blocks;
-  run_dynamic(n_items, make_scratch, [&](int64_t item, BackwardScratch<acc_t>& s) {
+  parallel_for_dynamic(n_items, make_scratch, [&](int64_t item, BackwardScratch<acc_t>& s) {
     const int block = static_cast<int>(item / (params.batch * params.kv_heads));
     const int bkv = static_cast<int>(item % (params.batch * params.kv_heads));
     backward_dkdv_block(pb, ops, params, bkv / params.kv_heads, bkv % params.kv_heads, block * kKeyBlock, s);

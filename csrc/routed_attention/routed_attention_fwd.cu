@@ -10,15 +10,17 @@
 //        at the key block holding its last row's position, and masks only the blocks that
 //        straddle a row's position, the sequence end or a key_mask. plan_tiles lists the tiles
 //        of all (batch, head) pairs; with few tiles (sparse routing) each one's key blocks are
-//        split over several blocks and merge_key_splits_kernel combines their partial rows
-//        (scheduling: routed_attention_common.cuh).
+//        split over several blocks and the last of them to finish combines their partial rows
+//        (merge_key_splits; scheduling: routed_attention_common.cuh).
 //      - simt_fwd_kernel (every other case: fp32, fp64, other head dims up to 256, unaligned
 //        rows): one warp per routed row, one key per lane for the scores, plain FMAs. fp32 uses
 //        this path on purpose: tensor cores would compute in tf32 and miss fp32 accuracy.
 // Both write lse = log Σ exp(s) in the accumulation type, and are deterministic: every output
 // element is computed by one thread in a fixed order (the merge sums the splits in order).
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdint>
 
 #include "routed_attention_tiles.cuh"
 
@@ -30,25 +32,78 @@ namespace {
 // Rows that are not routed
 // ---------------------------------------------------------------------------------------------
 
-constexpr int kClearWarps = 8;
+// out = 0 and lse = -inf for the rows not routed. One thread per 16-byte chunk of a row (a warp
+// clears 512 contiguous bytes: 4 rows of 64 bf16) when every row is whole, 16-byte aligned
+// chunks; one thread per element otherwise. (Zero has the same bits in every element type.)
+constexpr int kClearThreads = 256;
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kClearWarps * 32)
-clear_unrouted_rows_kernel(const RoutedAttentionParams p) {
+__global__ void __launch_bounds__(kClearThreads)
+clear_unrouted_rows_kernel(const RoutedAttentionParams p, bool wide) {
   using acc_t = typename AccType<scalar_t>::type;
-  const int i = blockIdx.x * kClearWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int units_per_row = wide ? p.head_dim * static_cast<int>(sizeof(scalar_t)) / 16 : p.head_dim;
+  const int64_t unit = static_cast<int64_t>(blockIdx.x) * kClearThreads + threadIdx.x;
+  const int i = static_cast<int>(unit / units_per_row), u = static_cast<int>(unit % units_per_row);
   const int b = blockIdx.y / p.heads, h = blockIdx.y % p.heads;
   if (i >= p.seqlen_q) return;
   if (p.route[b * p.route_batch_stride + h * p.route_head_stride + i * p.route_row_stride]) return;
   scalar_t* out_row = static_cast<scalar_t*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride +
                       i * p.out_row_stride;
-  for (int c = lane; c < p.head_dim; c += 32) out_row[c] = from_acc<scalar_t>(acc_t(0));
-  if (lane == 0) static_cast<acc_t*>(p.lse)[static_cast<long>(blockIdx.y) * p.seqlen_q + i] = -INFINITY;
+  if (wide) reinterpret_cast<uint4*>(out_row)[u] = make_uint4(0u, 0u, 0u, 0u);
+  else out_row[u] = from_acc<scalar_t>(acc_t(0));
+  if (u == 0) static_cast<acc_t*>(p.lse)[static_cast<int64_t>(blockIdx.y) * p.seqlen_q + i] = -INFINITY;
+}
+
+template <typename scalar_t>
+void clear_unrouted_rows(const RoutedAttentionParams& p, cudaStream_t stream) {
+  constexpr int64_t kChunk = 16 / sizeof(scalar_t);  // elements per 16 bytes
+  const bool wide = reinterpret_cast<uintptr_t>(p.out) % 16 == 0 && p.head_dim % kChunk == 0 &&
+                    p.out_batch_stride % kChunk == 0 && p.out_head_stride % kChunk == 0 &&
+                    p.out_row_stride % kChunk == 0;
+  const int64_t units = static_cast<int64_t>(p.seqlen_q) * (wide ? p.head_dim / kChunk : p.head_dim);
+  const dim3 grid(static_cast<unsigned>((units + kClearThreads - 1) / kClearThreads), p.batch * p.heads);
+  clear_unrouted_rows_kernel<scalar_t><<<grid, kClearThreads, 0, stream>>>(p, wide);
+  CRAM_CUDA_CHECK_LAUNCH();
 }
 
 // ---------------------------------------------------------------------------------------------
 // Tensor-core path
 // ---------------------------------------------------------------------------------------------
+
+// Combines the key splits of list tile `list_index`: out = Σ_s exp(lse_s - lse) out_s with
+// lse = log Σ_s exp(lse_s), one warp per row. Run by the last of the tile's split blocks, after
+// every split's partial rows are visible (see the end of flash_fwd_kernel); the partial rows are
+// read through L2 (__ldcg), never a stale L1 line.
+template <typename scalar_t>
+__device__ void merge_key_splits(const RoutedAttentionParams& p, const RoutedRows& rows, int list_index,
+                                 int splits, int n_warps) {
+  const int lane = threadIdx.x % 32;
+  const ListTile tile = list_tile(rows, p.batch * p.heads, list_index);
+  const int bh = tile.bh, b = bh / p.heads, h = bh % p.heads;
+  const int n_rows = min(kTileRows, rows.count[bh] - tile.row0);
+  const int64_t first_partial = static_cast<int64_t>(list_index) * splits;
+  for (int row = threadIdx.x / 32; row < n_rows; row += n_warps) {
+    const int pos = rows.positions[static_cast<int64_t>(bh) * p.seqlen_q + tile.row0 + row];
+    const float split_lse = lane < splits ? __ldcg(rows.partial_lse + (first_partial + lane) * kTileRows + row) : -INFINITY;
+    const float max_lse = warp_max(split_lse);
+    // Splits whose keys this row cannot see have lse = -inf and weight 0; if all do, output 0.
+    const float weight = max_lse == -INFINITY ? 0.f : expf(split_lse - max_lse);
+    const float weight_sum = warp_sum(weight);
+    const float inv = weight_sum > 0.f ? 1.f / weight_sum : 0.f;
+    scalar_t* out_row = static_cast<scalar_t*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride +
+                        pos * p.out_row_stride;
+    for (int c = lane; c < p.head_dim; c += 32) {
+      float acc = 0.f;
+      for (int s = 0; s < splits; ++s)
+        acc += __shfl_sync(0xffffffffu, weight, s) *
+               __ldcg(rows.partial_out + ((first_partial + s) * kTileRows + row) * p.head_dim + c);
+      out_row[c] = from_acc<scalar_t>(acc * inv);
+    }
+    if (lane == 0)
+      static_cast<float*>(p.lse)[static_cast<int64_t>(bh) * p.seqlen_q + pos] =
+          weight_sum > 0.f ? max_lse + logf(weight_sum) : -INFINITY;
+  }
+}
 
 template <int kHeadDim> struct FlashFwdTile {
   static constexpr int kWarps = 4;
@@ -77,7 +132,7 @@ flash_fwd_kernel(const RoutedAttentionParams p, const RoutedRows rows) {
   const int bh = tile.bh, row0 = tile.row0, b = bh / p.heads, h = bh % p.heads;
   const int hk = h / (p.heads / p.kv_heads);
   const int count = rows.count[bh];
-  const int* positions = rows.positions + static_cast<long>(bh) * p.seqlen_q + row0;
+  const int* positions = rows.positions + static_cast<int64_t>(bh) * p.seqlen_q + row0;
   const int n_rows = min(kBlockM, count - row0);
   const int first_pos = positions[0], last_pos = positions[n_rows - 1];
 
@@ -224,10 +279,10 @@ flash_fwd_kernel(const RoutedAttentionParams p, const RoutedRows rows) {
   cp_async_wait<0>();  // without key blocks (seqlen_k = 0, or a split with none) Q is in flight
 
   // Normalise; scatter the rows back to their positions, or, for a split tile, store this
-  // split's rows (output and lse) for merge_key_splits_kernel.
-  float* lse = static_cast<float*>(p.lse) + static_cast<long>(bh) * p.seqlen_q;
+  // split's rows (output and lse) for merge_key_splits.
+  float* lse = static_cast<float*>(p.lse) + static_cast<int64_t>(bh) * p.seqlen_q;
   scalar_t* out = static_cast<scalar_t*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride;
-  const long partial = static_cast<long>(list_index) * splits + split;
+  const int64_t partial = static_cast<int64_t>(list_index) * splits + split;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float sum = row_sum[r];
@@ -254,62 +309,34 @@ flash_fwd_kernel(const RoutedAttentionParams p, const RoutedRows rows) {
       if (lane % 4 == 0) rows.partial_lse[partial * kBlockM + row] = row_lse;
     }
   }
-}
-
-// Combines the key splits of split tiles: out = Σ_s exp(lse_s - lse) out_s with
-// lse = log Σ_s exp(lse_s). One warp per row; does nothing when the plan has no split.
-constexpr int kMergeWarps = 8;
-
-template <typename scalar_t>
-__global__ void __launch_bounds__(kMergeWarps * 32)
-merge_key_splits_kernel(const RoutedAttentionParams p, const RoutedRows rows) {
-  const int splits = rows.plan[1];
   if (splits == 1) return;
-  const int lane = threadIdx.x % 32;
-  const int item = blockIdx.x * kMergeWarps + threadIdx.x / 32;
-  const int list_index = item / kTileRows, row = item % kTileRows;
-  if (list_index >= rows.plan[0]) return;
-  const ListTile tile = list_tile(rows, p.batch * p.heads, list_index);
-  const int bh = tile.bh, b = bh / p.heads, h = bh % p.heads;
-  if (tile.row0 + row >= rows.count[bh]) return;
-  const int pos = rows.positions[static_cast<long>(bh) * p.seqlen_q + tile.row0 + row];
-  const long first_partial = static_cast<long>(list_index) * splits;
-  const float split_lse = lane < splits ? rows.partial_lse[(first_partial + lane) * kTileRows + row] : -INFINITY;
-  const float max_lse = warp_max(split_lse);
-  // Splits whose keys this row cannot see have lse = -inf and weight 0; if all do, output 0.
-  const float weight = max_lse == -INFINITY ? 0.f : expf(split_lse - max_lse);
-  const float weight_sum = warp_sum(weight);
-  const float inv = weight_sum > 0.f ? 1.f / weight_sum : 0.f;
-  scalar_t* out_row = static_cast<scalar_t*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride +
-                      pos * p.out_row_stride;
-  for (int c = lane; c < p.head_dim; c += 32) {
-    float acc = 0.f;
-    for (int s = 0; s < splits; ++s)
-      acc += __shfl_sync(0xffffffffu, weight, s) *
-             rows.partial_out[((first_partial + s) * kTileRows + row) * p.head_dim + c];
-    out_row[c] = from_acc<scalar_t>(acc * inv);
+  // The last split of the tile to finish merges all of them. Each block makes its partial rows
+  // visible device-wide before it is counted (the threadFenceReduction pattern).
+  __shared__ bool last_split;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last_split = atomicAdd(rows.splits_done + list_index, 1) == splits - 1;
+  __syncthreads();
+  if (last_split) {
+    __threadfence();
+    merge_key_splits<scalar_t>(p, rows, list_index, splits, Tile::kWarps);
   }
-  if (lane == 0)
-    static_cast<float*>(p.lse)[static_cast<long>(bh) * p.seqlen_q + pos] =
-        weight_sum > 0.f ? max_lse + logf(weight_sum) : -INFINITY;
 }
 
 template <typename scalar_t, int kHeadDim>
 void launch_flash_fwd(const RoutedAttentionParams& p, const RoutedRows& rows, cudaStream_t stream) {
   using Tile = FlashFwdTile<kHeadDim>;
   auto kernel = flash_fwd_kernel<scalar_t, kHeadDim>;
-  CRAM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes));
+  static std::atomic<uint64_t> smem_configured{0};
+  allow_dynamic_smem(kernel, Tile::kSmemBytes, smem_configured);
   plan_tiles(p, rows, stream);
   // Enough blocks for every tile when all rows are routed, and for the most (tile, split) pairs
   // a plan can make; which of them work is decided on the device.
-  const long max_tiles = static_cast<long>(p.batch) * p.heads * ((p.seqlen_q + kTileRows - 1) / kTileRows);
-  const long blocks = std::max<long>(max_tiles, rows.partial_tiles);
-  if (blocks > 0x7fffffffL)
+  const int64_t max_tiles = static_cast<int64_t>(p.batch) * p.heads * ((p.seqlen_q + kTileRows - 1) / kTileRows);
+  const int64_t blocks = std::max<int64_t>(max_tiles, rows.partial_tiles);
+  if (blocks > int64_t{0x7fffffff})
     throw std::invalid_argument("routed_attention (CUDA): too many query tiles for one grid");
   kernel<<<static_cast<unsigned>(blocks), Tile::kThreads, Tile::kSmemBytes, stream>>>(p, rows);
-  CRAM_CUDA_CHECK_LAUNCH();
-  const long merge_blocks = (static_cast<long>(rows.partial_tiles) * kTileRows + kMergeWarps - 1) / kMergeWarps;
-  merge_key_splits_kernel<scalar_t><<<static_cast<unsigned>(merge_blocks), kMergeWarps * 32, 0, stream>>>(p, rows);
   CRAM_CUDA_CHECK_LAUNCH();
 }
 
@@ -318,19 +345,19 @@ void launch_flash_fwd(const RoutedAttentionParams& p, const RoutedRows& rows, cu
 // ---------------------------------------------------------------------------------------------
 
 constexpr int kSimtWarps = 4;
-constexpr int kDimsPerLane = kMaxHeadDim / 32;
+constexpr int kDimsPerLane = kAttentionMaxHeadDim / 32;
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kSimtWarps * 32)
 simt_fwd_kernel(const RoutedAttentionParams p, const RoutedRows rows) {
   using acc_t = typename AccType<scalar_t>::type;
-  __shared__ acc_t q_scaled[kSimtWarps][kMaxHeadDim];
+  __shared__ acc_t q_scaled[kSimtWarps][kAttentionMaxHeadDim];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
   const int hk = h / (p.heads / p.kv_heads);
   const int slot = blockIdx.x * kSimtWarps + warp;
   if (slot >= rows.count[bh]) return;  // no block-wide barrier below
-  const int pos = rows.positions[static_cast<long>(bh) * p.seqlen_q + slot];
+  const int pos = rows.positions[static_cast<int64_t>(bh) * p.seqlen_q + slot];
   const int d = p.head_dim;
   const scalar_t* q_row = static_cast<const scalar_t*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + pos * p.q_row_stride;
   const scalar_t* k = static_cast<const scalar_t*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
@@ -378,13 +405,18 @@ simt_fwd_kernel(const RoutedAttentionParams p, const RoutedRows rows) {
   for (int i = 0; i < kDimsPerLane; ++i)
     if (lane + 32 * i < d) out_row[lane + 32 * i] = from_acc<scalar_t>(o[i] * inv);
   if (lane == 0)
-    static_cast<acc_t*>(p.lse)[static_cast<long>(bh) * p.seqlen_q + pos] =
+    static_cast<acc_t*>(p.lse)[static_cast<int64_t>(bh) * p.seqlen_q + pos] =
         running_sum > acc_t(0) ? running_max + log(running_sum) : acc_t(-INFINITY);
 }
 
 }  // namespace
 }  // namespace cuda
 
+// Per call, after the binding layer's allocations (out, lse and the workspace, from PyTorch's
+// caching allocator: no cudaMalloc in steady state): 3 launches on the SIMT path (compaction,
+// clearing, attention) and 4 on the tensor-core path (plus the tile plan, which also zeroes the
+// split counters); no host synchronisation, no other allocation, and host-side queries (SM count,
+// shared memory attribute) only on a device's first call.
 void routed_attention_fwd_cuda(const RoutedAttentionParams& params, void* workspace, void* stream) {
   using namespace cuda;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
@@ -392,9 +424,7 @@ void routed_attention_fwd_cuda(const RoutedAttentionParams& params, void* worksp
   const RoutedRows rows = routed_rows(params, workspace);
   compact_routed_rows(params, rows, s);
   CRAM_CUDA_DTYPE_SWITCH(params.dtype, "routed_attention (CUDA)", [&] {
-    const dim3 clear_grid((params.seqlen_q + kClearWarps - 1) / kClearWarps, params.batch * params.heads);
-    clear_unrouted_rows_kernel<scalar_t><<<clear_grid, kClearWarps * 32, 0, s>>>(params);
-    CRAM_CUDA_CHECK_LAUNCH();
+    clear_unrouted_rows<scalar_t>(params, s);
     if constexpr (std::is_same_v<scalar_t, __half> || std::is_same_v<scalar_t, __nv_bfloat16>) {
       if (rows_are_16_byte_aligned<scalar_t>(params)) {
         if (params.head_dim == 64) return launch_flash_fwd<scalar_t, 64>(params, rows, s);

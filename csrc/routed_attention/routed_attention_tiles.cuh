@@ -25,7 +25,7 @@ template <int kCols> __device__ __forceinline__ int swizzled(int row, int chunk)
 // Issues the cp.async copies of a kRows x kCols tile whose row r is read from
 // src + row_index(r) * row_stride; rows r >= n_valid are zero-filled.
 template <int kCols, int kRows, int kThreads, typename scalar_t, typename RowIndex>
-__device__ __forceinline__ void load_tile_async(scalar_t* tile, const scalar_t* src, long row_stride,
+__device__ __forceinline__ void load_tile_async(scalar_t* tile, const scalar_t* src, int64_t row_stride,
                                                 int n_valid, RowIndex row_index) {
   constexpr int kChunks = kCols / 8;
   for (int idx = threadIdx.x; idx < kRows * kChunks; idx += kThreads) {
@@ -40,15 +40,15 @@ __device__ __forceinline__ void load_tile_async(scalar_t* tile, const scalar_t* 
 // given) 16-byte aligned for cp.async, and out rows aligned for 4-byte element pairs.
 template <typename scalar_t>
 bool rows_are_16_byte_aligned(const RoutedAttentionParams& p, const void* dout = nullptr,
-                              long dout_batch_stride = 0, long dout_head_stride = 0,
-                              long dout_row_stride = 0) {
+                              int64_t dout_batch_stride = 0, int64_t dout_head_stride = 0,
+                              int64_t dout_row_stride = 0) {
   auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-  constexpr long kVec = 16 / sizeof(scalar_t);
-  const long strides[] = {p.q_batch_stride, p.q_head_stride, p.q_row_stride,
+  constexpr int64_t kVec = 16 / sizeof(scalar_t);
+  const int64_t strides[] = {p.q_batch_stride, p.q_head_stride, p.q_row_stride,
                           p.k_batch_stride, p.k_head_stride, p.k_row_stride,
                           p.v_batch_stride, p.v_head_stride, p.v_row_stride,
                           dout_batch_stride, dout_head_stride, dout_row_stride};
-  for (long s : strides)
+  for (int64_t s : strides)
     if (s % kVec != 0) return false;
   const bool out_pairs = reinterpret_cast<uintptr_t>(p.out) % 4 == 0 && p.out_batch_stride % 2 == 0 &&
                          p.out_head_stride % 2 == 0 && p.out_row_stride % 2 == 0;

@@ -11,9 +11,23 @@
 // D, delta_bias: (dim,), dt_scale: (batch, L), all contiguous, in the accumulation type.
 #pragma once
 
+#include <cstdint>
+
 #include "../common/dtype.h"
 
 namespace cram {
+
+// Limits shared by the binding layer (which checks them) and every kernel (which sizes by them).
+constexpr int kScanMaxDState = 256;  // largest state size N
+// The forward checkpoints the state at the end of every chunk of this many steps; the backward
+// recomputes the states inside a chunk from its checkpoint instead of keeping all L of them.
+// It is also the CUDA kernels' chunk: 32 lanes x 8 consecutive steps per warp iteration.
+constexpr int kScanCheckpointChunk = 256;
+
+// Number of checkpoints (chunk_states.size(2)) of a sequence of `seqlen` steps: at least 1.
+constexpr int64_t scan_checkpoint_count(int64_t seqlen) {
+  return seqlen > kScanCheckpointChunk ? (seqlen + kScanCheckpointChunk - 1) / kScanCheckpointChunk : 1;
+}
 
 struct SelectiveScanParams {
   // u, delta, B, C, z, out, dout, du, ddelta, dz. Everything else (A, D, delta_bias, dt_scale,
@@ -21,17 +35,16 @@ struct SelectiveScanParams {
   // inputs, float32 otherwise.
   DType input_type;
   int batch, dim, seqlen, dstate, n_groups;
-  int chunk_size;     // states are checkpointed at the end of every chunk of this many steps
-  int n_chunks;       // ceil(seqlen / chunk_size), at least 1
+  int n_chunks;  // scan_checkpoint_count(seqlen)
   bool delta_softplus;
 
   // Strides in elements (the L stride is 1).
-  long u_batch_stride, u_d_stride;
-  long delta_batch_stride, delta_d_stride;
-  long B_batch_stride, B_group_stride, B_dstate_stride;
-  long C_batch_stride, C_group_stride, C_dstate_stride;
-  long z_batch_stride, z_d_stride;
-  long out_batch_stride, out_d_stride;
+  int64_t u_batch_stride, u_d_stride;
+  int64_t delta_batch_stride, delta_d_stride;
+  int64_t B_batch_stride, B_group_stride, B_dstate_stride;
+  int64_t C_batch_stride, C_group_stride, C_dstate_stride;
+  int64_t z_batch_stride, z_d_stride;
+  int64_t out_batch_stride, out_d_stride;
 
   const void* u;
   const void* delta;
@@ -49,12 +62,12 @@ struct SelectiveScanParams {
 };
 
 struct SelectiveScanBwdParams : SelectiveScanParams {
-  long dout_batch_stride, dout_d_stride;
-  long du_batch_stride, du_d_stride;
-  long ddelta_batch_stride, ddelta_d_stride;
-  long dz_batch_stride, dz_d_stride;
-  long dB_batch_stride, dB_group_stride, dB_dstate_stride;
-  long dC_batch_stride, dC_group_stride, dC_dstate_stride;
+  int64_t dout_batch_stride, dout_d_stride;
+  int64_t du_batch_stride, du_d_stride;
+  int64_t ddelta_batch_stride, ddelta_d_stride;
+  int64_t dz_batch_stride, dz_d_stride;
+  int64_t dB_batch_stride, dB_group_stride, dB_dstate_stride;
+  int64_t dC_batch_stride, dC_group_stride, dC_dstate_stride;
 
   const void* dout;
   void* du;

@@ -63,8 +63,8 @@ selective_scan_bwd_kernel(const SelectiveScanBwdParams p) {
   const scalar_t* dout_row = static_cast<const scalar_t*>(p.dout) + ch.b * p.dout_batch_stride + ch.d * p.dout_d_stride;
   const scalar_t* B_rows = static_cast<const scalar_t*>(p.B) + ch.b * p.B_batch_stride + ch.g * p.B_group_stride;
   const scalar_t* C_rows = static_cast<const scalar_t*>(p.C) + ch.b * p.C_batch_stride + ch.g * p.C_group_stride;
-  const acc_t* A_row = static_cast<const acc_t*>(p.A) + static_cast<long>(ch.d) * N;
-  const acc_t* states = static_cast<const acc_t*>(p.chunk_states) + (static_cast<long>(ch.b) * p.dim + ch.d) * p.n_chunks * N;
+  const acc_t* A_row = static_cast<const acc_t*>(p.A) + static_cast<int64_t>(ch.d) * N;
+  const acc_t* states = static_cast<const acc_t*>(p.chunk_states) + (static_cast<int64_t>(ch.b) * p.dim + ch.d) * p.n_chunks * N;
   acc_t* dB_rows = static_cast<acc_t*>(p.dB) + ch.b * p.dB_batch_stride + ch.g * p.dB_group_stride;
   acc_t* dC_rows = static_cast<acc_t*>(p.dC) + ch.b * p.dC_batch_stride + ch.g * p.dC_group_stride;
   const acc_t D = p.D ? static_cast<const acc_t*>(p.D)[ch.d] : acc_t(0);
@@ -116,7 +116,7 @@ selective_scan_bwd_kernel(const SelectiveScanBwdParams p) {
       }
       Affine<acc_t> unused_total;
       const Affine<acc_t> before = warp_exclusive_scan<true>(lane_map, unused_total);
-      const acc_t checkpoint = chunk > 0 ? states[static_cast<long>(chunk - 1) * N + n] : acc_t(0);
+      const acc_t checkpoint = chunk > 0 ? states[static_cast<int64_t>(chunk - 1) * N + n] : acc_t(0);
       acc_t h_prev[kScanItems], h[kScanItems];
       acc_t state = before.a * checkpoint + before.b;
 #pragma unroll
@@ -180,7 +180,7 @@ selective_scan_bwd_kernel(const SelectiveScanBwdParams p) {
       if (p.ddt_scale) step_grads[0][warp][padded_index(lane, i)] = in_range ? dstep[i] * sp[i] : acc_t(0);
     }
     if (p.ddt_scale) {
-      block_reduce_add<1>(step_grads, static_cast<acc_t*>(p.ddt_scale) + static_cast<long>(ch.b) * L,
+      block_reduce_add<1>(step_grads, static_cast<acc_t*>(p.ddt_scale) + static_cast<int64_t>(ch.b) * L,
                           static_cast<acc_t*>(nullptr), chunk_begin, L);
     }
     if (ch.valid) {
@@ -202,7 +202,7 @@ selective_scan_bwd_kernel(const SelectiveScanBwdParams p) {
 
   if (!ch.valid) return;  // past the last block-wide barrier
   __syncwarp();
-  for (int n = lane; n < N; n += 32) atomicAdd(static_cast<acc_t*>(p.dA) + static_cast<long>(ch.d) * N + n, dA_partial[warp][n]);
+  for (int n = lane; n < N; n += 32) atomicAdd(static_cast<acc_t*>(p.dA) + static_cast<int64_t>(ch.d) * N + n, dA_partial[warp][n]);
   dD_partial = warp_sum(dD_partial);
   ddelta_bias_partial = warp_sum(ddelta_bias_partial);
   if (lane == 0 && p.dD) atomicAdd(static_cast<acc_t*>(p.dD) + ch.d, dD_partial);

@@ -5,8 +5,8 @@
 // block's channels before its single atomic per element. A warp walks the sequence in chunks of
 // kScanChunk = 32 lanes x kScanItems consecutive steps held in registers. Inside a chunk the
 // recurrence h_t = a_t h_{t-1} + b_t is an associative scan over affine maps (a, b); across
-// chunks the state is carried in shared memory. The chunk equals the checkpoint interval of
-// chunk_states (params.chunk_size), which is what lets the backward restart every chunk from
+// chunks the state is carried in shared memory. The chunk is the checkpoint interval of
+// chunk_states (kScanCheckpointChunk), which is what lets the backward restart every chunk from
 // its checkpoint.
 #pragma once
 
@@ -20,9 +20,9 @@ namespace cram {
 namespace cuda {
 
 constexpr int kScanItems = 8;                     // consecutive steps per lane: 16-byte bf16 loads
-constexpr int kScanChunk = 32 * kScanItems;       // steps per warp iteration = checkpoint interval
+constexpr int kScanChunk = 32 * kScanItems;       // steps per warp iteration
 constexpr int kScanWarps = 4;                     // channels per block
-constexpr int kScanMaxDState = 256;               // the binding layer's limit on N
+static_assert(kScanChunk == kScanCheckpointChunk, "a warp iteration must cover one checkpoint chunk");
 
 // Where a block's warp works: channel d of batch b, inside group g. `valid` is false for the
 // spare warps of a group whose channel count is not a multiple of kScanWarps: they take part in
@@ -46,17 +46,11 @@ __device__ __forceinline__ ScanChannel scan_channel(const SelectiveScanParams& p
 }
 
 // The launch limits of these kernels, checked before any launch.
+// (N <= kScanMaxDState is checked by the binding layer.)
 inline void check_scan_launch(const SelectiveScanParams& p, const char* op) {
-  if (p.chunk_size != kScanChunk)
-    throw std::invalid_argument(std::string(op) + ": chunk_size must be " + std::to_string(kScanChunk) +
-                                " (the kernels' chunk: 32 lanes x " + std::to_string(kScanItems) +
-                                " steps), got " + std::to_string(p.chunk_size));
   if (p.batch > 65535)
     throw std::invalid_argument(std::string(op) + ": batch must be at most 65535 (grid y), got " +
                                 std::to_string(p.batch));
-  if (p.dstate > kScanMaxDState)
-    throw std::invalid_argument(std::string(op) + ": N must be at most " +
-                                std::to_string(kScanMaxDState) + ", got " + std::to_string(p.dstate));
 }
 
 inline dim3 scan_grid(const SelectiveScanParams& p) {
@@ -150,7 +144,7 @@ __device__ __forceinline__ void discretisation_step(const SelectiveScanParams& p
                                                     acc_t (&step)[kScanItems]) {
   const acc_t bias = p.delta_bias ? static_cast<const acc_t*>(p.delta_bias)[d] : acc_t(0);
   if (p.dt_scale)
-    load_items(static_cast<const acc_t*>(p.dt_scale) + static_cast<long>(b) * p.seqlen, t0, p.seqlen,
+    load_items(static_cast<const acc_t*>(p.dt_scale) + static_cast<int64_t>(b) * p.seqlen, t0, p.seqlen,
                acc_t(1), dt_scale);
 #pragma unroll
   for (int i = 0; i < kScanItems; ++i) {

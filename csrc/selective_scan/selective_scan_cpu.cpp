@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "../common/cpu_math.h"
@@ -31,9 +33,30 @@ struct ChannelBlocks {
   int width(int block) const { return std::min(kLanes, group_size - (block % per_group) * kLanes); }
 };
 
+// W consecutive elements of storage type T as one vector of acc_t, and back.
+template <typename acc_t, typename T>
+inline Vec<acc_t> load_widened(const T* src) {
+  if constexpr (std::is_same_v<T, acc_t>) {
+    return load_vec(src);
+  } else {
+    Vec<acc_t> v;
+    for (int i = 0; i < Simd<acc_t>::lanes; ++i) v[i] = to_float(src[i]);
+    return v;
+  }
+}
+template <typename T, typename acc_t = typename AccType<T>::type>
+inline void store_narrowed(T* dst, Vec<acc_t> v) {
+  if constexpr (std::is_same_v<T, acc_t>) {
+    store_vec(dst, v);
+  } else {
+    for (int i = 0; i < Simd<acc_t>::lanes; ++i) dst[i] = from_float<T>(v[i]);
+  }
+}
+
 // One work item's channels: where its data lives and its per-channel parameters in lanes.
 template <typename scalar_t, typename acc_t>
 struct ScanBlock {
+  static constexpr int W = Simd<acc_t>::lanes;
   const SelectiveScanParams& p;
   int b, d0, width, group;
   std::vector<acc_t> A;  // A[n][lane]
@@ -56,26 +79,39 @@ struct ScanBlock {
     }
   }
 
-  // Loads steps [t0, t0 + T) of a (batch, dim, L) tensor as tile[t * kLanes + lane]; dead lanes
-  // (past the block's width) read 0, so they contribute nothing to cross-channel sums.
+  // Loads steps [t0, t0 + len) of a (batch, dim, L) tensor as tile[t * kLanes + lane]; dead
+  // lanes (past the block's width) read 0, so they contribute nothing to cross-channel sums.
+  // Whole W x W blocks (W steps of W channels) are transposed in registers.
   template <typename T>
-  void load(acc_t* tile, const void* base, long batch_stride, long d_stride, int t0, int len) const {
-    for (int c = 0; c < kLanes; ++c) {
-      if (c >= width) {
-        for (int t = 0; t < len; ++t) tile[t * kLanes + c] = acc_t(0);
-        continue;
-      }
-      const T* src = static_cast<const T*>(base) + b * batch_stride + (d0 + c) * d_stride + t0;
-      for (int t = 0; t < len; ++t) tile[t * kLanes + c] = to_float(src[t]);
-    }
+  void load(acc_t* tile, const void* base, int64_t batch_stride, int64_t d_stride, int t0, int len) const {
+    const T* src = static_cast<const T*>(base) + b * batch_stride + d0 * d_stride + t0;
+    int t = 0;
+    if (width == kLanes)
+      for (; t + W <= len; t += W)
+        for (int c0 = 0; c0 < kLanes; c0 += W) {
+          Vec<acc_t> rows[W];
+          for (int i = 0; i < W; ++i) rows[i] = load_widened<acc_t>(src + (c0 + i) * d_stride + t);
+          transpose_vecs<acc_t>(rows);
+          for (int i = 0; i < W; ++i) store_vec(&tile[(t + i) * kLanes + c0], rows[i]);
+        }
+    for (int c = 0; c < kLanes; ++c)
+      for (int s = t; s < len; ++s) tile[s * kLanes + c] = c < width ? acc_t(to_float(src[c * d_stride + s])) : acc_t(0);
   }
 
   // Stores tile[t * kLanes + lane] to steps [t0, t0 + len) of a (batch, dim, L) tensor.
-  void store(scalar_t* base, long batch_stride, long d_stride, const acc_t* tile, int t0, int len) const {
-    for (int c = 0; c < width; ++c) {
-      scalar_t* dst = base + b * batch_stride + (d0 + c) * d_stride + t0;
-      for (int t = 0; t < len; ++t) dst[t] = from_float<scalar_t>(tile[t * kLanes + c]);
-    }
+  void store(scalar_t* base, int64_t batch_stride, int64_t d_stride, const acc_t* tile, int t0, int len) const {
+    scalar_t* dst = base + b * batch_stride + d0 * d_stride + t0;
+    int t = 0;
+    if (width == kLanes)
+      for (; t + W <= len; t += W)
+        for (int c0 = 0; c0 < kLanes; c0 += W) {
+          Vec<acc_t> rows[W];
+          for (int i = 0; i < W; ++i) rows[i] = load_vec(&tile[(t + i) * kLanes + c0]);
+          transpose_vecs<acc_t>(rows);
+          for (int i = 0; i < W; ++i) store_narrowed(dst + (c0 + i) * d_stride + t, rows[i]);
+        }
+    for (int c = 0; c < width; ++c)
+      for (int s = t; s < len; ++s) dst[c * d_stride + s] = from_float<scalar_t>(tile[s * kLanes + c]);
   }
 
   // Turns raw delta into its pre-softplus argument x = delta + bias (in place) and the step
@@ -154,7 +190,7 @@ struct TimeMajorBC {
       }
     });
   }
-  void transpose(acc_t* dst, const scalar_t* src, long dstate_stride) const {
+  void transpose(acc_t* dst, const scalar_t* src, int64_t dstate_stride) const {
     for (int n = 0; n < N; ++n)
       for (int t = 0; t < L; ++t) dst[int64_t(t) * N + n] = to_float(src[n * dstate_stride + t]);
   }
@@ -186,139 +222,239 @@ void scan_fwd(const SelectiveScanParams& p) {
   using acc_t = typename AccType<scalar_t>::type;
   const ChannelBlocks blocks(p);
   const TimeMajorBC<scalar_t, acc_t> bc(p);
-  parallel_for(int64_t(p.batch) * blocks.count(p), 1, [&](int64_t begin, int64_t end) {
-    Tiles<acc_t> tile(kTimeTile);
-    std::vector<acc_t> h(p.dstate * kLanes);
-    for (int64_t item = begin; item < end; ++item) {
-      const ScanBlock<scalar_t, acc_t> sb(p, item, blocks);
-      sb.restore_state(h.data(), -1);
-      for (int t0 = 0; t0 < p.seqlen; t0 += kTimeTile) {
-        const int len = std::min(kTimeTile, p.seqlen - t0);
-        tile.load(sb, t0, len);
-        const acc_t* B = bc.B_at(sb.b, sb.group, t0);
-        const acc_t* C = bc.C_at(sb.b, sb.group, t0);
-        for (int t = 0; t < len; ++t) {
-          scan_step(h.data(), sb.A.data(), &tile.step[t * kLanes], &tile.u[t * kLanes], &B[t * p.dstate],
-                    &C[t * p.dstate], p.dstate, &tile.y[t * kLanes]);
-          const int pos = t0 + t + 1;
-          if (pos % p.chunk_size == 0 || pos == p.seqlen) sb.save_state(h.data(), (pos - 1) / p.chunk_size);
+  // Work items cost the same, but the machine may be shared: workers take items as they go.
+  struct Scratch {
+    Tiles<acc_t> tile;
+    std::vector<acc_t> h;
+  };
+  parallel_for_dynamic(
+      int64_t(p.batch) * blocks.count(p), [&] { return Scratch{Tiles<acc_t>(kTimeTile), std::vector<acc_t>(p.dstate * kLanes)}; },
+      [&](int64_t item, Scratch& scratch) {
+        Tiles<acc_t>& tile = scratch.tile;
+        std::vector<acc_t>& h = scratch.h;
+        const ScanBlock<scalar_t, acc_t> sb(p, item, blocks);
+        sb.restore_state(h.data(), -1);
+        for (int t0 = 0; t0 < p.seqlen; t0 += kTimeTile) {
+          const int len = std::min(kTimeTile, p.seqlen - t0);
+          tile.load(sb, t0, len);
+          const acc_t* B = bc.B_at(sb.b, sb.group, t0);
+          const acc_t* C = bc.C_at(sb.b, sb.group, t0);
+          for (int t = 0; t < len; ++t) {
+            scan_step(h.data(), sb.A.data(), &tile.step[t * kLanes], &tile.u[t * kLanes], &B[t * p.dstate],
+                      &C[t * p.dstate], p.dstate, &tile.y[t * kLanes]);
+            const int pos = t0 + t + 1;
+            if (pos % kScanCheckpointChunk == 0 || pos == p.seqlen) sb.save_state(h.data(), (pos - 1) / kScanCheckpointChunk);
+          }
+          for (int t = 0; t < len; ++t)
+            for (int c = 0; c < kLanes; ++c) tile.y[t * kLanes + c] += sb.D[c] * tile.u[t * kLanes + c];
+          if (p.z)
+            for (int i = 0; i < len * kLanes; ++i) tile.y[i] *= tile.z[i] * sigmoid(tile.z[i]);
+          sb.store(static_cast<scalar_t*>(p.out), p.out_batch_stride, p.out_d_stride, tile.y.data(), t0, len);
         }
-        for (int t = 0; t < len; ++t)
-          for (int c = 0; c < kLanes; ++c) tile.y[t * kLanes + c] += sb.D[c] * tile.u[t * kLanes + c];
-        if (p.z)
-          for (int i = 0; i < len * kLanes; ++i) tile.y[i] *= tile.z[i] * sigmoid(tile.z[i]);
-        sb.store(static_cast<scalar_t*>(p.out), p.out_batch_stride, p.out_d_stride, tile.y.data(), t0, len);
-      }
-    }
-  });
+      });
 }
 
-// Backward, chunk by chunk from the end: recompute the chunk's states from its checkpoint,
-// then walk it in reverse carrying g = dL/dh_t. Quantities shared across work items (dA, dD,
-// ddelta_bias across the batch; dB, dC, ddt_scale across channel blocks) go to per-item partial
-// buffers that are summed afterwards in a fixed order, so results are deterministic.
+// Lane sums of one step's vectors, one per state n, written W at a time to out[0, N): W sums
+// cost about what a single sequential lane sum does (lane_sums in cpu_math.h).
+template <typename acc_t>
+struct StateLaneSums {
+  static constexpr int W = Simd<acc_t>::lanes;
+  Vec<acc_t> pending[W];
+  acc_t* out;
+  void add(int n, Vec<acc_t> v) {
+    pending[n % W] = v;
+    if (n % W == W - 1) store_vec(out + n + 1 - W, lane_sums<acc_t>(pending));
+  }
+  void finish(int N) {
+    for (int n = N - N % W; n < N; ++n) out[n] = lane_sum<acc_t>(pending[n % W]);
+  }
+};
+
+// Per-thread buffers of the backward for one chunk of up to `len` steps.
+template <typename acc_t>
+struct BackwardChunk {
+  std::vector<acc_t> H, decay;  // [t][n][lane]: the state after step t, and exp(Δ_t A)
+  std::vector<acc_t> dy;        // [t][lane]: dL/dy (through silu(z))
+  std::vector<acc_t> du, ddelta, dz;  // [t][lane]: the chunk's input gradients
+  std::vector<acc_t> h_start;   // [n][lane]: the state before the chunk (its checkpoint)
+  std::vector<acc_t> g;         // [n][lane]: dL/dh, carried from the chunk after
+  BackwardChunk(int len, int N)
+      : H(int64_t(len) * N * kLanes), decay(H.size()), dy(len * kLanes), du(len * kLanes),
+        ddelta(len * kLanes), dz(len * kLanes), h_start(N * kLanes), g(N * kLanes) {}
+};
+
+// Backward, chunk by chunk from the end, as Mamba's: one pass recomputes the chunk's states from
+// its checkpoint (keeping every state and decay, so the reverse pass needs no exp), then the
+// reverse pass carries g = dL/dh_t back through the chunk. The inner loops work on the kLanes
+// channels of a work item as explicit vectors (the sequential float sums over channels that dB
+// and dC need would keep an auto-vectorised loop scalar); those sums are fixed-order pairwise
+// trees (StateLaneSums). Quantities shared
+// across work items (dA, dD, ddelta_bias across the batch; dB, dC, ddt_scale across channel
+// blocks) go to per-item partial buffers that are summed afterwards in a fixed order, so results
+// are deterministic.
 template <typename scalar_t>
 void scan_bwd(const SelectiveScanBwdParams& p) {
   using acc_t = typename AccType<scalar_t>::type;
+  using V = Vec<acc_t>;
+  constexpr int W = Simd<acc_t>::lanes, kVecs = kLanes / W;  // a work item's channels in vectors
+  static_assert(kLanes % W == 0, "a work item holds whole vectors of channels");
   const ChannelBlocks blocks(p);
   const int n_blocks = blocks.count(p), N = p.dstate, L = p.seqlen;
   const int64_t n_items = int64_t(p.batch) * n_blocks;
   std::vector<acc_t> dA_part(int64_t(p.batch) * p.dim * N), dD_part(int64_t(p.batch) * p.dim),
       dbias_part(int64_t(p.batch) * p.dim);
-  std::vector<acc_t> dB_part(n_items * N * L), dC_part(n_items * N * L);
-  std::vector<acc_t> ddt_part(p.dt_scale ? n_items * L : 0);
+  // [item][t][n] and [item][t]; every element is written, so they are not cleared first.
+  const std::unique_ptr<acc_t[]> dB_part(new acc_t[n_items * L * N]), dC_part(new acc_t[n_items * L * N]),
+      ddt_part(new acc_t[p.dt_scale ? n_items * L : 0]);
 
   const TimeMajorBC<scalar_t, acc_t> bc(p);
-  parallel_for(n_items, 1, [&](int64_t begin, int64_t end) {
-    const int len_max = std::min(p.chunk_size, L);
-    Tiles<acc_t> tile(len_max);
-    std::vector<acc_t> H(int64_t(len_max) * N * kLanes), h_start(N * kLanes), g(N * kLanes);
-    std::vector<acc_t> du(len_max * kLanes), dx(len_max * kLanes), dz(len_max * kLanes);
-    for (int64_t item = begin; item < end; ++item) {
-      const ScanBlock<scalar_t, acc_t> sb(p, item, blocks);
-      acc_t dA[256 * kLanes] = {}, dD[kLanes] = {}, dbias[kLanes] = {};
-      acc_t* dB = &dB_part[item * N * L];
-      acc_t* dC = &dC_part[item * N * L];
-      acc_t* ddt = p.dt_scale ? &ddt_part[item * L] : nullptr;
-      std::fill(g.begin(), g.end(), acc_t(0));
-      for (int chunk = p.n_chunks - 1; chunk >= 0; --chunk) {
-        const int t0 = chunk * p.chunk_size, len = std::min(p.chunk_size, L - t0);
-        tile.load(sb, t0, len);
-        sb.template load<scalar_t>(tile.dout.data(), p.dout, p.dout_batch_stride, p.dout_d_stride, t0, len);
-        sb.restore_state(h_start.data(), chunk - 1);
-        std::copy(h_start.begin(), h_start.end(), H.begin());
-        const acc_t* B = bc.B_at(sb.b, sb.group, t0);
-        const acc_t* C = bc.C_at(sb.b, sb.group, t0);
-        for (int t = 0; t < len; ++t) {
-          acc_t y[kLanes];
-          acc_t* Ht = &H[int64_t(t) * N * kLanes];
-          if (t > 0) std::copy(Ht - N * kLanes, Ht, Ht);
-          scan_step(Ht, sb.A.data(), &tile.step[t * kLanes], &tile.u[t * kLanes], &B[t * N], &C[t * N], N, y);
-        }
-        for (int t = len - 1; t >= 0; --t) {
-          const acc_t* Ht = &H[int64_t(t) * N * kLanes];
-          const acc_t* Hprev = t > 0 ? Ht - N * kLanes : h_start.data();
-          const acc_t* Bt = &B[t * N];
-          const acc_t* Ct = &C[t * N];
-          const acc_t* u = &tile.u[t * kLanes];
-          const acc_t* step = &tile.step[t * kLanes];
-          acc_t dy[kLanes], dstep[kLanes] = {}, dut[kLanes];
-          for (int c = 0; c < kLanes; ++c) {
-            dy[c] = tile.dout[t * kLanes + c];
-            if (p.z) {  // out = y · silu(z): recompute y = C·h + D u for dz
-              const acc_t zc = tile.z[t * kLanes + c], s = sigmoid(zc);
-              acc_t y = sb.D[c] * u[c];
-              for (int n = 0; n < N; ++n) y += Ct[n] * Ht[n * kLanes + c];
-              dz[t * kLanes + c] = dy[c] * y * s * (acc_t(1) + zc * (acc_t(1) - s));
-              dy[c] *= zc * s;
-            }
-            dD[c] += dy[c] * u[c];
-            dut[c] = dy[c] * sb.D[c];
+  const int len_max = std::min(kScanCheckpointChunk, L);
+  struct Scratch {
+    Tiles<acc_t> tile;
+    BackwardChunk<acc_t> w;
+    std::vector<acc_t> dA;
+  };
+  parallel_for_dynamic(
+      n_items, [&] { return Scratch{Tiles<acc_t>(len_max), BackwardChunk<acc_t>(len_max, N), std::vector<acc_t>(N * kLanes)}; },
+      [&](int64_t item, Scratch& scratch) {
+        Tiles<acc_t>& tile = scratch.tile;
+        BackwardChunk<acc_t>& w = scratch.w;
+        std::vector<acc_t>& dA = scratch.dA;
+        const ScanBlock<scalar_t, acc_t> sb(p, item, blocks);
+        acc_t dD[kLanes] = {}, dbias[kLanes] = {};
+        std::fill(dA.begin(), dA.end(), acc_t(0));
+        std::fill(w.g.begin(), w.g.end(), acc_t(0));
+        acc_t* dB = &dB_part[item * L * N];
+        acc_t* dC = &dC_part[item * L * N];
+        acc_t* ddt = p.dt_scale ? &ddt_part[item * L] : nullptr;
+        const acc_t* A = sb.A.data();
+        for (int chunk = p.n_chunks - 1; chunk >= 0; --chunk) {
+          const int t0 = chunk * kScanCheckpointChunk, len = std::min(kScanCheckpointChunk, L - t0);
+          tile.load(sb, t0, len);
+          sb.template load<scalar_t>(tile.dout.data(), p.dout, p.dout_batch_stride, p.dout_d_stride, t0, len);
+          const acc_t* B = bc.B_at(sb.b, sb.group, t0);
+          const acc_t* C = bc.C_at(sb.b, sb.group, t0);
+
+          // dL/dy, where out = y · silu(z).
+          if (p.z) {
+            for (int i = 0; i < len * kLanes; ++i) w.dy[i] = tile.dout[i] * tile.z[i] * sigmoid(tile.z[i]);
+          } else {
+            std::copy(tile.dout.begin(), tile.dout.begin() + len * kLanes, w.dy.begin());
           }
-          for (int n = 0; n < N; ++n) {
-            acc_t* gn = &g[n * kLanes];
-            const acc_t* An = &sb.A[n * kLanes];
-            acc_t dC_sum = 0, dB_sum = 0;
+
+          // Recompute the chunk's states from its checkpoint; y (for dz) and dC on the way.
+          sb.restore_state(w.h_start.data(), chunk - 1);
+          for (int t = 0; t < len; ++t) {
+            const acc_t* h_prev = t > 0 ? &w.H[int64_t(t - 1) * N * kLanes] : w.h_start.data();
+            acc_t* h = &w.H[int64_t(t) * N * kLanes];
+            acc_t* decay = &w.decay[int64_t(t) * N * kLanes];
+            V step[kVecs], drive[kVecs], dy[kVecs], y[kVecs] = {};
+            StateLaneSums<acc_t> dC_t{{}, &dC[int64_t(t0 + t) * N]};
+            for (int k = 0; k < kVecs; ++k) {
+              step[k] = load_vec(&tile.step[t * kLanes + k * W]);
+              drive[k] = step[k] * load_vec(&tile.u[t * kLanes + k * W]);
+              dy[k] = load_vec(&w.dy[t * kLanes + k * W]);
+            }
+            for (int n = 0; n < N; ++n) {
+              const acc_t b = B[t * N + n], c_n = C[t * N + n];
+              V dC_sum{};
+              for (int k = 0; k < kVecs; ++k) {  // (k: the vectors of a work item's channels)
+                const int o = n * kLanes + k * W;
+                const V a = exp_approx(step[k] * load_vec(A + o));
+                const V hn = a * load_vec(h_prev + o) + drive[k] * b;
+                store_vec(decay + o, a);
+                store_vec(h + o, hn);
+                y[k] += hn * c_n;
+                dC_sum += dy[k] * hn;
+              }
+              dC_t.add(n, dC_sum);
+            }
+            dC_t.finish(N);
+            for (int k = 0; k < kVecs; ++k) store_vec(&tile.y[t * kLanes + k * W], y[k]);
+          }
+          if (p.z) {  // out = y · silu(z) with y = C·h + D u
+            for (int t = 0; t < len; ++t)
+              for (int c = 0; c < kLanes; ++c) {
+                const int i = t * kLanes + c;
+                const acc_t zi = tile.z[i], s = sigmoid(zi);
+                w.dz[i] = tile.dout[i] * (tile.y[i] + sb.D[c] * tile.u[i]) * s * (acc_t(1) + zi * (acc_t(1) - s));
+              }
+          }
+
+          // The D u term: dD and the direct part of du.
+          for (int t = 0; t < len; ++t)
             for (int c = 0; c < kLanes; ++c) {
-              gn[c] += Ct[n] * dy[c];
-              dC_sum += dy[c] * Ht[n * kLanes + c];
-              const acc_t decay = exp_approx(step[c] * An[c]);
-              const acc_t d_arg = gn[c] * Hprev[n * kLanes + c] * decay;  // d/d(Δ A)
-              dstep[c] += d_arg * An[c] + gn[c] * Bt[n] * u[c];
-              dA[n * kLanes + c] += d_arg * step[c];
-              dut[c] += gn[c] * Bt[n] * step[c];
-              dB_sum += gn[c] * step[c] * u[c];
-              gn[c] *= decay;
+              const int i = t * kLanes + c;
+              dD[c] += w.dy[i] * tile.u[i];
+              w.du[i] = w.dy[i] * sb.D[c];
             }
-            dC[int64_t(n) * L + t0 + t] = dC_sum;
-            dB[int64_t(n) * L + t0 + t] = dB_sum;
+
+          // Reverse pass: g = dL/dh_t accumulates C_t dy_t and flows to h_{t-1} through the decay.
+          const acc_t* scale = p.dt_scale ? static_cast<const acc_t*>(p.dt_scale) + int64_t(sb.b) * L + t0 : nullptr;
+          for (int t = len - 1; t >= 0; --t) {
+            const acc_t* h_prev = t > 0 ? &w.H[int64_t(t - 1) * N * kLanes] : w.h_start.data();
+            const acc_t* decay = &w.decay[int64_t(t) * N * kLanes];
+            V step[kVecs], u[kVecs], drive[kVecs], dy[kVecs], du[kVecs], dstep_v[kVecs] = {};
+            StateLaneSums<acc_t> dB_t{{}, &dB[int64_t(t0 + t) * N]};
+            for (int k = 0; k < kVecs; ++k) {
+              const int i = t * kLanes + k * W;
+              step[k] = load_vec(&tile.step[i]);
+              u[k] = load_vec(&tile.u[i]);
+              drive[k] = step[k] * u[k];
+              dy[k] = load_vec(&w.dy[i]);
+              du[k] = load_vec(&w.du[i]);
+            }
+            for (int n = 0; n < N; ++n) {
+              const acc_t b = B[t * N + n], c_n = C[t * N + n];
+              V dB_sum{};
+              for (int k = 0; k < kVecs; ++k) {
+                const int o = n * kLanes + k * W;
+                const V a = load_vec(decay + o);
+                const V g = load_vec(&w.g[o]) + c_n * dy[k];
+                const V d_arg = g * load_vec(h_prev + o) * a;  // d/d(Δ A)
+                const V gb = g * b;
+                dstep_v[k] += d_arg * load_vec(A + o) + gb * u[k];
+                store_vec(&dA[o], load_vec(&dA[o]) + d_arg * step[k]);
+                du[k] += gb * step[k];
+                dB_sum += g * drive[k];
+                store_vec(&w.g[o], g * a);
+              }
+              dB_t.add(n, dB_sum);
+            }
+            dB_t.finish(N);
+            acc_t dstep[kLanes];
+            for (int k = 0; k < kVecs; ++k) {
+              store_vec(&dstep[k * W], dstep_v[k]);
+              store_vec(&w.du[t * kLanes + k * W], du[k]);
+            }
+            // Δ = softplus(x) · scale: back through the scale and the softplus.
+            const acc_t scale_t = scale ? scale[t] : acc_t(1);
+            acc_t dscale[kLanes];
+            for (int c = 0; c < kLanes; ++c) {
+              const int i = t * kLanes + c;
+              const acc_t x = tile.x[i];
+              const bool soft = p.delta_softplus && x <= acc_t(20);
+              dscale[c] = dstep[c] * (p.delta_softplus ? softplus(x) : x);
+              w.ddelta[i] = dstep[c] * scale_t * (soft ? sigmoid(x) : acc_t(1));
+              dbias[c] += w.ddelta[i];
+            }
+            if (ddt) {
+              V dscale_sum{};
+              for (int k = 0; k < kVecs; ++k) dscale_sum += load_vec(&dscale[k * W]);
+              ddt[t0 + t] = lane_sum<acc_t>(dscale_sum);
+            }
           }
-          // Δ = softplus(x) · scale: back through the scale and the softplus.
-          const acc_t scale = p.dt_scale ? static_cast<const acc_t*>(p.dt_scale)[int64_t(sb.b) * L + t0 + t] : acc_t(1);
-          acc_t dscale = 0;
-          for (int c = 0; c < kLanes; ++c) {
-            const acc_t x = tile.x[t * kLanes + c];
-            const bool soft = p.delta_softplus && x <= acc_t(20);
-            dscale += dstep[c] * (p.delta_softplus ? softplus(x) : x);
-            const acc_t dxc = dstep[c] * scale * (soft ? sigmoid(x) : acc_t(1));
-            dx[t * kLanes + c] = dxc;
-            dbias[c] += dxc;
-            du[t * kLanes + c] = dut[c];
-          }
-          if (ddt) ddt[t0 + t] = dscale;
+          sb.store(static_cast<scalar_t*>(p.du), p.du_batch_stride, p.du_d_stride, w.du.data(), t0, len);
+          sb.store(static_cast<scalar_t*>(p.ddelta), p.ddelta_batch_stride, p.ddelta_d_stride, w.ddelta.data(), t0, len);
+          if (p.z) sb.store(static_cast<scalar_t*>(p.dz), p.dz_batch_stride, p.dz_d_stride, w.dz.data(), t0, len);
         }
-        sb.store(static_cast<scalar_t*>(p.du), p.du_batch_stride, p.du_d_stride, du.data(), t0, len);
-        sb.store(static_cast<scalar_t*>(p.ddelta), p.ddelta_batch_stride, p.ddelta_d_stride, dx.data(), t0, len);
-        if (p.z) sb.store(static_cast<scalar_t*>(p.dz), p.dz_batch_stride, p.dz_d_stride, dz.data(), t0, len);
-      }
-      for (int c = 0; c < sb.width; ++c) {
-        const int64_t row = int64_t(sb.b) * p.dim + sb.d0 + c;
-        for (int n = 0; n < N; ++n) dA_part[row * N + n] = dA[n * kLanes + c];
-        dD_part[row] = dD[c];
-        dbias_part[row] = dbias[c];
-      }
-    }
-  });
+        for (int c = 0; c < sb.width; ++c) {
+          const int64_t row = int64_t(sb.b) * p.dim + sb.d0 + c;
+          for (int n = 0; n < N; ++n) dA_part[row * N + n] = dA[n * kLanes + c];
+          dD_part[row] = dD[c];
+          dbias_part[row] = dbias[c];
+        }
+      });
 
   // Fixed-order reductions of the partial sums.
   acc_t* dA = static_cast<acc_t*>(p.dA);
@@ -329,19 +465,23 @@ void scan_bwd(const SelectiveScanBwdParams& p) {
       if (p.dD) static_cast<acc_t*>(p.dD)[d] += dD_part[int64_t(b) * p.dim + d];
       if (p.ddelta_bias) static_cast<acc_t*>(p.ddelta_bias)[d] += dbias_part[int64_t(b) * p.dim + d];
     }
+  // dB, dC: the channel blocks of a (batch, group) summed into its first block's [t][n] buffer,
+  // then transposed into the (N, L) layout.
   parallel_for(int64_t(p.batch) * p.n_groups, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bg = begin; bg < end; ++bg) {
       const int b = int(bg / p.n_groups), grp = int(bg % p.n_groups);
-      acc_t* dB = static_cast<acc_t*>(p.dB) + b * p.dB_batch_stride + grp * p.dB_group_stride;
-      acc_t* dC = static_cast<acc_t*>(p.dC) + b * p.dC_batch_stride + grp * p.dC_group_stride;
-      for (int k = 0; k < blocks.per_group; ++k) {
-        const int64_t item = int64_t(b) * n_blocks + grp * blocks.per_group + k;
+      const int64_t first = int64_t(b) * n_blocks + int64_t(grp) * blocks.per_group;
+      auto reduce = [&](const std::unique_ptr<acc_t[]>& part, acc_t* dst, int64_t dstate_stride) {
+        acc_t* sum = &part[first * L * N];
+        for (int k = 1; k < blocks.per_group; ++k) {
+          const acc_t* block = &part[(first + k) * L * N];
+          for (int64_t i = 0; i < int64_t(L) * N; ++i) sum[i] += block[i];
+        }
         for (int n = 0; n < N; ++n)
-          for (int t = 0; t < L; ++t) {
-            dB[n * p.dB_dstate_stride + t] += dB_part[(item * N + n) * L + t];
-            dC[n * p.dC_dstate_stride + t] += dC_part[(item * N + n) * L + t];
-          }
-      }
+          for (int t = 0; t < L; ++t) dst[n * dstate_stride + t] += sum[int64_t(t) * N + n];
+      };
+      reduce(dB_part, static_cast<acc_t*>(p.dB) + b * p.dB_batch_stride + grp * p.dB_group_stride, p.dB_dstate_stride);
+      reduce(dC_part, static_cast<acc_t*>(p.dC) + b * p.dC_batch_stride + grp * p.dC_group_stride, p.dC_dstate_stride);
     }
   });
   if (p.ddt_scale) {

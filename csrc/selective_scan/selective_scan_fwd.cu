@@ -27,8 +27,8 @@ selective_scan_fwd_kernel(const SelectiveScanParams p) {
   const scalar_t* B_rows = static_cast<const scalar_t*>(p.B) + ch.b * p.B_batch_stride + ch.g * p.B_group_stride;
   const scalar_t* C_rows = static_cast<const scalar_t*>(p.C) + ch.b * p.C_batch_stride + ch.g * p.C_group_stride;
   scalar_t* out_row = static_cast<scalar_t*>(p.out) + ch.b * p.out_batch_stride + ch.d * p.out_d_stride;
-  const acc_t* A_row = static_cast<const acc_t*>(p.A) + static_cast<long>(ch.d) * N;
-  acc_t* states = static_cast<acc_t*>(p.chunk_states) + (static_cast<long>(ch.b) * p.dim + ch.d) * p.n_chunks * N;
+  const acc_t* A_row = static_cast<const acc_t*>(p.A) + static_cast<int64_t>(ch.d) * N;
+  acc_t* states = static_cast<acc_t*>(p.chunk_states) + (static_cast<int64_t>(ch.b) * p.dim + ch.d) * p.n_chunks * N;
   const acc_t D = p.D ? static_cast<const acc_t*>(p.D)[ch.d] : acc_t(0);
 
   for (int n = lane; n < N; n += 32) carried_state[warp][n] = acc_t(0);
@@ -79,7 +79,7 @@ selective_scan_fwd_kernel(const SelectiveScanParams p) {
       __syncwarp();  // every lane has read the carry before lane 0 replaces it
       if (lane == 0) {
         carried_state[warp][n] = chunk_end_state;
-        states[static_cast<long>(chunk) * N + n] = chunk_end_state;
+        states[static_cast<int64_t>(chunk) * N + n] = chunk_end_state;
       }
       __syncwarp();
     }

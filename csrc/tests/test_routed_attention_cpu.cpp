@@ -26,21 +26,21 @@ struct Case {
 // Inputs in double; q has a padded row stride so the kernel's strides are exercised.
 struct Inputs {
   Case c;
-  long q_row_stride;
+  int64_t q_row_stride;
   std::vector<double> q, k, v, dout;
   std::vector<uint8_t> route, key_mask;
 
   double& q_at(int b, int h, int i, int x) {
-    return q[((static_cast<long>(b) * c.heads + h) * c.seqlen_q + i) * q_row_stride + x];
+    return q[((static_cast<int64_t>(b) * c.heads + h) * c.seqlen_q + i) * q_row_stride + x];
   }
-  long kv_index(int b, int h, int j, int x) const {
-    return ((static_cast<long>(b) * c.kv_heads + h) * c.seqlen_k + j) * c.head_dim + x;
+  int64_t kv_index(int b, int h, int j, int x) const {
+    return ((static_cast<int64_t>(b) * c.kv_heads + h) * c.seqlen_k + j) * c.head_dim + x;
   }
-  long q_index(int b, int h, int i, int x) const {  // contiguous (out, dout, dq)
-    return ((static_cast<long>(b) * c.heads + h) * c.seqlen_q + i) * c.head_dim + x;
+  int64_t q_index(int b, int h, int i, int x) const {  // contiguous (out, dout, dq)
+    return ((static_cast<int64_t>(b) * c.heads + h) * c.seqlen_q + i) * c.head_dim + x;
   }
   bool routed(int b, int h, int i) const {
-    return route[(static_cast<long>(b) * (c.per_head_route ? c.heads : 1) + (c.per_head_route ? h : 0)) *
+    return route[(static_cast<int64_t>(b) * (c.per_head_route ? c.heads : 1) + (c.per_head_route ? h : 0)) *
                      c.seqlen_q + i] != 0;
   }
   bool visible(int b, int i, int j) const {
@@ -53,20 +53,20 @@ Inputs make_inputs(const Case& c, unsigned seed) {
   std::normal_distribution<double> normal;
   std::bernoulli_distribution routed(c.route_fraction), kept(0.8);
   Inputs in{c, c.head_dim + 3, {}, {}, {}, {}, {}, {}};
-  in.q.assign(static_cast<long>(c.batch) * c.heads * c.seqlen_q * in.q_row_stride, 0.0);
+  in.q.assign(static_cast<int64_t>(c.batch) * c.heads * c.seqlen_q * in.q_row_stride, 0.0);
   for (int b = 0; b < c.batch; ++b)
     for (int h = 0; h < c.heads; ++h)
       for (int i = 0; i < c.seqlen_q; ++i)
         for (int x = 0; x < c.head_dim; ++x) in.q_at(b, h, i, x) = normal(rng);
-  const long kv_size = static_cast<long>(c.batch) * c.kv_heads * c.seqlen_k * c.head_dim;
-  for (long n = 0; n < kv_size; ++n) in.k.push_back(normal(rng));
-  for (long n = 0; n < kv_size; ++n) in.v.push_back(normal(rng));
-  for (long n = 0; n < static_cast<long>(c.batch) * c.heads * c.seqlen_q * c.head_dim; ++n)
+  const int64_t kv_size = static_cast<int64_t>(c.batch) * c.kv_heads * c.seqlen_k * c.head_dim;
+  for (int64_t n = 0; n < kv_size; ++n) in.k.push_back(normal(rng));
+  for (int64_t n = 0; n < kv_size; ++n) in.v.push_back(normal(rng));
+  for (int64_t n = 0; n < static_cast<int64_t>(c.batch) * c.heads * c.seqlen_q * c.head_dim; ++n)
     in.dout.push_back(normal(rng));
-  const long route_size = static_cast<long>(c.batch) * (c.per_head_route ? c.heads : 1) * c.seqlen_q;
-  for (long n = 0; n < route_size; ++n) in.route.push_back(routed(rng));
+  const int64_t route_size = static_cast<int64_t>(c.batch) * (c.per_head_route ? c.heads : 1) * c.seqlen_q;
+  for (int64_t n = 0; n < route_size; ++n) in.route.push_back(routed(rng));
   if (c.use_key_mask) {
-    for (long n = 0; n < static_cast<long>(c.batch) * c.seqlen_k; ++n) in.key_mask.push_back(kept(rng));
+    for (int64_t n = 0; n < static_cast<int64_t>(c.batch) * c.seqlen_k; ++n) in.key_mask.push_back(kept(rng));
     in.key_mask[0] = 0;
   }
   return in;
@@ -85,7 +85,7 @@ Outputs reference(const Inputs& in, double scale) {
   r.dq.assign(in.dout.size(), 0.0);
   r.dk.assign(in.k.size(), 0.0);
   r.dv.assign(in.v.size(), 0.0);
-  r.lse.assign(static_cast<long>(c.batch) * c.heads * c.seqlen_q, -std::numeric_limits<double>::infinity());
+  r.lse.assign(static_cast<int64_t>(c.batch) * c.heads * c.seqlen_q, -std::numeric_limits<double>::infinity());
   Inputs& q = const_cast<Inputs&>(in);
   std::vector<double> p(c.seqlen_k), dp(c.seqlen_k);
   for (int b = 0; b < c.batch; ++b)
@@ -104,7 +104,7 @@ Outputs reference(const Inputs& in, double scale) {
         if (max_score == -std::numeric_limits<double>::infinity()) continue;  // no visible key
         double sum = 0;
         for (int j = 0; j < c.seqlen_k; ++j) sum += in.visible(b, i, j) ? (p[j] = std::exp(p[j] - max_score)) : 0.0;
-        r.lse[(static_cast<long>(b) * c.heads + h) * c.seqlen_q + i] = max_score + std::log(sum);
+        r.lse[(static_cast<int64_t>(b) * c.heads + h) * c.seqlen_q + i] = max_score + std::log(sum);
         for (int j = 0; j < c.seqlen_k; ++j) {
           if (!in.visible(b, i, j)) continue;
           p[j] /= sum;
@@ -143,7 +143,7 @@ Outputs run_kernels(const Inputs& in, double scale) {
   const Case& c = in.c;
   const std::vector<T> q = cast<T>(in.q), k = cast<T>(in.k), v = cast<T>(in.v), dout = cast<T>(in.dout);
   // out gets padded rows, so the kernels' zeroing of unrouted rows must honour its row stride.
-  const long out_row_stride = c.head_dim + 2, n_rows = static_cast<long>(c.batch) * c.heads * c.seqlen_q;
+  const int64_t out_row_stride = c.head_dim + 2, n_rows = static_cast<int64_t>(c.batch) * c.heads * c.seqlen_q;
   std::vector<T> out(n_rows * out_row_stride, T(7)), lse(n_rows);
   std::vector<T> dq(out.size(), T(0)), dk(k.size(), T(0)), dv(v.size(), T(0));
   RoutedAttentionBwdParams p{};
@@ -156,17 +156,17 @@ Outputs run_kernels(const Inputs& in, double scale) {
   p.q_head_stride = c.seqlen_q * in.q_row_stride;
   p.q_batch_stride = c.heads * p.q_head_stride;
   p.k_row_stride = p.v_row_stride = c.head_dim;
-  p.k_head_stride = p.v_head_stride = static_cast<long>(c.seqlen_k) * c.head_dim;
+  p.k_head_stride = p.v_head_stride = static_cast<int64_t>(c.seqlen_k) * c.head_dim;
   p.k_batch_stride = p.v_batch_stride = c.kv_heads * p.k_head_stride;
   p.out_row_stride = out_row_stride;
   p.out_head_stride = c.seqlen_q * out_row_stride;
   p.out_batch_stride = c.heads * p.out_head_stride;
   p.dout_row_stride = c.head_dim;
-  p.dout_head_stride = static_cast<long>(c.seqlen_q) * c.head_dim;
+  p.dout_head_stride = static_cast<int64_t>(c.seqlen_q) * c.head_dim;
   p.dout_batch_stride = c.heads * p.dout_head_stride;
   p.route_row_stride = 1;
   p.route_head_stride = c.per_head_route ? c.seqlen_q : 0;  // 0: one route per batch, shared by heads
-  p.route_batch_stride = static_cast<long>(c.per_head_route ? c.heads : 1) * c.seqlen_q;
+  p.route_batch_stride = static_cast<int64_t>(c.per_head_route ? c.heads : 1) * c.seqlen_q;
   p.key_mask_batch_stride = c.seqlen_k;
   p.q = q.data(), p.k = k.data(), p.v = v.data(), p.dout = dout.data();
   p.route = in.route.data();
@@ -177,7 +177,7 @@ Outputs run_kernels(const Inputs& in, double scale) {
   cram::routed_attention_bwd_cpu(p);
   auto widen = [](const std::vector<T>& x) { return std::vector<double>(x.begin(), x.end()); };
   std::vector<double> out_rows;  // without the padding
-  for (long row = 0; row < n_rows; ++row)
+  for (int64_t row = 0; row < n_rows; ++row)
     out_rows.insert(out_rows.end(), out.begin() + row * out_row_stride, out.begin() + row * out_row_stride + c.head_dim);
   return {out_rows, widen(lse), widen(dq), widen(dk), widen(dv)};
 }
@@ -225,7 +225,7 @@ void check_finite_differences(const Case& c, unsigned seed) {
                    auto index_of_grad) {
     std::vector<double>& x = in.*tensor;
     for (size_t n = 0; n < x.size(); n += x.size() / 7 + 1) {
-      const long g = index_of_grad(n);
+      const int64_t g = index_of_grad(n);
       if (g < 0) continue;
       const double saved = x[n];
       x[n] = saved + eps;
@@ -242,13 +242,13 @@ void check_finite_differences(const Case& c, unsigned seed) {
       }
     }
   };
-  const long padded = in.q_row_stride;
-  check("q", &Inputs::q, analytic.dq, [&](size_t n) -> long {
-    const long row = static_cast<long>(n) / padded, x = static_cast<long>(n) % padded;
+  const int64_t padded = in.q_row_stride;
+  check("q", &Inputs::q, analytic.dq, [&](size_t n) -> int64_t {
+    const int64_t row = static_cast<int64_t>(n) / padded, x = static_cast<int64_t>(n) % padded;
     return x < c.head_dim ? row * c.head_dim + x : -1;  // padding is not an element
   });
-  check("k", &Inputs::k, analytic.dk, [](size_t n) { return static_cast<long>(n); });
-  check("v", &Inputs::v, analytic.dv, [](size_t n) { return static_cast<long>(n); });
+  check("k", &Inputs::k, analytic.dk, [](size_t n) { return static_cast<int64_t>(n); });
+  check("v", &Inputs::v, analytic.dv, [](size_t n) { return static_cast<int64_t>(n); });
 }
 
 }  // namespace
@@ -263,7 +263,7 @@ int main() {
       {"causal Lq > Lk", 1, 2, 2, 50, 13, 20, true, 0.5, true, false},
       {"non-causal Lq != Lk gqa", 2, 4, 1, 33, 70, 7, false, 0.9, true, false},
       {"multi-block d64 all routed", 1, 2, 1, 150, 150, 64, true, 1.0, false, false},
-      {"sparse route long", 1, 2, 2, 300, 300, 40, true, 0.05, true, true},
+      {"sparse route int64_t", 1, 2, 2, 300, 300, 40, true, 0.05, true, true},
       {"nothing routed", 1, 2, 1, 17, 17, 8, true, 0.0, false, false},
       {"odd head_dim 1", 1, 1, 1, 21, 21, 1, true, 1.0, false, false},
       {"head_dim 256", 1, 1, 1, 19, 19, 256, false, 0.7, false, false},

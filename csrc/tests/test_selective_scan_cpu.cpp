@@ -9,18 +9,19 @@
 using namespace cram;
 
 struct Problem {
-  int batch, dim, L, N, groups, chunk;
+  int batch, dim, L, N, groups;
   bool softplus, with_z, with_D, with_bias, with_dt;
   std::vector<double> u, delta, A, B, C, D, z, bias, dt;
 };
 
-Problem make_problem(int batch, int dim, int L, int N, int groups, int chunk, bool flags, unsigned seed) {
+Problem make_problem(int batch, int dim, int L, int N, int groups, bool flags, unsigned seed) {
   std::mt19937 rng(seed);
   Problem p{};
-  p.batch = batch; p.dim = dim; p.L = L; p.N = N; p.groups = groups; p.chunk = chunk;
+  p.batch = batch; p.dim = dim; p.L = L; p.N = N; p.groups = groups;
   p.softplus = p.with_z = p.with_D = p.with_bias = p.with_dt = flags;
   p.u = cram_test::random_vector<double>(size_t(batch) * dim * L, rng);
-  p.delta = cram_test::random_vector<double>(size_t(batch) * dim * L, rng, -1, 0.5);
+  // Without softplus the raw delta is the step: positive, or the state grows without bound.
+  p.delta = cram_test::random_vector<double>(size_t(batch) * dim * L, rng, flags ? -1 : 0.01, 0.5);
   p.A = cram_test::random_vector<double>(size_t(dim) * N, rng, -1.5, -0.1);
   p.B = cram_test::random_vector<double>(size_t(batch) * groups * N * L, rng);
   p.C = cram_test::random_vector<double>(size_t(batch) * groups * N * L, rng);
@@ -59,13 +60,12 @@ SelectiveScanParams params_for(Problem& p, std::vector<double>& out, std::vector
   SelectiveScanParams s{};
   s.input_type = DType::kFloat64;
   s.batch = p.batch; s.dim = p.dim; s.seqlen = p.L; s.dstate = p.N; s.n_groups = p.groups;
-  s.chunk_size = p.chunk;
-  s.n_chunks = std::max(1, (p.L + p.chunk - 1) / p.chunk);
+  s.n_chunks = int(scan_checkpoint_count(p.L));
   s.delta_softplus = p.softplus;
-  s.u_batch_stride = s.delta_batch_stride = s.z_batch_stride = s.out_batch_stride = long(p.dim) * p.L;
+  s.u_batch_stride = s.delta_batch_stride = s.z_batch_stride = s.out_batch_stride = int64_t(p.dim) * p.L;
   s.u_d_stride = s.delta_d_stride = s.z_d_stride = s.out_d_stride = p.L;
-  s.B_batch_stride = s.C_batch_stride = long(p.groups) * p.N * p.L;
-  s.B_group_stride = s.C_group_stride = long(p.N) * p.L;
+  s.B_batch_stride = s.C_batch_stride = int64_t(p.groups) * p.N * p.L;
+  s.B_group_stride = s.C_group_stride = int64_t(p.N) * p.L;
   s.B_dstate_stride = s.C_dstate_stride = p.L;
   s.u = p.u.data(); s.delta = p.delta.data(); s.A = p.A.data(); s.B = p.B.data(); s.C = p.C.data();
   s.D = p.with_D ? p.D.data() : nullptr;
@@ -131,20 +131,21 @@ void test_backward(Problem p) {
       (minus.*g.input)[i] -= eps;
       numeric[i] = (loss(plus) - loss(minus)) / (2 * eps);
     }
-    CRAM_EXPECT(cram_test::close_ratio(*g.grad, numeric, 1e-7, 1e-6) <= 1, "d%s (dim=%d L=%d chunk=%d)",
-                g.name, p.dim, p.L, p.chunk);
+    CRAM_EXPECT(cram_test::close_ratio(*g.grad, numeric, 1e-7, 1e-6) <= 1, "d%s (dim=%d L=%d)", g.name, p.dim, p.L);
   }
 }
 
 int main() {
   // Shapes that cover: one step, a partial channel block, several blocks per group, groups,
-  // several chunks with a partial last chunk, and every optional input on and off.
+  // several checkpoint chunks with a partial last chunk (L > 2 kScanCheckpointChunk), and every
+  // optional input on and off.
+  const int several_chunks = 2 * kScanCheckpointChunk + 9;
   for (bool flags : {true, false}) {
-    test_forward(make_problem(1, 3, 1, 2, 1, 4, flags, 1));
-    test_forward(make_problem(2, 37, 70, 5, 1, 16, flags, 2));
-    test_forward(make_problem(2, 40, 33, 4, 2, 8, flags, 3));
-    test_backward(make_problem(1, 3, 5, 2, 1, 2, flags, 4));
-    test_backward(make_problem(2, 18, 9, 3, 2, 4, flags, 5));
+    test_forward(make_problem(1, 3, 1, 2, 1, flags, 1));
+    test_forward(make_problem(2, 37, 70, 5, 1, flags, 2));
+    test_forward(make_problem(2, 40, several_chunks, 4, 2, flags, 3));
+    test_backward(make_problem(1, 3, several_chunks, 2, 1, flags, 4));
+    test_backward(make_problem(2, 18, 9, 3, 2, flags, 5));
   }
   return cram_test::report("test_selective_scan_cpu");
 }
