@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cases import attention_inputs
 from cram_ext import routed_attention
 from test_bench_selective_scan_cpu import paired_ratio
 
@@ -16,21 +17,16 @@ LENGTHS = [1024, 4096]
 FRACTIONS = [0.016, 0.1, 0.5, 1.0]
 
 
-def qkv(L):
-    g = torch.Generator().manual_seed(L)
-    return [torch.randn(1, HEADS, L, HEAD_DIM, generator=g) for _ in range(3)]
-
-
-def random_route(L, fraction):
-    g = torch.Generator().manual_seed(1000 + L)
-    route = torch.zeros(1, L, dtype=torch.bool)
-    route[0, torch.randperm(L, generator=g)[:round(fraction * L)]] = True
-    return route
+def inputs(L, fraction=1.0):
+    """q, k, v (batch 1) and a route of round(fraction · L) rows shared by the heads."""
+    q, k, v, route, _ = attention_inputs(L, batch=1, heads=HEADS, Lq=L, d=HEAD_DIM,
+                                         fraction=fraction)
+    return q, k, v, route
 
 
 @pytest.mark.parametrize("L", LENGTHS)
 def test_sdpa_causal(benchmark, L):
-    q, k, v = qkv(L)
+    q, k, v, _ = inputs(L)
     benchmark.group = f"L={L}"
     benchmark.extra_info.update(kernel="sdpa", L=L, fraction=1.0, routed_rows=L)
     benchmark(F.scaled_dot_product_attention, q, k, v, is_causal=True)
@@ -39,8 +35,7 @@ def test_sdpa_causal(benchmark, L):
 @pytest.mark.parametrize("fraction", FRACTIONS)
 @pytest.mark.parametrize("L", LENGTHS)
 def test_routed_attention(benchmark, L, fraction):
-    q, k, v = qkv(L)
-    route = random_route(L, fraction)
+    q, k, v, route = inputs(L, fraction)
     benchmark.group = f"L={L}"
     benchmark.extra_info.update(kernel="routed_attention", L=L, fraction=fraction,
                                 routed_rows=int(route.sum()))

@@ -10,22 +10,13 @@ import torch
 
 import cram_ext
 from cram_ext.reference import selective_scan_ref
+from cases import scan_inputs
 
 BATCH, DIM, L, N = 2, 768, 2048, 16  # a Mamba-130M-sized layer
 
 
-def scan_inputs(dtype):
-    g = torch.Generator().manual_seed(0)
-    return dict(
-        u=torch.randn(BATCH, DIM, L, generator=g).to(dtype),
-        delta=(0.5 * torch.randn(BATCH, DIM, L, generator=g) - 1).to(dtype),
-        A=-torch.rand(DIM, N, generator=g) - 0.1,
-        B=torch.randn(BATCH, N, L, generator=g).to(dtype),
-        C=torch.randn(BATCH, N, L, generator=g).to(dtype),
-        D=torch.randn(DIM, generator=g),
-        z=torch.randn(BATCH, DIM, L, generator=g).to(dtype),
-        delta_bias=torch.randn(DIM, generator=g) * 0.1,
-    )
+def mamba_layer_inputs(dtype):
+    return scan_inputs(0, batch=BATCH, dim=DIM, L=L, N=N, dtype=dtype)
 
 
 def scan_bytes(inputs):
@@ -35,7 +26,7 @@ def scan_bytes(inputs):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_selective_scan_forward(benchmark, dtype):
-    inputs = scan_inputs(dtype)
+    inputs = mamba_layer_inputs(dtype)
     benchmark.group = "selective_scan"
     benchmark.extra_info.update(kernel="selective_scan", dtype=str(dtype), bytes=scan_bytes(inputs),
                                 shape=f"batch={BATCH} dim={DIM} L={L} N={N}")
@@ -45,7 +36,7 @@ def test_selective_scan_forward(benchmark, dtype):
 
 def test_selective_scan_forward_backward(benchmark):
     """Forward and backward (gradients of every input), fp32: the target is <= 4x the forward."""
-    inputs = {k: v.requires_grad_() for k, v in scan_inputs(torch.float32).items()}
+    inputs = {k: v.requires_grad_() for k, v in mamba_layer_inputs(torch.float32).items()}
     grad_out = torch.randn(BATCH, DIM, L, generator=torch.Generator().manual_seed(1))
     benchmark.group = "selective_scan"
     benchmark.extra_info.update(kernel="selective_scan_fwd_bwd", dtype=str(torch.float32),
@@ -77,7 +68,7 @@ def paired_ratio(fn, baseline, pairs=7):
 
 
 def test_selective_scan_reference(benchmark):
-    inputs = scan_inputs(torch.float32)
+    inputs = mamba_layer_inputs(torch.float32)
     benchmark.group = "selective_scan"
     benchmark.extra_info.update(kernel="selective_scan_ref", dtype=str(torch.float32), bytes=scan_bytes(inputs),
                                 shape=f"batch={BATCH} dim={DIM} L={L} N={N}")
