@@ -3,18 +3,19 @@
 tokens routed to it) and a low-rank adapter trained to reproduce attention's output (semantic
 memory). `CRAMModel` also builds every baseline of the paper from `LayerSpec`s.
 
-Loss (B3-B5), with every sum normalised to a mean so the weights do not depend on batch size,
-sequence length or depth:
+Loss (B3-B5), with every sum normalised so the weights do not depend on batch size, sequence
+length or depth:
 
-    L = L_task + λ_E·mean(π_E) − λ_S·mean(π_S · sg(q̂)) + γ·L_cons + L_q̂
+    L = L_task + L_route + γ·L_cons + L_q̂
 
 * L_task: (Σ cross-entropy over query positions + Σ squared error of the next value over
-  observation positions) / (batch · N), a per-position mean like the routing terms. So one
-  query's loss weighs the same as one token's routing cost λ_E·π_E: a query keeps attention
-  when retrieval lowers its loss by more than λ_E, whatever the query rate or N.
-* mean(π_E), mean(π_S·q̂): over all (token, layer) pairs of the layers with a router; π is the
-  router's softmax without Gumbel noise. q̂ is detached in the reward: only its regression moves it.
-  In training λ_E is 0 for `episodic_cost_start` steps, then ramps up (`episodic_cost_weight`).
+  observation positions) / (batch · N).
+* L_route: Σ over routed layers and tokens of (the router's predicted loss for the path taken −
+  the token's own task loss)² / (batch · N): how the router learns what each path is worth
+  (`router.routing_loss`). The paper's cost terms λ_E·π_E and −λ_S·π_S·q̂ are the prices the
+  router adds to those predictions when it chooses (`router.Router.forward`): attention is taken
+  where it lowers the token's loss by more than λ_E nats. In training every token attends for
+  `episodic_cost_start` steps, then λ_E ramps up (`episodic_cost_weight`).
 * L_cons = mean over the (token, layer) pairs that ran attention in a layer with a semantic path
   of ‖f_sem(x_t) − sg(r^E_t)‖² / d (squared error per feature).
 * L_q̂ = mean over the same pairs of (q̂_t − sg(q_t))², q_t = exp(−‖f_sem − r^E‖² / σ²) with
@@ -92,9 +93,9 @@ class CRAMLayer(nn.Module):
                                   q_hat if q_hat is not None else x.new_zeros(x.shape[:2]),
                                   prices.episodic, prices.semantic if self.spec.router_reads_q
                                   else 0.0, prices.explore_rate, prices.attend_all)
-            rows = episodic = routing.choice == Path.EPISODIC
+            rows = routing.choice == Path.EPISODIC
             retrieved = self.episodic(x, rows, key_mask)
-            mixed = mixed + episodic[..., None].to(x.dtype) * retrieved
+            mixed = mixed + rows[..., None].to(x.dtype) * retrieved
             if self.semantic is not None:
                 recalled = self.semantic(x)
                 mixed = mixed + (routing.choice == Path.SEMANTIC)[..., None].to(x.dtype) * recalled

@@ -129,7 +129,7 @@ def plot_attention(curves: List[Dict[str, np.ndarray]], summary: Dict[str, float
                 label="training (sampled routing, smoothed)" if i == 0 else None)
     if len(curves[0]["eval_steps"]):
         ax.plot(curves[0]["eval_steps"], np.maximum(curves[0]["eval_fraction"], 1e-4), "o",
-                color="C1", ms=3, label="evaluation (argmax routing)")
+                color="C1", ms=3, label="evaluation (inference routing)")
     if summary.get("transition_step"):
         ax.axvline(summary["transition_step"], color="k", ls="--", lw=1,
                    label=f"transition, step {summary['transition_step']}")
