@@ -39,7 +39,7 @@ import torch.nn as nn
 
 
 class Path(enum.IntEnum):
-    """A router's choices, in logit order."""
+    """A router's choices, in the order of its loss predictions."""
 
     WORKING = 0
     EPISODIC = 1
