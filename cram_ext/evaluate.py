@@ -20,17 +20,11 @@ from typing import Dict, List
 import torch
 
 from .models.router import Path
-from .srcd.generator import IGNORE_INDEX
-from .srcd.metrics import TOKEN_KINDS
+from .srcd.metrics import TOKEN_KINDS, routed_layers, token_kinds
 
 # Sequences of the test stream: the same bindings as training, a seed offset no training or
 # in-training evaluation stream uses.
 TEST_SEED_OFFSET = 2_000_003
-
-
-def routed_layers(metrics: Dict[str, float]) -> List[int]:
-    return sorted({int(key.split("/")[1]) for key in metrics if key.startswith("attention/")
-                   and key.count("/") == 2})
 
 
 def routing_table(metrics: Dict[str, float]) -> str:
@@ -67,7 +61,7 @@ def pattern_routing(trainer, n_batches: int) -> List[str]:
     for i in range(n_batches):
         batch = trainer.batch(i, trainer.config.data_seed + TEST_SEED_OFFSET)
         routings = [r.routing for r in model(batch).layers if r.routing is not None]
-        queries = (batch["pattern"] >= 0) & (batch["target_class"] != IGNORE_INDEX)
+        queries = token_kinds(batch)["recurring"]
         choice = torch.stack([r.choice[queries] == Path.EPISODIC for r in routings], -1)
         loss = torch.stack([r.predicted_loss[queries] for r in routings], 1)
         for row, pattern in enumerate(batch["pattern"][queries].tolist()):

@@ -35,7 +35,7 @@ from .models.config import MODELS
 from .srcd.exposure import (PatternExposure, concatenate_routing, q_histogram,
                             recurring_query_routing)
 from .srcd.generator import SRCDConfig, batch_at, pattern_values
-from .srcd.metrics import add_sums, batch_sums, summarize
+from .srcd.metrics import add_sums, batch_sums, routed_layers, summarize
 from .srcd.transfer import TransferConfig, transfer_batch_at
 
 EVAL_SEED_OFFSET = 1_000_003   # evaluation stream: same bindings, sequences never trained on
@@ -137,7 +137,7 @@ def run_config(model: str, size: str = "cpu", **settings) -> RunConfig:
 def attention_by_kind(record: dict) -> Dict[str, str]:
     """P(attention | recurring query) and P(attention | novel query), per routed layer, for the
     progress bar: `rec`/`nov` followed by one value per layer."""
-    layers = sorted({key.split("/")[1] for key in record if key.startswith("attention/")})
+    layers = routed_layers(record)
     return {kind[:3]: "/".join(f"{record[f'attention/{layer}/{kind}']:.2f}" for layer in layers)
             for kind in ("recurring", "novel") if layers}
 

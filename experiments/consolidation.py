@@ -27,10 +27,10 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from cram_ext.evaluate import TEST_SEED_OFFSET, routed_layers
+from cram_ext.evaluate import TEST_SEED_OFFSET
 from cram_ext.plotting import pyplot
 from cram_ext.srcd import consolidation
-from cram_ext.srcd.metrics import TOKEN_KINDS
+from cram_ext.srcd.metrics import TOKEN_KINDS, routed_layers
 from cram_ext.train import Trainer, run_config
 
 if not __package__:   # run as a script: its sibling modules are imported from the repository root

@@ -26,9 +26,9 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from cram_ext.evaluate import routed_layers
 from cram_ext.models import ABLATIONS, TABLE1_MODELS
 from cram_ext.srcd import consolidation
+from cram_ext.srcd.metrics import routed_layers
 from cram_ext.srcd.transfer import TASKS as TRANSFER_TASKS
 from cram_ext.train import Trainer, run_config
 

@@ -8,8 +8,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from cram_ext.evaluate import routed_layers
 from cram_ext.models import ABLATIONS, TABLE1_MODELS
+from cram_ext.srcd.metrics import routed_layers
 from cram_ext.srcd.transfer import TASKS as TRANSFER_TASKS
 
 SECTION_MARKERS = ("<!-- srcd:begin -->", "<!-- srcd:end -->")

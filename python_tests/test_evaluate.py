@@ -3,7 +3,7 @@ import torch
 
 from cram_ext import evaluate, train
 from cram_ext.models.router import Path
-from cram_ext.srcd.metrics import token_kinds
+from cram_ext.srcd.metrics import routed_layers, token_kinds
 from cram_ext.train import RunConfig, Trainer
 
 
@@ -34,7 +34,7 @@ def test_evaluate_reports_routing_by_kind_on_the_test_stream(tmp_path, capsys):
     for (layer, kind), (ran, total) in counts.items():
         if total:
             assert metrics[f"attention/{layer}/{kind}"] == ran / total
-    assert evaluate.routed_layers(metrics) == [0, 1]
+    assert routed_layers(metrics) == [0, 1]
     # --by-pattern: one line per recurring pattern, its query counts adding up to the total
     table = printed[printed.index("pattern  queries"):].splitlines()[1:]
     assert sum(int(line.split()[1]) for line in table) == counts[0, "recurring"][1]

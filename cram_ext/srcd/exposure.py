@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..models.router import Path
+from .metrics import token_kinds
 
 Q_HISTOGRAM_BINS = 10
 EXPOSURE_BINS = 24             # log2 bins of "times a pattern was seen"
@@ -53,8 +54,7 @@ def recurring_query_routing(batch, output) -> Tuple[np.ndarray, np.ndarray]:
     """(pattern ids (n,), episodic decisions (routed layers, n)) of the batch's recurring
     queries, in sequence order. A decision is the router's lowest-priced path, so exploration
     does not blur the curve."""
-    queries = batch["pattern"] >= 0
-    queries &= batch["target_class"] >= 0
+    queries = token_kinds(batch)["recurring"]
     routed = [r.routing.scores.argmin(-1) == Path.EPISODIC for r in output.layers
               if r.routing is not None]
     episodic = (torch.stack(routed) if routed else queries.new_zeros((0,) + queries.shape))

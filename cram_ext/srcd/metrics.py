@@ -18,7 +18,7 @@
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, List
 
 import torch
 
@@ -34,6 +34,13 @@ def token_kinds(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     recurring = queries & (batch["pattern"] >= 0)
     novel = queries & (batch["pattern"] < 0)
     return {"recurring": recurring, "novel": novel, "other": ~queries}
+
+
+def routed_layers(metrics: Dict) -> List[int]:
+    """The layers with a router in `metrics` (or in rows aggregated from them): those with
+    ``attention/<layer>/<kind>`` entries."""
+    return sorted({int(key.split("/")[1]) for key in metrics if key.startswith("attention/")
+                   and key.count("/") == 2})
 
 
 @torch.no_grad()
