@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 
 #ifdef CRAM_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
@@ -66,6 +67,13 @@ at::Tensor last_dim_contiguous(const at::Tensor& t) {
   return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
 }
 
+// Sizes travel to the kernels as int64_t, but the kernels count positions, channels and heads
+// in 32-bit ints.
+void check_fits_int32(int64_t size, const char* op, const char* what) {
+  TORCH_CHECK(size <= std::numeric_limits<int32_t>::max(), op, ": ", what, " = ", size,
+              " exceeds the kernels' 32-bit index range");
+}
+
 void check_device_supported(const at::Tensor& t, const char* op) {
 #ifdef CRAM_WITH_CUDA
   TORCH_CHECK(t.is_cpu() || t.is_cuda(), op, ": tensors must be on the CPU or a CUDA device, got ",
@@ -110,6 +118,8 @@ ScanInputs check_scan_inputs(const at::Tensor& u, const at::Tensor& delta, const
   check_device_supported(u, op);
   TORCH_CHECK(u.dim() == 3, op, ": u must have shape (batch, dim, L), got ", u.sizes());
   const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2);
+  for (const auto& [size, what] : {std::pair{batch, "batch"}, {dim, "dim"}, {L, "L"}})
+    check_fits_int32(size, op, what);
   to_dtype(u, op, "u");
   const auto acc = accumulation_type(u.scalar_type());
   const char* acc_why = u.scalar_type() == at::kDouble ? "float64 like u" : "float32 parameters";
@@ -180,7 +190,7 @@ void fill_scan_params(SelectiveScanParams& p, const ScanInputs& in, bool delta_s
   p.seqlen = in.u.size(2);
   p.dstate = in.A.size(1);
   p.n_groups = in.B.size(1);
-  p.n_chunks = static_cast<int>(chunk_states.size(2));
+  p.n_chunks = chunk_states.size(2);
   p.delta_softplus = delta_softplus;
   p.u_batch_stride = in.u.stride(0);
   p.u_d_stride = in.u.stride(1);
@@ -322,6 +332,8 @@ AttentionInputs check_attention_inputs(const at::Tensor& q, const at::Tensor& k,
   TORCH_CHECK(k.dim() == 4, op, ": k must have shape (batch, kv_heads, Lk, head_dim), got ", k.sizes());
   const int64_t batch = q.size(0), heads = q.size(1), Lq = q.size(2), d = q.size(3);
   const int64_t kv_heads = k.size(1), Lk = k.size(2);
+  for (const auto& [size, what] : {std::pair{batch * heads, "batch * heads"}, {Lq, "Lq"}, {Lk, "Lk"}})
+    check_fits_int32(size, op, what);
   to_dtype(q, op, "q");
   for (const auto& [t, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}}) {
     check_same_device(*t, q, op, name, "q");

@@ -448,6 +448,9 @@ def bad(**changes):
     (bad(query=torch.randn(2, 4, 8, 300), key=torch.randn(2, 2, 8, 300),
          value=torch.randn(2, 2, 8, 300)), "head_dim must be in"),
     (bad(enable_gqa=False), "grouped-query attention needs enable_gqa=True"),
+    (bad(query=torch.zeros(()).expand(2, 4, 2**31, 8),  # expanded: nothing touches 2^31 rows
+         route=torch.ones((), dtype=torch.bool).expand(2, 2**31)),
+     "Lq = 2147483648 exceeds the kernels' 32-bit index range"),
     (bad(attn_mask=torch.ones(8, 9, dtype=torch.bool)), "attn_mask must be broadcastable"),
     (bad(attn_mask=torch.ones(3, 4, 8, 8, dtype=torch.bool)), "attn_mask must be broadcastable"),
     (bad(attn_mask=torch.zeros(2, 1, 4, 8, 8)), "attn_mask must be broadcastable"),

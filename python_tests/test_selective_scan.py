@@ -158,6 +158,9 @@ ERROR_CASES = {
     "bias_dtype": (lambda i: i.update(delta_bias=i["delta_bias"].double()), "delta_bias must be Float"),
     "dt_scale_shape": (lambda i: i.update(dt_scale=i["dt_scale"].T), r"dt_scale must have shape \(batch, L\)"),
     "state_size": (lambda i: i.update(A=torch.randn(6, 300)), r"N = A.size\(1\) must be in \[1, 256\]"),
+    # An expanded view: the check must come before anything touches 2^31 elements.
+    "length_int32": (lambda i: i.update(u=torch.zeros(()).expand(2, 6, 2**31)),
+                     "L = 2147483648 exceeds the kernels' 32-bit index range"),
 }
 
 

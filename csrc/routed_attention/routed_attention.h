@@ -24,7 +24,7 @@ constexpr int kAttentionMaxHeadDim = 256;
 
 struct RoutedAttentionParams {
   DType dtype;  // q, k, v, out (and dout, dq, dk, dv)
-  int batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim;
+  int64_t batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim;
   double scale;  // kernels use it in their accumulation type
   bool is_causal;
 

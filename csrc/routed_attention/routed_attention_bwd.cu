@@ -86,17 +86,19 @@ simt_bwd_kernel(const RoutedAttentionBwdParams p, const RoutedRows rows) {
   acc_t* probs = smem + layout.p_offset();
   acc_t* dscores = smem + layout.ds_offset();
 
+  // 32-bit sizes in the index arithmetic (the binding layer checks they fit).
+  const int heads = p.heads, kv_heads = p.kv_heads, seqlen_q = p.seqlen_q, seqlen_k = p.seqlen_k;
   const int key0 = blockIdx.x * kBwdKeys;
-  const int b = blockIdx.y / p.kv_heads, hk = blockIdx.y % p.kv_heads;
-  const int group = p.heads / p.kv_heads;
+  const int b = blockIdx.y / kv_heads, hk = blockIdx.y % kv_heads;
+  const int group = heads / kv_heads;
   const acc_t scale = static_cast<acc_t>(p.scale);
 
   const scalar_t* k = static_cast<const scalar_t*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
   const scalar_t* v = static_cast<const scalar_t*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
   for (int idx = threadIdx.x; idx < kBwdKeys * d; idx += blockDim.x) {
     const int j = idx / d, c = idx % d, key = key0 + j;
-    k_tile[j * layout.kv_stride() + c] = key < p.seqlen_k ? to_acc(k[key * p.k_row_stride + c]) : acc_t(0);
-    v_tile[j * layout.kv_stride() + c] = key < p.seqlen_k ? to_acc(v[key * p.v_row_stride + c]) : acc_t(0);
+    k_tile[j * layout.kv_stride() + c] = key < seqlen_k ? to_acc(k[key * p.k_row_stride + c]) : acc_t(0);
+    v_tile[j * layout.kv_stride() + c] = key < seqlen_k ? to_acc(v[key * p.v_row_stride + c]) : acc_t(0);
   }
 
   const int my_key = threadIdx.x / kThreadsPerKey, my_dim0 = threadIdx.x % kThreadsPerKey;
@@ -105,14 +107,14 @@ simt_bwd_kernel(const RoutedAttentionBwdParams p, const RoutedRows rows) {
   for (int i = 0; i < kAccPerThread; ++i) dk[i] = dv[i] = 0;
 
   for (int h = hk * group; h < (hk + 1) * group; ++h) {
-    const int bh = b * p.heads + h;
+    const int bh = b * heads + h;
     const int count = rows.count[bh];
-    const int* positions = rows.positions + static_cast<int64_t>(bh) * p.seqlen_q;
-    const acc_t* row_dot = static_cast<const acc_t*>(rows.row_dot) + static_cast<int64_t>(bh) * p.seqlen_q;
-    const acc_t* lse = static_cast<const acc_t*>(p.lse) + static_cast<int64_t>(bh) * p.seqlen_q;
+    const int* positions = rows.positions + static_cast<int64_t>(bh) * seqlen_q;
+    const acc_t* row_dot = static_cast<const acc_t*>(rows.row_dot) + static_cast<int64_t>(bh) * seqlen_q;
+    const acc_t* lse = static_cast<const acc_t*>(p.lse) + static_cast<int64_t>(bh) * seqlen_q;
     const scalar_t* q = static_cast<const scalar_t*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
     const scalar_t* dout = static_cast<const scalar_t*>(p.dout) + b * p.dout_batch_stride + h * p.dout_head_stride;
-    acc_t* dq = static_cast<acc_t*>(p.dq) + static_cast<int64_t>(bh) * p.seqlen_q * d;
+    acc_t* dq = static_cast<acc_t*>(p.dq) + static_cast<int64_t>(bh) * seqlen_q * d;
     const int first_slot = p.is_causal ? lower_bound(positions, count, key0) : 0;
 
     for (int slot0 = first_slot; slot0 < count; slot0 += kBwdWarps) {
@@ -129,7 +131,7 @@ simt_bwd_kernel(const RoutedAttentionBwdParams p, const RoutedRows rows) {
       }
       __syncwarp();
       const int j = lane % kBwdKeys, key = key0 + j;
-      const bool visible = has_row && key < p.seqlen_k && key_visible(p, b, pos, key);
+      const bool visible = has_row && key < seqlen_k && key_visible(p, b, pos, key);
       acc_t dot = 0;  // lanes < 16: q k_j; lanes >= 16: dout v_j
       if (visible) {
         const acc_t* a = lane < kBwdKeys ? q_row : dout_row;
@@ -174,8 +176,8 @@ simt_bwd_kernel(const RoutedAttentionBwdParams p, const RoutedRows rows) {
   }
 
   const int key = key0 + my_key;
-  if (key >= p.seqlen_k) return;
-  const int64_t kv_row = (static_cast<int64_t>(b) * p.kv_heads + hk) * p.seqlen_k + key;
+  if (key >= seqlen_k) return;
+  const int64_t kv_row = (static_cast<int64_t>(b) * kv_heads + hk) * seqlen_k + key;
   acc_t* dk_row = static_cast<acc_t*>(p.dk) + kv_row * d;
   acc_t* dv_row = static_cast<acc_t*>(p.dv) + kv_row * d;
 #pragma unroll
@@ -227,14 +229,16 @@ flash_bwd_kernel(const RoutedAttentionBwdParams p, const RoutedRows rows) {
   float* dot_tile = lse_tile + kBlockM;
   int* pos_tile = reinterpret_cast<int*>(dot_tile + kBlockM);
 
+  // 32-bit sizes in the index arithmetic (the binding layer checks they fit).
+  const int heads = p.heads, kv_heads = p.kv_heads, seqlen_q = p.seqlen_q, seqlen_k = p.seqlen_k;
   const int key0 = blockIdx.x * kBlockN;
-  const int b = blockIdx.y / p.kv_heads, hk = blockIdx.y % p.kv_heads;
-  const int group = p.heads / p.kv_heads;
+  const int b = blockIdx.y / kv_heads, hk = blockIdx.y % kv_heads;
+  const int group = heads / kv_heads;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int quad_row = lane / 4, quad_col = (lane % 4) * 2;
   const float scale = static_cast<float>(p.scale);  // float arithmetic, as the whole kernel
   const float scale_log2 = scale * kLog2e;
-  const int n_keys = min(kBlockN, p.seqlen_k - key0);
+  const int n_keys = min(kBlockN, seqlen_k - key0);
 
   const scalar_t* k = static_cast<const scalar_t*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
   const scalar_t* v = static_cast<const scalar_t*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
@@ -253,14 +257,14 @@ flash_bwd_kernel(const RoutedAttentionBwdParams p, const RoutedRows rows) {
     for (int e = 0; e < 4; ++e) dk[t][e] = dv[t][e] = 0.f;
 
   for (int h = hk * group; h < (hk + 1) * group; ++h) {
-    const int bh = b * p.heads + h;
+    const int bh = b * heads + h;
     const int count = rows.count[bh];
-    const int* positions = rows.positions + static_cast<int64_t>(bh) * p.seqlen_q;
-    const float* row_dot = static_cast<const float*>(rows.row_dot) + static_cast<int64_t>(bh) * p.seqlen_q;
-    const float* lse = static_cast<const float*>(p.lse) + static_cast<int64_t>(bh) * p.seqlen_q;
+    const int* positions = rows.positions + static_cast<int64_t>(bh) * seqlen_q;
+    const float* row_dot = static_cast<const float*>(rows.row_dot) + static_cast<int64_t>(bh) * seqlen_q;
+    const float* lse = static_cast<const float*>(p.lse) + static_cast<int64_t>(bh) * seqlen_q;
     const scalar_t* q = static_cast<const scalar_t*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
     const scalar_t* dout = static_cast<const scalar_t*>(p.dout) + b * p.dout_batch_stride + h * p.dout_head_stride;
-    float* dq = static_cast<float*>(p.dq) + static_cast<int64_t>(bh) * p.seqlen_q * kHeadDim;
+    float* dq = static_cast<float*>(p.dq) + static_cast<int64_t>(bh) * seqlen_q * kHeadDim;
     const int first_slot = p.is_causal ? lower_bound(positions, count, key0) : 0;
 
     for (int slot0 = first_slot; slot0 < count; slot0 += kBlockM) {
@@ -284,7 +288,7 @@ flash_bwd_kernel(const RoutedAttentionBwdParams p, const RoutedRows rows) {
 
       // The tile's rows are taken kSubM at a time through S^T, dP^T, dV and dK, which bounds the
       // registers the two score fragments hold next to the dK, dV accumulators.
-      const bool needs_mask = key0 + kBlockN > p.seqlen_k || p.key_mask != nullptr ||
+      const bool needs_mask = key0 + kBlockN > seqlen_k || p.key_mask != nullptr ||
                               (p.is_causal && key0 + kBlockN - 1 > tile_positions[0]);
 #pragma unroll
       for (int sub = 0; sub < kBlockM; sub += kSubM) {
@@ -319,7 +323,7 @@ flash_bwd_kernel(const RoutedAttentionBwdParams p, const RoutedRows rows) {
           for (int e = 0; e < 4; ++e) {
             const int row = sub + t * 8 + quad_col + (e & 1), key = my_keys[e / 2];
             bool visible = true;
-            if (needs_mask) visible = key < p.seqlen_k && key_visible(p, b, pos_tile[row], key);
+            if (needs_mask) visible = key < seqlen_k && key_visible(p, b, pos_tile[row], key);
             const float prob = visible ? exp2f(st[t][e] * scale_log2 - lse_tile[row]) : 0.f;
             st[t][e] = prob;
             dpt[t][e] = prob * (dpt[t][e] - dot_tile[row]);
@@ -393,10 +397,10 @@ flash_bwd_kernel(const RoutedAttentionBwdParams p, const RoutedRows rows) {
 
   cp_async_wait<0>();  // without any visiting row the K, V copies are still in flight
   // dK, dV rows of this thread's keys: each key belongs to exactly this block, so plain stores.
-  const int64_t kv_base = (static_cast<int64_t>(b) * p.kv_heads + hk) * p.seqlen_k;
+  const int64_t kv_base = (static_cast<int64_t>(b) * kv_heads + hk) * seqlen_k;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    if (my_keys[r] >= p.seqlen_k) continue;
+    if (my_keys[r] >= seqlen_k) continue;
     float* dk_row = static_cast<float*>(p.dk) + (kv_base + my_keys[r]) * kHeadDim + quad_col;
     float* dv_row = static_cast<float*>(p.dv) + (kv_base + my_keys[r]) * kHeadDim + quad_col;
 #pragma unroll
@@ -425,7 +429,7 @@ void launch_simt_bwd(const RoutedAttentionBwdParams& p, const RoutedRows& rows, 
   static std::atomic<uint64_t> smem_configured{0};
   allow_dynamic_smem(simt_bwd_kernel<scalar_t>, BwdSmem{kAttentionMaxHeadDim}.elems() * static_cast<int>(sizeof(acc_t)),
                      smem_configured);
-  const int smem_bytes = BwdSmem{p.head_dim}.elems() * static_cast<int>(sizeof(acc_t));
+  const int smem_bytes = BwdSmem{static_cast<int>(p.head_dim)}.elems() * static_cast<int>(sizeof(acc_t));
   const dim3 grid((p.seqlen_k + kBwdKeys - 1) / kBwdKeys, p.batch * p.kv_heads);
   simt_bwd_kernel<scalar_t><<<grid, kBwdWarps * 32, smem_bytes, stream>>>(p, rows);
   CRAM_CUDA_CHECK_LAUNCH();

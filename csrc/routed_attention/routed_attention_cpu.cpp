@@ -163,7 +163,7 @@ class Problem {
 
   // Number of keys [0, end) some row of the tile can see.
   int key_end(const Tile& t) const {
-    return p_.is_causal ? std::min(last_position(t) + 1, p_.seqlen_k) : p_.seqlen_k;
+    return p_.is_causal ? std::min<int>(last_position(t) + 1, p_.seqlen_k) : static_cast<int>(p_.seqlen_k);
   }
   // First tile of `bh` with a row that sees key j.
   int first_tile_seeing(int bh, int j) const {
@@ -588,7 +588,7 @@ template <typename scalar_t, typename acc_t = typename AccType<scalar_t>::type>
 void backward_dkdv_block(const Problem<scalar_t>& pb, const BackwardOperands<scalar_t>& ops,
                          const RoutedAttentionBwdParams& p, int b, int kvh, int j0, BackwardScratch<acc_t>& s) {
   const int d = p.head_dim, vecs = ops.vecs();
-  const int n = std::min(kKeyBlock, p.seqlen_k - j0);
+  const int n = std::min<int>(kKeyBlock, p.seqlen_k - j0);
   const auto keys = rows_as_acc(pb.k_row(b, kvh, j0), p.k_row_stride, n, d, s.k_buffer);
   const auto values = rows_as_acc(pb.v_row(b, kvh, j0), p.v_row_stride, n, d, s.v_buffer);
   std::fill(s.dk_block.begin(), s.dk_block.end(), Vec<acc_t>{});

@@ -154,7 +154,7 @@ flash_fwd_kernel(const RoutedAttentionParams p, const RoutedRows rows) {
                                                [&](int r) { return positions[r]; });
   auto load_kv = [&](int block, int buffer) {
     const int key0 = block * kBlockN;
-    const int n_keys = min(kBlockN, p.seqlen_k - key0);
+    const int n_keys = min(kBlockN, static_cast<int>(p.seqlen_k) - key0);
     load_tile_async<kHeadDim, kBlockN, kThreads>(k_tiles + buffer * kBlockN * kHeadDim,
                                                  k + key0 * p.k_row_stride, p.k_row_stride, n_keys,
                                                  [](int r) { return r; });
@@ -365,7 +365,7 @@ simt_fwd_kernel(const RoutedAttentionParams p, const RoutedRows rows) {
   for (int c = lane; c < d; c += 32) q_scaled[warp][c] = to_acc(q_row[c]) * static_cast<acc_t>(p.scale);
   __syncwarp();
 
-  const int n_keys = p.is_causal ? min(p.seqlen_k, pos + 1) : p.seqlen_k;
+  const int n_keys = p.is_causal ? min(static_cast<int>(p.seqlen_k), pos + 1) : static_cast<int>(p.seqlen_k);
   acc_t o[kDimsPerLane];
 #pragma unroll
   for (int i = 0; i < kDimsPerLane; ++i) o[i] = 0;

@@ -34,8 +34,8 @@ struct SelectiveScanParams {
   // chunk_states and the shared gradients) is in the accumulation type: float64 for float64
   // inputs, float32 otherwise.
   DType input_type;
-  int batch, dim, seqlen, dstate, n_groups;
-  int n_chunks;  // scan_checkpoint_count(seqlen)
+  int64_t batch, dim, seqlen, dstate, n_groups;
+  int64_t n_chunks;  // scan_checkpoint_count(seqlen)
   bool delta_softplus;
 
   // Strides in elements (the L stride is 1).

@@ -235,7 +235,7 @@ void scan_fwd(const SelectiveScanParams& p) {
         const ScanBlock<scalar_t, acc_t> sb(p, item, blocks);
         sb.restore_state(h.data(), -1);
         for (int t0 = 0; t0 < p.seqlen; t0 += kTimeTile) {
-          const int len = std::min(kTimeTile, p.seqlen - t0);
+          const int len = std::min<int>(kTimeTile, p.seqlen - t0);
           tile.load(sb, t0, len);
           const acc_t* B = bc.B_at(sb.b, sb.group, t0);
           const acc_t* C = bc.C_at(sb.b, sb.group, t0);
