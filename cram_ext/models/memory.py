@@ -216,9 +216,13 @@ def _attend_with_cache(q, k, v, route, written, cache: AttentionCache) -> torch.
         pad = keys.new_zeros(*keys.shape[:2], n, keys.shape[3])
         keys, values = torch.cat([keys, pad], 2), torch.cat([values, pad], 2)
     # Slot j holds an entry if it is below the old length, or a new entry that was written.
-    offset = torch.arange(keys.shape[2], device=q.device) - cache.lengths[:, None].long()
-    fresh = (offset >= 0) & (offset < n)
-    key_mask = (offset < 0) | (fresh & written.gather(1, offset.clamp(0, n - 1)))
+    slots = torch.arange(keys.shape[2], device=q.device)
+    if n == 1:
+        key_mask = slots < (cache.lengths + written[:, 0])[:, None]
+    else:
+        offset = slots - cache.lengths[:, None].long()
+        fresh = (offset >= 0) & (offset < n)
+        key_mask = (offset < 0) | (fresh & written.gather(1, offset.clamp(0, n - 1)))
     out = cached_attention_op(q, keys, values, k, v, cache.lengths, route, key_mask)
     count = cache.lengths + written.sum(1, dtype=torch.int32)
     # One read of the (batch,) lengths per call decides whether the cache must be compacted.
