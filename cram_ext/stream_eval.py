@@ -3,8 +3,12 @@
     python -m cram_ext.stream_eval runs/cram/checkpoint.pt --length 65536
     python -m cram_ext.stream_eval runs/cram/checkpoint.pt --length 8192 --streams 4 --prefill 1024
 
-Each stream is one SRCD sequence of `--length` tokens from the test stream `cram_ext.evaluate`
-uses (a seed no training run reads), with the run's bindings. The model reads the first
+Each stream is `--length` tokens of SRCD test sequences of `--segment` tokens (default: the
+length, at most 2048, the paper's N) one after another, from the test stream `cram_ext.evaluate`
+uses (a seed no training run reads), with the run's bindings; SRCD cannot make a single sequence
+much longer than 2048 (its recurring queries need distinct patterns). The model's state carries
+across segment boundaries, so a novel key that an earlier segment bound differently can still
+sit in the episodic buffer: the stream is harder than its segments. The model reads the first
 `--prefill` tokens in one `prefill` call, then the rest one token at a time, keeping only its
 streaming state (scan states and key/value caches; the episodic buffer keeps the last
 memory_size written entries). Prints retrieval accuracy, the attention fraction, the routing
@@ -85,6 +89,19 @@ def evaluate_stream(model, batch: Dict[str, torch.Tensor], prefill: int = 0,
     return metrics
 
 
+def test_streams(trainer, length: int, n_streams: int, segment=None) -> Dict[str, torch.Tensor]:
+    """`n_streams` streams (n_streams, length) of consecutive test sequences of `segment`
+    tokens: stream i is sequences [i·k, (i+1)·k) of the test stream, k = ceil(length /
+    segment), joined and cut to `length`."""
+    segment = segment or min(length, 2048)
+    per_stream = -(-length // segment)
+    data = dataclasses.replace(trainer.data, seq_len=segment)
+    sequences = batch_at(data, trainer.config.data_seed + TEST_SEED_OFFSET, 0,
+                         n_streams * per_stream, bindings=trainer.bindings)
+    return {name: value.reshape(n_streams, per_stream * segment, *value.shape[2:])[:, :length]
+            for name, value in sequences.items()}
+
+
 def main(argv=None) -> Dict[str, float]:
     from .train import RunConfig, Trainer
 
@@ -92,6 +109,8 @@ def main(argv=None) -> Dict[str, float]:
     parser.add_argument("checkpoint", help="a checkpoint.pt written by cram_ext.train")
     parser.add_argument("--length", type=int, default=65536, help="tokens per stream")
     parser.add_argument("--streams", type=int, default=1, help="streams decoded as one batch")
+    parser.add_argument("--segment", type=int, default=None,
+                        help="tokens per SRCD sequence of a stream (default min(length, 2048))")
     parser.add_argument("--prefill", type=int, default=0,
                         help="tokens read in one prefill call before stepping")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -105,12 +124,11 @@ def main(argv=None) -> Dict[str, float]:
     state = torch.load(args.checkpoint, weights_only=False)
     trainer = Trainer(RunConfig(**state["config"]), None, show_progress=False)
     trainer.model.load_state_dict(state["model"])
-    data = dataclasses.replace(trainer.data, seq_len=args.length)
-    batch = batch_at(data, trainer.config.data_seed + TEST_SEED_OFFSET, 0, args.streams,
-                     bindings=trainer.bindings)
+    batch = test_streams(trainer, args.length, args.streams, args.segment)
     metrics = evaluate_stream(trainer.model, batch, args.prefill, not args.no_progress)
+    segment = args.segment or min(args.length, 2048)
     print(f"{args.checkpoint} (step {state['step']}), {args.streams} test stream(s) of "
-          f"{args.length} tokens, {args.prefill} prefilled")
+          f"{args.length} tokens (SRCD sequences of {segment}), {args.prefill} prefilled")
     print("\n".join(summary_lines(metrics)))
     print(f"{metrics['tokens_per_s']:.0f} tokens/s ({metrics['step_tokens_per_s']:.0f} tokens/s "
           f"token by token), state {metrics['state_bytes_per_stream'] / 2**20:.2f} MiB per stream")

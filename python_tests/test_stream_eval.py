@@ -35,3 +35,14 @@ def test_stream_eval_reports_what_forward_gives_on_the_test_stream(tmp_path, cap
                 "attention/0/novel"):
         assert metrics[key] == full[key], key
     torch.testing.assert_close(metrics["dynamics_mse"], full["dynamics_mse"])
+
+    # A stream longer than one SRCD sequence: consecutive test sequences, the state carried on.
+    streams = stream_eval.test_streams(trainer, 500, 2, segment=300)
+    assert streams["gap"].shape == (2, 500)
+    assert torch.equal(streams["key"][1, :300], batch_at(
+        dataclasses.replace(trainer.data, seq_len=300),
+        trainer.config.data_seed + evaluate.TEST_SEED_OFFSET, 0, 4,
+        bindings=trainer.bindings)["key"][2])
+    long = stream_eval.main([str(tmp_path / "checkpoint.pt"), "--length", "500", "--segment",
+                             "300", "--no-progress"])
+    assert 0 <= long["accuracy"] <= 1
