@@ -7,6 +7,8 @@ pure-PyTorch definitions.
 """
 from . import reference
 from .ops import routed_attention, selective_scan
+from .ops import routed_attention_with_kvcache, selective_state_update
 
 __all__ = ["routed_attention", "selective_scan", "reference"]
+__all__ += ["routed_attention_with_kvcache", "selective_state_update"]
 __version__ = "0.1.0"

@@ -29,7 +29,7 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 # ---------------------------------------------------------------------------------------------
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   dt_scale=None, return_last_state=False):
+                   dt_scale=None, return_last_state=False, initial_state=None):
     """Mamba's selective scan (`mamba_ssm.selective_scan_fn`), with a per-token time gap.
 
     Same argument names, shapes and meaning as `selective_scan_fn`, plus `dt_scale`:
@@ -47,20 +47,24 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
             discretisation exactly as for a continuous-time linear ODE.
         return_last_state: also return the final state (batch, dim, N), float32. As in
             mamba_ssm it carries no gradient.
+        initial_state: optional (batch, dim, N), float32 (float64 with float64 u): the state
+            before the first step (0 when None), differentiable. With `return_last_state` this
+            is chunked prefill: scanning [0, t) and then [t, L) from the returned state equals
+            scanning [0, L).
 
     The state is kept in float32 (float64 for float64 inputs). Sequence tensors whose last
     dimension is not contiguous are copied; other strides are used as they are.
     Reference: `cram_ext.reference.selective_scan_ref`.
     """
     out, chunk_states = _ops.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, dt_scale,
-                                                 bool(delta_softplus))
+                                                 bool(delta_softplus), initial_state)
     if return_last_state:
         return out, chunk_states[:, :, -1].detach()
     return out
 
 
 @torch.library.register_fake("cram_ext::selective_scan_fwd")
-def _(u, delta, A, B, C, D, z, delta_bias, dt_scale, delta_softplus):
+def _(u, delta, A, B, C, D, z, delta_bias, dt_scale, delta_softplus, initial_state=None):
     batch, dim, L = u.shape
     n_chunks = max(1, -(-L // SCAN_CHUNK_SIZE))
     return (u.new_empty(u.shape),
@@ -68,27 +72,30 @@ def _(u, delta, A, B, C, D, z, delta_bias, dt_scale, delta_softplus):
 
 
 @torch.library.register_fake("cram_ext::selective_scan_bwd")
-def _(dout, u, delta, A, B, C, D, z, delta_bias, dt_scale, chunk_states, delta_softplus):
+def _(dout, u, delta, A, B, C, D, z, delta_bias, dt_scale, chunk_states, delta_softplus,
+      initial_state=None):
     acc = _accumulation_dtype(u.dtype)
 
     def like(t, dtype=None):  # an optional input's gradient: same shape, or absent
         return None if t is None else t.new_empty(t.shape, dtype=dtype or t.dtype)
 
     return (like(u), like(delta), like(A), like(B), like(C), like(D, acc), like(z),
-            like(delta_bias, acc), like(dt_scale, acc))
+            like(delta_bias, acc), like(dt_scale, acc), like(initial_state))
 
 
 def _scan_setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, dt_scale, delta_softplus = inputs
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, dt_scale, output[1])
+    u, delta, A, B, C, D, z, delta_bias, dt_scale, delta_softplus, *rest = inputs
+    initial_state = rest[0] if rest else None
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, dt_scale, output[1], initial_state)
     ctx.delta_softplus = delta_softplus
 
 
 def _scan_backward(ctx, grad_out, _grad_chunk_states):
-    u, delta, A, B, C, D, z, delta_bias, dt_scale, chunk_states = ctx.saved_tensors
-    du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, ddt_scale = _ops.selective_scan_bwd(
-        grad_out, u, delta, A, B, C, D, z, delta_bias, dt_scale, chunk_states, ctx.delta_softplus)
-    return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, ddt_scale, None
+    u, delta, A, B, C, D, z, delta_bias, dt_scale, chunk_states, initial_state = ctx.saved_tensors
+    du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, ddt_scale, dinitial_state = \
+        _ops.selective_scan_bwd(grad_out, u, delta, A, B, C, D, z, delta_bias, dt_scale,
+                                chunk_states, ctx.delta_softplus, initial_state)
+    return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, ddt_scale, None, dinitial_state
 
 
 torch.library.register_autograd("cram_ext::selective_scan_fwd", _scan_backward,
@@ -298,3 +305,84 @@ def _attention_backward(ctx, grad_out, _grad_lse):
 
 torch.library.register_autograd("cram_ext::routed_attention_fwd", _attention_backward,
                                 setup_context=_attention_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming: one scan step, routed attention against a key/value cache
+# ---------------------------------------------------------------------------------------------
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                           dt_scale=None):
+    """One step of `selective_scan` (mamba_ssm's `selective_state_update`), plus `dt_scale`.
+
+    Args:
+        state: (batch, dim, N), float32 (float64 with float64 x), contiguous in N: the scan
+            state, updated in place.
+        x, dt: (batch, dim), float32/float64/float16/bfloat16: the step's u and delta.
+        A: (dim, N), float32 (float64 with float64 x).
+        B, C: (batch, N) or (batch, groups, N), x's dtype; groups divides dim.
+        D: optional (dim,): skip connection `D * x`. z: optional (batch, dim): output gate
+            `silu(z)`. dt_bias: optional (dim,), added to dt before the softplus.
+        dt_softplus: apply softplus to `dt + dt_bias`.
+        dt_scale: optional (batch,), the step's time gap multiplier (`selective_scan`'s
+            dt_scale at this position).
+
+    Returns y (batch, dim) in x's dtype: exactly what `selective_scan` outputs at this position
+    given the state before it. Forward only (no autograd). Reference:
+    `cram_ext.reference.selective_state_update_ref`.
+    """
+    return _ops.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_scale,
+                                       bool(dt_softplus))
+
+
+@torch.library.register_fake("cram_ext::selective_state_update")
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_scale, dt_softplus):
+    return x.new_empty(x.shape)
+
+
+def routed_attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, *,
+                                  route=None, key_mask=None, scale=None):
+    """Routed attention for new query rows against a key/value cache (decoding), after
+    flash-attn's `flash_attn_with_kvcache`, in our head-major layout.
+
+    Args:
+        q: (batch, heads, n_new, d), float32/float64/float16/bfloat16: one or a few new
+            positions per sequence.
+        k_cache, v_cache: (batch, kv_heads, capacity, d), q's dtype, contiguous in d; kv_heads
+            divides heads (grouped-query attention: query head h reads kv head
+            h // (heads // kv_heads)).
+        k, v: optional (batch, kv_heads, n_new, d): the new entries, written in place into the
+            caches at slots [cache_seqlens[b], cache_seqlens[b] + n_new).
+        cache_seqlens: int32 tensor (batch,) or int: the entries each cache holds before this
+            call; None means every cache is full (capacity). As with FlashAttention the caller
+            advances it after the call. It is an error (RuntimeError) when the new entries do
+            not fit, cache_seqlens[b] + n_new > capacity. On a GPU that check does not read the
+            lengths back: it is a device-side assertion, which fails the CUDA context.
+        route: bool (batch, n_new), shared by the heads, or (batch, heads, n_new): the rows that
+            attend; None routes every row. Rows not routed output 0 and cost only the append.
+        key_mask: bool (batch, capacity): the cache slots that take part (an episodic buffer
+            of written entries); the new entries' slots included.
+        scale: score scale; default 1/sqrt(d).
+
+    With new entries, row i (position cache_seqlens[b] + i) sees slots [0, cache_seqlens[b] + i]:
+    the cache and the new entries causally. Without, the rows are the cache's last n_new
+    positions and row i sees slots [0, cache_seqlens[b] - n_new + i] (FlashAttention's causal
+    alignment). A routed row that sees no key outputs 0. Forward only (no autograd). Returns
+    out (batch, heads, n_new, d). Reference: `cram_ext.reference.routed_attention_with_kvcache_ref`.
+    """
+    batch, n_new, head_dim = q.shape[0], q.shape[-2], q.shape[-1]
+    if cache_seqlens is None:
+        cache_seqlens = k_cache.shape[2] if k_cache.dim() == 4 else 0
+    if isinstance(cache_seqlens, int):
+        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
+    if route is None:
+        route = torch.ones(batch, n_new, dtype=torch.bool, device=q.device)
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+    return _ops.routed_attention_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, route,
+                                         key_mask, float(scale))
+
+
+@torch.library.register_fake("cram_ext::routed_attention_kvcache")
+def _(q, k_cache, v_cache, k, v, cache_seqlens, route, key_mask, scale):
+    return q.new_empty(q.shape)

@@ -30,7 +30,7 @@ def scan_discretisation_step(delta, delta_bias=None, delta_softplus=False, dt_sc
 
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                       dt_scale=None, return_last_state=False):
+                       dt_scale=None, return_last_state=False, initial_state=None):
     """Mamba's S6 selective scan with a per-token time-gap multiplier.
 
     u, delta: (batch, dim, L); A: (dim, N) real; B, C: (batch, N, L) or (batch, groups, N, L);
@@ -40,7 +40,8 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
         h_t = exp(Δ_t A) ⊙ h_{t-1} + Δ_t B_t u_t
         y_t = C_t · h_t + D u_t,     out = y · silu(z)  (when z is given)
 
-    The state h is kept in float32 (float64 for float64 inputs). Returns out in u's dtype, and
+    The state h is kept in float32 (float64 for float64 inputs) and starts from
+    `initial_state` (batch, dim, N), 0 when None. Returns out in u's dtype, and
     (out, last_state) when `return_last_state`.
     """
     dtype_in = u.dtype
@@ -55,7 +56,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     C = C.to(acc).repeat_interleave(dim // groups, dim=1)
     decay = torch.exp(step[..., None] * A[None, :, None, :])         # (batch, dim, L, N)
     drive = (step * u)[..., None] * B.transpose(-1, -2)              # (batch, dim, L, N)
-    h = u.new_zeros(batch, dim, A.shape[1])
+    h = u.new_zeros(batch, dim, A.shape[1]) if initial_state is None else initial_state.to(acc)
     ys = []
     for t in range(L):
         h = decay[:, :, t] * h + drive[:, :, t]
@@ -123,3 +124,64 @@ def routed_attention_ref(query, key, value, attn_mask=None, dropout_p=0.0, is_ca
         route = route[..., None, :] if route.dim() == out.dim() - 2 else route
         out = torch.where(route[..., None], out, torch.zeros((), dtype=acc, device=query.device))
     return out.to(query.dtype)
+
+
+def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
+                               dt_softplus=False, dt_scale=None):
+    """One step of `selective_scan_ref` (Mamba's `selective_state_update`, plus `dt_scale`).
+
+    state: (batch, dim, N), updated in place; x, dt, z: (batch, dim); B, C: (batch, N) or
+    (batch, groups, N); A: (dim, N); D, dt_bias: (dim,); dt_scale: (batch,). Returns y
+    (batch, dim) in x's dtype: the scan's output at this position.
+    """
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    step = scan_discretisation_step(dt[..., None], dt_bias, dt_softplus,
+                                    None if dt_scale is None else dt_scale[:, None])[..., 0]
+    if B.dim() == 2:
+        B, C = B[:, None], C[:, None]
+    dim = x.shape[1]
+    B = B.to(acc).repeat_interleave(dim // B.shape[1], dim=1)       # (batch, dim, N)
+    C = C.to(acc).repeat_interleave(dim // C.shape[1], dim=1)
+    u = x.to(acc)
+    h = torch.exp(step[..., None] * A.to(acc)) * state.to(acc) + (step * u)[..., None] * B
+    state.copy_(h)
+    y = (h * C).sum(-1)
+    if D is not None:
+        y = y + u * D.to(acc)
+    if z is not None:
+        y = y * F.silu(z.to(acc))
+    return y.to(x.dtype)
+
+
+def routed_attention_with_kvcache_ref(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, *,
+                                      route=None, key_mask=None, scale=None):
+    """`routed_attention_with_kvcache` densely, one batch element at a time.
+
+    q: (batch, heads, n_new, d); k_cache, v_cache: (batch, kv_heads, capacity, d); k, v:
+    (batch, kv_heads, n_new, d), written in place at slots [cache_seqlens[b], +n_new);
+    cache_seqlens: int32 (batch,) or int (None: every cache full). Row i sees the slots
+    j <= total_b - n_new + i, total_b = cache_seqlens[b] (+ n_new with k), where key_mask[b, j]
+    (batch, capacity). route: bool (batch, n_new) or (batch, heads, n_new); None routes all.
+    """
+    batch, heads, n_new, _ = q.shape
+    capacity = k_cache.shape[2]
+    if cache_seqlens is None:
+        cache_seqlens = capacity
+    if isinstance(cache_seqlens, int):
+        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
+    outs = []
+    for b in range(batch):
+        length = int(cache_seqlens[b])
+        if k is not None:
+            k_cache[b, :, length:length + n_new] = k[b]
+            v_cache[b, :, length:length + n_new] = v[b]
+            length += n_new
+        slots = torch.arange(length, device=q.device)
+        visible = slots[None, :] <= (length - n_new + torch.arange(n_new, device=q.device))[:, None]
+        if key_mask is not None:
+            visible = visible & key_mask[b, :length]
+        outs.append(routed_attention_ref(
+            q[b:b + 1], k_cache[b:b + 1, :, :length], v_cache[b:b + 1, :, :length],
+            attn_mask=visible, scale=scale, enable_gqa=True,
+            route=None if route is None else route[b:b + 1]))
+    return torch.cat(outs) if outs else q.new_zeros(q.shape)

@@ -181,6 +181,18 @@ ScanInputs check_scan_inputs(const at::Tensor& u, const at::Tensor& delta, const
   return in;
 }
 
+// The optional initial state of a scan: (batch, dim, N) in the accumulation type, contiguous.
+at::Tensor check_initial_state(const c10::optional<at::Tensor>& initial_state, const at::Tensor& u,
+                               const at::Tensor& A, const char* op) {
+  if (!initial_state) return at::Tensor();
+  check_same_device(*initial_state, u, op, "initial_state", "u");
+  check_dtype(*initial_state, accumulation_type(u.scalar_type()), op, "initial_state",
+              "the scan state's type: float64 for float64 u, float32 otherwise");
+  check_shape(*initial_state, {u.size(0), u.size(1), A.size(1)}, op, "initial_state",
+              "(batch, dim, N)");
+  return initial_state->contiguous();
+}
+
 // `out` is the forward's output; the backward passes an undefined tensor (it writes gradients).
 void fill_scan_params(SelectiveScanParams& p, const ScanInputs& in, bool delta_softplus,
                       const at::Tensor& out, const at::Tensor& chunk_states) {
@@ -223,30 +235,38 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_fwd(
     const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
     const at::Tensor& C, const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
     const c10::optional<at::Tensor>& delta_bias, const c10::optional<at::Tensor>& dt_scale,
-    bool delta_softplus) {
+    bool delta_softplus, const c10::optional<at::Tensor>& initial_state) {
   ScanInputs in = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, dt_scale);
+  const at::Tensor h0 = check_initial_state(initial_state, u, A, "selective_scan");
   const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2), N = A.size(1);
   at::Tensor out = at::empty({batch, dim, L}, u.options());
   at::Tensor chunk_states = at::zeros({batch, dim, scan_checkpoint_count(L), N},
                                       u.options().dtype(accumulation_type(u.scalar_type())));
-  if (batch == 0 || dim == 0 || L == 0) return {out, chunk_states};
+  if (batch == 0 || dim == 0 || L == 0) {
+    // No step: the state after the (empty) sequence is the one it started from.
+    if (h0.defined() && chunk_states.numel() > 0) chunk_states.select(2, 0).copy_(h0);
+    return {out, chunk_states};
+  }
   SelectiveScanParams p;
   fill_scan_params(p, in, delta_softplus, out, chunk_states);
+  p.initial_state = h0.defined() ? h0.const_data_ptr() : nullptr;
   launch(u, p, selective_scan_fwd_cpu,
          [](const auto& params, void* stream) { selective_scan_fwd_cuda(params, stream); });
   return {out, chunk_states};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, c10::optional<at::Tensor>,
-           c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<at::Tensor>>
+           c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<at::Tensor>,
+           c10::optional<at::Tensor>>
 selective_scan_bwd(const at::Tensor& dout, const at::Tensor& u, const at::Tensor& delta,
                    const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
                    const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
                    const c10::optional<at::Tensor>& delta_bias,
                    const c10::optional<at::Tensor>& dt_scale, const at::Tensor& chunk_states,
-                   bool delta_softplus) {
+                   bool delta_softplus, const c10::optional<at::Tensor>& initial_state) {
   const char* op = "selective_scan backward";
   ScanInputs in = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, dt_scale);
+  const at::Tensor h0 = check_initial_state(initial_state, u, A, op);
   const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2), N = A.size(1);
   const auto acc = accumulation_type(u.scalar_type());
   check_shape(dout, u.sizes(), op, "dout", "(batch, dim, L)");
@@ -269,6 +289,7 @@ selective_scan_bwd(const at::Tensor& dout, const at::Tensor& u, const at::Tensor
   at::Tensor dz = z ? at::empty_like(in.z, at::MemoryFormat::Contiguous) : at::Tensor();
   at::Tensor ddelta_bias = delta_bias ? at::zeros({dim}, acc_opts) : at::Tensor();
   at::Tensor ddt_scale = dt_scale ? at::zeros({batch, L}, acc_opts) : at::Tensor();
+  at::Tensor dinitial_state = h0.defined() ? at::zeros({batch, dim, N}, acc_opts) : at::Tensor();
 
   if (batch > 0 && dim > 0 && L > 0) {
     SelectiveScanBwdParams p;
@@ -297,6 +318,8 @@ selective_scan_bwd(const at::Tensor& dout, const at::Tensor& u, const at::Tensor
     p.dD = dD.defined() ? dD.data_ptr() : nullptr;
     p.ddelta_bias = ddelta_bias.defined() ? ddelta_bias.data_ptr() : nullptr;
     p.ddt_scale = ddt_scale.defined() ? ddt_scale.data_ptr() : nullptr;
+    p.initial_state = h0.defined() ? h0.const_data_ptr() : nullptr;
+    p.dinitial_state = dinitial_state.defined() ? dinitial_state.data_ptr() : nullptr;
     launch(u, p, selective_scan_bwd_cpu,
            [](const auto& params, void* stream) { selective_scan_bwd_cuda(params, stream); });
   } else {
@@ -312,7 +335,8 @@ selective_scan_bwd(const at::Tensor& dout, const at::Tensor& u, const at::Tensor
     dC = dC.squeeze(1);
   }
   auto opt = [](const at::Tensor& t) { return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt; };
-  return {du, ddelta, dA, dB, dC, opt(dD), opt(dz), opt(ddelta_bias), opt(ddt_scale)};
+  return {du, ddelta, dA, dB, dC, opt(dD), opt(dz), opt(ddelta_bias), opt(ddt_scale),
+          opt(dinitial_state)};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -475,22 +499,269 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_bwd(
   return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
 }
 
+// ---------------------------------------------------------------------------------------------
+// Streaming: one scan step, routed attention against a key/value cache
+// ---------------------------------------------------------------------------------------------
+
+// Mamba's selective_state_update with dt_scale; `state` is updated in place.
+at::Tensor selective_state_update(const at::Tensor& state, const at::Tensor& x, const at::Tensor& dt,
+                                  const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+                                  const c10::optional<at::Tensor>& D,
+                                  const c10::optional<at::Tensor>& z,
+                                  const c10::optional<at::Tensor>& dt_bias,
+                                  const c10::optional<at::Tensor>& dt_scale, bool dt_softplus) {
+  const char* op = "selective_state_update";
+  check_device_supported(x, op);
+  TORCH_CHECK(x.dim() == 2, op, ": x must have shape (batch, dim), got ", x.sizes());
+  const int64_t batch = x.size(0), dim = x.size(1);
+  to_dtype(x, op, "x");
+  const auto acc = accumulation_type(x.scalar_type());
+  const char* acc_why = x.scalar_type() == at::kDouble ? "float64 like x" : "float32 parameters";
+  TORCH_CHECK(A.dim() == 2 && A.size(0) == dim, op, ": A must have shape (dim, N) = (", dim,
+              ", N), got ", A.sizes());
+  const int64_t N = A.size(1);
+  TORCH_CHECK(N >= 1 && N <= kScanMaxDState, op, ": the state size N = A.size(1) must be in [1, ",
+              kScanMaxDState, "], got ", N);
+  check_same_device(A, x, op, "A", "x");
+  check_dtype(A, acc, op, "A", acc_why);
+  check_same_device(state, x, op, "state", "x");
+  check_dtype(state, acc, op, "state", "the scan state's type: float64 for float64 x, float32 otherwise");
+  check_shape(state, {batch, dim, N}, op, "state", "(batch, dim, N)");
+  TORCH_CHECK(state.stride(2) == 1, op, ": state must be contiguous in its last dimension (it is "
+              "updated in place), got strides ", state.strides());
+  check_shape(dt, x.sizes(), op, "dt", "(batch, dim)");
+  TORCH_CHECK(B.dim() == 2 || B.dim() == 3, op,
+              ": B must have shape (batch, N) or (batch, groups, N), got ", B.sizes());
+  TORCH_CHECK(C.dim() == B.dim(), op, ": C must have the same number of dimensions as B (",
+              B.dim(), "), got shape ", C.sizes());
+  const at::Tensor B3 = last_dim_contiguous(B.dim() == 2 ? B.unsqueeze(1) : B);
+  const at::Tensor C3 = last_dim_contiguous(C.dim() == 2 ? C.unsqueeze(1) : C);
+  const int64_t groups = B3.size(1);
+  TORCH_CHECK(groups >= 1 && dim % groups == 0, op, ": the number of groups in B (", groups,
+              ") must divide dim (", dim, ")");
+  check_shape(B3, {batch, groups, N}, op, "B", "(batch, groups, N)");
+  check_shape(C3, {batch, groups, N}, op, "C", "(batch, groups, N)");
+  for (const auto& [t, name] : {std::pair{&dt, "dt"}, std::pair{&B, "B"}, std::pair{&C, "C"}}) {
+    check_same_device(*t, x, op, name, "x");
+    check_dtype(*t, x.scalar_type(), op, name, "the dtype of x");
+  }
+  at::Tensor z_c;
+  if (z) {
+    check_same_device(*z, x, op, "z", "x");
+    check_dtype(*z, x.scalar_type(), op, "z", "the dtype of x");
+    check_shape(*z, x.sizes(), op, "z", "(batch, dim)");
+    z_c = last_dim_contiguous(*z);
+  }
+  for (const auto& [t, name] : {std::pair{&D, "D"}, std::pair{&dt_bias, "dt_bias"}}) {
+    if (!*t) continue;
+    check_same_device(**t, x, op, name, "x");
+    check_dtype(**t, acc, op, name, acc_why);
+    check_shape(**t, {dim}, op, name, "(dim,)");
+  }
+  if (dt_scale) {
+    check_same_device(*dt_scale, x, op, "dt_scale", "x");
+    check_dtype(*dt_scale, acc, op, "dt_scale", acc_why);
+    check_shape(*dt_scale, {batch}, op, "dt_scale", "(batch,)");
+  }
+  const at::Tensor x_c = last_dim_contiguous(x), dt_c = last_dim_contiguous(dt), A_c = A.contiguous();
+  const at::Tensor D_c = D ? D->contiguous() : at::Tensor();
+  const at::Tensor bias_c = dt_bias ? dt_bias->contiguous() : at::Tensor();
+  const at::Tensor scale_c = dt_scale ? dt_scale->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({batch, dim}, x.options());
+  if (batch == 0 || dim == 0) return out;
+
+  SelectiveStateUpdateParams p{};
+  p.input_type = to_dtype(x, op, "x");
+  p.batch = batch;
+  p.dim = dim;
+  p.dstate = N;
+  p.n_groups = groups;
+  p.dt_softplus = dt_softplus;
+  p.state_batch_stride = state.stride(0);
+  p.state_d_stride = state.stride(1);
+  p.x_batch_stride = x_c.stride(0);
+  p.dt_batch_stride = dt_c.stride(0);
+  p.z_batch_stride = z_c.defined() ? z_c.stride(0) : 0;
+  p.out_batch_stride = out.stride(0);
+  p.B_batch_stride = B3.stride(0);
+  p.B_group_stride = B3.stride(1);
+  p.C_batch_stride = C3.stride(0);
+  p.C_group_stride = C3.stride(1);
+  p.state = state.data_ptr();
+  p.x = x_c.const_data_ptr();
+  p.dt = dt_c.const_data_ptr();
+  p.A = A_c.const_data_ptr();
+  p.B = B3.const_data_ptr();
+  p.C = C3.const_data_ptr();
+  p.D = D_c.defined() ? D_c.const_data_ptr() : nullptr;
+  p.z = z_c.defined() ? z_c.const_data_ptr() : nullptr;
+  p.dt_bias = bias_c.defined() ? bias_c.const_data_ptr() : nullptr;
+  p.dt_scale = scale_c.defined() ? scale_c.const_data_ptr() : nullptr;
+  p.out = out.data_ptr();
+  launch(x, p, selective_state_update_cpu,
+         [](const auto& params, void* stream) { selective_state_update_cuda(params, stream); });
+  return out;
+}
+
+// Routed attention against a key/value cache; k/v (when given) are written into the caches.
+at::Tensor routed_attention_kvcache(const at::Tensor& q, const at::Tensor& k_cache,
+                                    const at::Tensor& v_cache, const c10::optional<at::Tensor>& k,
+                                    const c10::optional<at::Tensor>& v,
+                                    const at::Tensor& cache_seqlens, const at::Tensor& route,
+                                    const c10::optional<at::Tensor>& key_mask, double scale) {
+  const char* op = "routed_attention_with_kvcache";
+  check_device_supported(q, op);
+  TORCH_CHECK(q.dim() == 4, op, ": q must have shape (batch, heads, n_new, head_dim), got ", q.sizes());
+  TORCH_CHECK(k_cache.dim() == 4, op, ": k_cache must have shape (batch, kv_heads, capacity, head_dim), got ",
+              k_cache.sizes());
+  const int64_t batch = q.size(0), heads = q.size(1), n_new = q.size(2), d = q.size(3);
+  const int64_t kv_heads = k_cache.size(1), capacity = k_cache.size(2);
+  to_dtype(q, op, "q");
+  TORCH_CHECK(k_cache.size(0) == batch && k_cache.size(3) == d, op,
+              ": k_cache must have shape (batch=", batch, ", kv_heads, capacity, head_dim=", d,
+              "), got ", k_cache.sizes());
+  check_shape(v_cache, k_cache.sizes(), op, "v_cache", "k_cache's shape (batch, kv_heads, capacity, head_dim)");
+  for (const auto& [t, name] : {std::pair{&k_cache, "k_cache"}, std::pair{&v_cache, "v_cache"}}) {
+    check_same_device(*t, q, op, name, "q");
+    check_dtype(*t, q.scalar_type(), op, name, "the dtype of q");
+    TORCH_CHECK(t->size(3) <= 1 || t->stride(3) == 1, op, ": ", name,
+                " must be contiguous in head_dim (it is written in place), got strides ", t->strides());
+  }
+  TORCH_CHECK(kv_heads >= 1 && heads % kv_heads == 0, op, ": the number of key/value heads (",
+              kv_heads, ") must divide the number of query heads (", heads, ")");
+  TORCH_CHECK(d >= 1 && d <= kAttentionMaxHeadDim, op, ": head_dim must be in [1, ",
+              kAttentionMaxHeadDim, "], got ", d);
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  TORCH_CHECK(k.has_value() == v.has_value(), op, ": k and v must be given together (the new "
+              "entries to append) or both be None");
+  at::Tensor k_c, v_c;
+  if (k) {
+    for (const auto& [t, name] : {std::pair{&*k, "k"}, std::pair{&*v, "v"}}) {
+      check_same_device(*t, q, op, name, "q");
+      check_dtype(*t, q.scalar_type(), op, name, "the dtype of q");
+      check_shape(*t, {batch, kv_heads, n_new, d}, op, name, "(batch, kv_heads, n_new, head_dim)");
+    }
+    k_c = last_dim_contiguous(*k);
+    v_c = last_dim_contiguous(*v);
+  }
+  check_same_device(cache_seqlens, q, op, "cache_seqlens", "q");
+  check_dtype(cache_seqlens, at::kInt, op, "cache_seqlens", "as in flash_attn_with_kvcache");
+  check_shape(cache_seqlens, {batch}, op, "cache_seqlens", "(batch,)");
+  const at::Tensor seqlens = cache_seqlens.contiguous();
+  // Every new entry must fit: cache_seqlens[b] + n_new <= capacity (without new entries,
+  // cache_seqlens[b] <= capacity).
+  const int64_t room = capacity - (k ? n_new : 0);
+  if (q.is_cpu()) {
+    const int32_t* lengths = seqlens.const_data_ptr<int32_t>();
+    for (int64_t b = 0; b < batch; ++b) {
+      TORCH_CHECK(lengths[b] >= 0, op, ": cache_seqlens[", b, "] = ", lengths[b], " is negative");
+      TORCH_CHECK(lengths[b] <= room, op, ": the cache is full: batch ", b, " holds ", lengths[b],
+                  " entries and ", k ? n_new : 0, " new ones do not fit in capacity ", capacity,
+                  " (allocate a larger cache or evict entries)");
+    }
+  } else if (batch > 0) {
+    // On a GPU the lengths stay on the device: reading them would synchronise every decoding
+    // step. The check is queued as a device-side assertion instead (it fails the CUDA context,
+    // like an out-of-range index); the kernel skips entries past the capacity either way.
+    at::_assert_async(at::logical_and(seqlens >= 0, seqlens <= room).all(),
+                      "routed_attention_with_kvcache: the cache is full (cache_seqlens + n_new > "
+                      "capacity) or a length is negative");
+  }
+
+  check_same_device(route, q, op, "route", "q");
+  TORCH_CHECK(route.scalar_type() == at::kBool, op, ": route must be a bool tensor, got ",
+              route.scalar_type());
+  at::Tensor route3;
+  if (route.dim() == 2) {
+    check_shape(route, {batch, n_new}, op, "route", "(batch, n_new)");
+    route3 = route.unsqueeze(1).expand({batch, heads, n_new});  // head stride 0: no copy
+  } else {
+    TORCH_CHECK(route.dim() == 3, op, ": route must have shape (batch, n_new) or (batch, heads, n_new), got ",
+                route.sizes());
+    check_shape(route, {batch, heads, n_new}, op, "route", "(batch, heads, n_new)");
+    route3 = route;
+  }
+  at::Tensor mask_c;
+  if (key_mask) {
+    check_same_device(*key_mask, q, op, "key_mask", "q");
+    TORCH_CHECK(key_mask->scalar_type() == at::kBool, op, ": key_mask must be a bool tensor, got ",
+                key_mask->scalar_type());
+    check_shape(*key_mask, {batch, capacity}, op, "key_mask", "(batch, capacity)");
+    mask_c = key_mask->contiguous();
+  }
+  const at::Tensor q_c = last_dim_contiguous(q);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  if (out.numel() == 0) return out;
+
+  RoutedAttentionKVCacheParams p{};
+  p.dtype = to_dtype(q, op, "q");
+  p.batch = batch;
+  p.heads = heads;
+  p.kv_heads = kv_heads;
+  p.seqlen_new = n_new;
+  p.capacity = capacity;
+  p.head_dim = d;
+  p.scale = scale;
+  p.q_batch_stride = q_c.stride(0);
+  p.q_head_stride = q_c.stride(1);
+  p.q_row_stride = q_c.stride(2);
+  p.k_cache_batch_stride = k_cache.stride(0);
+  p.k_cache_head_stride = k_cache.stride(1);
+  p.k_cache_row_stride = k_cache.stride(2);
+  p.v_cache_batch_stride = v_cache.stride(0);
+  p.v_cache_head_stride = v_cache.stride(1);
+  p.v_cache_row_stride = v_cache.stride(2);
+  if (k) {
+    p.k_new_batch_stride = k_c.stride(0);
+    p.k_new_head_stride = k_c.stride(1);
+    p.k_new_row_stride = k_c.stride(2);
+    p.v_new_batch_stride = v_c.stride(0);
+    p.v_new_head_stride = v_c.stride(1);
+    p.v_new_row_stride = v_c.stride(2);
+    p.k_new = k_c.const_data_ptr();
+    p.v_new = v_c.const_data_ptr();
+  }
+  p.out_batch_stride = out.stride(0);
+  p.out_head_stride = out.stride(1);
+  p.out_row_stride = out.stride(2);
+  p.route_batch_stride = route3.stride(0);
+  p.route_head_stride = route3.stride(1);
+  p.route_row_stride = route3.stride(2);
+  p.key_mask_batch_stride = mask_c.defined() ? mask_c.stride(0) : 0;
+  p.q = q_c.const_data_ptr();
+  p.k_cache = k_cache.data_ptr();
+  p.v_cache = v_cache.data_ptr();
+  p.cache_seqlens = seqlens.const_data_ptr<int32_t>();
+  p.route = reinterpret_cast<const uint8_t*>(route3.const_data_ptr<bool>());
+  p.key_mask = mask_c.defined() ? reinterpret_cast<const uint8_t*>(mask_c.const_data_ptr<bool>()) : nullptr;
+  p.out = out.data_ptr();
+  launch(q, p, routed_attention_kvcache_cpu,
+         [](const auto& params, void* stream) { routed_attention_kvcache_cuda(params, stream); });
+  return out;
+}
+
 }  // namespace
 }  // namespace cram
 
 TORCH_LIBRARY(cram_ext, m) {
   m.def("selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, "
-        "Tensor? z, Tensor? delta_bias, Tensor? dt_scale, bool delta_softplus) "
-        "-> (Tensor out, Tensor chunk_states)");
+        "Tensor? z, Tensor? delta_bias, Tensor? dt_scale, bool delta_softplus, "
+        "Tensor? initial_state=None) -> (Tensor out, Tensor chunk_states)");
   m.def("selective_scan_bwd(Tensor dout, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, "
         "Tensor? D, Tensor? z, Tensor? delta_bias, Tensor? dt_scale, Tensor chunk_states, "
-        "bool delta_softplus) -> (Tensor du, Tensor ddelta, Tensor dA, Tensor dB, "
-        "Tensor dC, Tensor? dD, Tensor? dz, Tensor? ddelta_bias, Tensor? ddt_scale)");
+        "bool delta_softplus, Tensor? initial_state=None) -> (Tensor du, Tensor ddelta, Tensor dA, "
+        "Tensor dB, Tensor dC, Tensor? dD, Tensor? dz, Tensor? ddelta_bias, Tensor? ddt_scale, "
+        "Tensor? dinitial_state)");
   m.def("routed_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor route, Tensor? key_mask, "
         "bool is_causal, float scale) -> (Tensor out, Tensor lse)");
   m.def("routed_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor route, Tensor? key_mask, bool is_causal, float scale) "
         "-> (Tensor dq, Tensor dk, Tensor dv)");
+  m.def("selective_state_update(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, "
+        "Tensor C, Tensor? D, Tensor? z, Tensor? dt_bias, Tensor? dt_scale, bool dt_softplus) "
+        "-> Tensor");
+  m.def("routed_attention_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, "
+        "Tensor? v, Tensor cache_seqlens, Tensor route, Tensor? key_mask, float scale) -> Tensor");
 }
 
 // One implementation per op serves both devices: it checks, then launches the CPU or CUDA kernel.
@@ -500,6 +771,8 @@ void register_kernels(torch::Library& m) {
   m.impl("selective_scan_bwd", &cram::selective_scan_bwd);
   m.impl("routed_attention_fwd", &cram::routed_attention_fwd);
   m.impl("routed_attention_bwd", &cram::routed_attention_bwd);
+  m.impl("selective_state_update", &cram::selective_state_update);
+  m.impl("routed_attention_kvcache", &cram::routed_attention_kvcache);
 }
 }  // namespace
 

@@ -169,3 +169,80 @@ def test_attention_dk_dv_are_bitwise_deterministic(seed):
     first = torch.ops.cram_ext.routed_attention_bwd(dout, q, k, v, out, lse, route, mask, True, 0.125)
     second = torch.ops.cram_ext.routed_attention_bwd(dout, q, k, v, out, lse, route, mask, True, 0.125)
     assert torch.equal(first[1], second[1]) and torch.equal(first[2], second[2]), f"[seed {seed}]"
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming: selective_state_update, initial_state, routed_attention_with_kvcache
+# ---------------------------------------------------------------------------------------------
+
+from test_streaming import (check_kvcache, initial_state, kvcache_inputs, position,  # noqa: E402
+                            streaming_model)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("dim, N, groups", [(999, 16, 3), (130, 256, 1)])
+def test_state_update_matches_cpu_kernel(seed, dtype, dim, N, groups):
+    """Blocks of channels that straddle a group boundary (999 / 3) and the largest state."""
+    inputs = scan_inputs(seed, batch=3, dim=dim, L=1, N=N, groups=groups, dtype=dtype,
+                         device=DEVICE)
+    h0 = initial_state(seed, inputs)
+    state = h0.clone()
+    y = cram_ext.selective_state_update(state, **position(inputs, 0), dt_softplus=True)
+    cpu_state = h0.cpu()
+    y_cpu = cram_ext.selective_state_update(
+        cpu_state, **{k: v.cpu() for k, v in position(inputs, 0).items()}, dt_softplus=True)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-2, atol=2e-2) \
+        if dtype in (torch.float16, torch.bfloat16) else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(y.cpu(), y_cpu, **tol)
+    torch.testing.assert_close(state.cpu(), cpu_state, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_steps_reproduce_a_long_scan(seed, dtype):
+    inputs = scan_inputs(seed, batch=2, dim=64, L=300, N=16, groups=2, dtype=dtype, device=DEVICE)
+    out, last = cram_ext.selective_scan(**inputs, delta_softplus=True, return_last_state=True)
+    state = torch.zeros_like(last)
+    steps = torch.stack([cram_ext.selective_state_update(state, **position(inputs, t),
+                                                         dt_softplus=True)
+                         for t in range(300)], -1)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(steps, out, **tol)
+    torch.testing.assert_close(state, last, **tol)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("L", [7, 4097])
+def test_scan_initial_state_forward_and_backward(seed, dtype, L):
+    x = scan_inputs(seed, batch=2, dim=10, L=L, N=5, groups=2, dtype=dtype, device=DEVICE)
+    x["initial_state"] = initial_state(seed, x)
+    check_selective_scan(seed, x)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("d", [40, 64, 256])
+@pytest.mark.parametrize("n_new", [1, 4])
+def test_kvcache_long_cache(seed, dtype, d, n_new):
+    """A cache of 3000 slots, a key_mask, GQA; head dims below, at and above one warp's width."""
+    q, k_cache, v_cache, k, v, _, route, mask = kvcache_inputs(
+        seed, batch=3, heads=4, kv_heads=2, n_new=n_new, capacity=3000, d=d, dtype=dtype,
+        device=DEVICE, key_mask=True)
+    lengths = torch.tensor([0, 1234, 3000 - n_new], dtype=torch.int32, device=DEVICE)
+    k_cache, v_cache = k_cache.nan_to_num(), v_cache.nan_to_num()
+    check_kvcache(seed, q, k_cache, v_cache, k, v, lengths, route, mask)
+
+
+@pytest.mark.parametrize("name", ["cram", "transformer"])
+@torch.no_grad()
+def test_model_steps_equal_forward_on_cuda(name):
+    from cram_ext.srcd import SRCDConfig, batch_at
+    model = streaming_model(name).to(DEVICE)
+    data = SRCDConfig(seq_len=64, query_rate=0.1)
+    batch = {k: v.to(DEVICE) for k, v in batch_at(data, seed=0, step=0, batch_size=3).items()}
+    full = model(batch)
+    state = model.init_state(3, capacity=64)
+    out, state = model.prefill({k: v[:, :20] for k, v in batch.items()}, state)
+    logits = [out.value_logits]
+    for t in range(20, 64):
+        out, state = model.step({k: v[:, t] for k, v in batch.items()}, state)
+        logits.append(out.value_logits[:, None])
+    torch.testing.assert_close(torch.cat(logits, 1), full.value_logits, rtol=1e-4, atol=1e-4)

@@ -25,7 +25,7 @@ length or depth:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Dict, List, Optional
 
 import torch
@@ -37,6 +37,7 @@ from .config import LayerSpec, ModelConfig
 from .memory import (CTODEMemory, EpisodicAttention, QualityPredictor, SelectiveScanMemory,
                      SemanticAdapter)
 from .router import Path, Router, RoutingDecision, routing_loss
+from .streaming import LayerState, StreamState
 
 
 @dataclass
@@ -77,15 +78,16 @@ class CRAMLayer(nn.Module):
         self.norm_ffn = nn.LayerNorm(d)
 
     def forward(self, x: torch.Tensor, gap: torch.Tensor, key_mask: Optional[torch.Tensor],
-                prices: "RoutingPrices"):
+                prices: "RoutingPrices", state: Optional[LayerState] = None):
         """Routes by `prices` (see `Router.forward`); `prices.explore_rate` > 0 only in
-        training."""
+        training. With `state` the tokens continue a stream (`CRAMModel.step`): the memories
+        start from it and update it, and `key_mask` is the new tokens' written flags."""
         record = LayerRecord()
-        working_out = self.working(x, gap) if self.spec.working else torch.zeros_like(x)
+        working_out = self._working(x, gap, state) if self.spec.working else torch.zeros_like(x)
         mixed = working_out
         if self.spec.attention == "dense":
             rows = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-            mixed = mixed + self.episodic(x, rows, key_mask)
+            mixed = mixed + self._episodic(x, rows, key_mask, state)
             record.attention_rows = rows
         elif self.spec.attention == "routed":
             q_hat = self.q_predictor(x) if self.q_predictor is not None else None
@@ -94,7 +96,7 @@ class CRAMLayer(nn.Module):
                                   prices.episodic, prices.semantic if self.spec.router_reads_q
                                   else 0.0, prices.explore_rate, prices.attend_all)
             rows = routing.choice == Path.EPISODIC
-            retrieved = self.episodic(x, rows, key_mask)
+            retrieved = self._episodic(x, rows, key_mask, state)
             mixed = mixed + rows[..., None].to(x.dtype) * retrieved
             if self.semantic is not None:
                 recalled = self.semantic(x)
@@ -109,6 +111,21 @@ class CRAMLayer(nn.Module):
             record.routing, record.attention_rows = routing, rows
         h = self.norm_mix(x + mixed)
         return self.norm_ffn(h + self.ffn(h)), record
+
+    def _working(self, x, gap, state: Optional[LayerState]):
+        return self.working(x, gap) if state is None else self.working.step(x, gap, state.working)
+
+    def _episodic(self, x, rows, key_mask, state: Optional[LayerState]):
+        if state is None:
+            return self.episodic(x, rows, key_mask)
+        return self.episodic.step(x, rows, key_mask, state.attention)
+
+    def init_state(self, batch_size: int, capacity: int, memory_size: Optional[int],
+                   device=None) -> LayerState:
+        return LayerState(
+            self.working.init_state(batch_size, device) if self.spec.working else None,
+            self.episodic.init_state(batch_size, capacity, memory_size, device)
+            if self.episodic is not None else None)
 
 
 def retrieval_spread(retrieved: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -139,7 +156,8 @@ class InputEncoder(nn.Module):
         self.continuous = nn.Linear(2 + 2 * len(config.gap_frequencies), d)
         self.positional = config.positional_embedding
 
-    def forward(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, batch: Dict[str, torch.Tensor], start: int = 0) -> torch.Tensor:
+        """`start`: the absolute position of the first token (streaming)."""
         gap = batch["gap"]
         phase = gap[..., None] * self.frequencies.to(gap.device)
         continuous = torch.cat([torch.log1p(gap)[..., None], phase.sin(), phase.cos(),
@@ -147,12 +165,12 @@ class InputEncoder(nn.Module):
         x = (self.type_embedding(batch["token_type"]) + self.key_embedding(batch["key"])
              + self.value_embedding(batch["value"]) + self.continuous(continuous))
         if self.positional:
-            x = x + sinusoidal_positions(gap.shape[1], x.shape[-1], x.device)
+            x = x + sinusoidal_positions(gap.shape[1], x.shape[-1], x.device, start)
         return x
 
 
-def sinusoidal_positions(length: int, d_model: int, device) -> torch.Tensor:
-    position = torch.arange(length, device=device, dtype=torch.float32)[:, None]
+def sinusoidal_positions(length: int, d_model: int, device, start: int = 0) -> torch.Tensor:
+    position = torch.arange(start, start + length, device=device, dtype=torch.float32)[:, None]
     inv_freq = torch.exp(-math.log(10000.0) * torch.arange(0, d_model, 2, device=device)
                          / d_model)
     table = torch.zeros(length, d_model, device=device)
@@ -289,3 +307,58 @@ class CRAMModel(nn.Module):
             groups.append({"params": semantic, "lr": lr * self.config.semantic_lr_mult,
                            "weight_decay": weight_decay})
         return groups
+
+
+    # Streaming: the model reads its input token by token (state: models/streaming.py).
+
+    def init_state(self, batch_size: int, capacity: int) -> StreamState:
+        """The state of `batch_size` empty streams for `step` and `prefill`.
+
+        `capacity`: the longest stream the attention layers' key/value caches can hold
+        ("prefix" keys and dense layers keep every token). With "written" episodic keys a layer
+        keeps only the written entries, at most `memory_size` of them: past that the oldest
+        entry is evicted, where the full `forward` refuses the sequence.
+        """
+        device = self.value_head.weight.device
+        memory_size = None if self.config.episodic_keys == "prefix" else self.config.memory_size
+        return StreamState([layer.init_state(batch_size, capacity, memory_size, device)
+                            for layer in self.layers])
+
+    def prefill(self, batch: Dict[str, torch.Tensor], state: StreamState):
+        """Reads the next L tokens of the streams, `batch`'s SRCD fields (batch, L), from
+        `state`: each scan runs as one chunk from its state (`selective_scan` with an initial
+        state), the routed rows attend over the caches plus the chunk. Returns (ModelOutput for
+        these tokens, state), the state updated in place. The routers price as in `forward`, so
+        in eval mode `prefill` of [0, t) and then of [t, L) (or `step` per token) gives
+        `forward`'s outputs and routes on [0, L)."""
+        prices = self.routing_prices()
+        written = (None if self.config.episodic_keys == "prefix"
+                   else batch["value"] != self.config.n_values)
+        x = self.encoder(batch, start=state.position)
+        records = []
+        for layer, layer_state in zip(self.layers, state.layers):
+            x, record = layer(x, batch["gap"], written, prices, state=layer_state)
+            records.append(record)
+        state.position += batch["gap"].shape[1]
+        return ModelOutput(self.value_head(x), self.dynamics_head(x).squeeze(-1), records), state
+
+    def step(self, inputs: Dict[str, torch.Tensor], state: StreamState):
+        """Reads one token per stream: `inputs` holds one position's SRCD fields, each (batch,).
+        Returns (that position's ModelOutput without the length dimension: value_logits
+        (batch, n_values), next_value (batch,), per-layer records of (batch,) tensors; state),
+        the state updated in place. A routed layer runs attention only for the streams whose
+        token its router sends there."""
+        output, state = self.prefill({name: value[:, None] for name, value in inputs.items()},
+                                     state)
+        return _squeeze_position(output), state
+
+
+def _squeeze_position(output: ModelOutput) -> ModelOutput:
+    """A one-token ModelOutput without its length dimension."""
+    def squeeze(value):
+        if value is None or isinstance(value, torch.Tensor):
+            return value if value is None else value[:, 0]
+        return type(value)(**{f.name: squeeze(getattr(value, f.name)) for f in fields(value)})
+
+    return ModelOutput(output.value_logits[:, 0], output.next_value[:, 0],
+                       [squeeze(record) for record in output.layers])

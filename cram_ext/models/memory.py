@@ -1,12 +1,14 @@
 """The three memories of a CRAM layer (the router that chooses between them: `router.py`).
 
-The two kernels are reached through `scan_op` and `attention_op` only, so tests can wrap them
-(for example to count the rows that really ran attention).
+The kernels are reached through `scan_op`, `attention_op` and, when streaming, `state_update_op`
+and `cached_attention_op` only, so tests can wrap them (for example to count the rows that
+really ran attention). Each memory's `step` continues a stream from its state
+(`streaming.py`), updating that state in place.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -14,11 +16,28 @@ import torch.nn.functional as F
 
 import cram_ext
 
+from .streaming import AttentionCache
 
-def scan_op(u, delta, A, B, C, D, z, delta_bias, dt_scale):
+
+def scan_op(u, delta, A, B, C, D, z, delta_bias, dt_scale, initial_state=None,
+            return_last_state=False):
     """`cram_ext.selective_scan` with softplus on delta (Mamba's convention)."""
     return cram_ext.selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
-                                   delta_softplus=True, dt_scale=dt_scale)
+                                   delta_softplus=True, dt_scale=dt_scale,
+                                   initial_state=initial_state,
+                                   return_last_state=return_last_state)
+
+
+def state_update_op(state, x, dt, A, B, C, D, z, dt_bias, dt_scale):
+    """`cram_ext.selective_state_update` with softplus on dt: one step of `scan_op`."""
+    return cram_ext.selective_state_update(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
+                                           dt_softplus=True, dt_scale=dt_scale)
+
+
+def cached_attention_op(q, k_cache, v_cache, k, v, cache_seqlens, route, key_mask):
+    """`cram_ext.routed_attention_with_kvcache`: rows where `route` is False cost nothing."""
+    return cram_ext.routed_attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens,
+                                                  route=route, key_mask=key_mask)
 
 
 def attention_op(q, k, v, route, key_mask):
@@ -60,13 +79,36 @@ class SelectiveScanMemory(nn.Module):
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
 
     def forward(self, x: torch.Tensor, gap: torch.Tensor) -> torch.Tensor:
+        y = scan_op(*self._scan_inputs(x, gap))
+        return self.out_proj(y.transpose(1, 2))
+
+    def _scan_inputs(self, x: torch.Tensor, gap: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """`scan_op`'s arguments for the tokens x (batch, L, d_model)."""
         u, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)          # (batch, d_inner, L)
         dt, B, C = self.x_proj(u.transpose(1, 2)).split(
             [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = self.dt_proj(dt).transpose(1, 2)
-        y = scan_op(u.contiguous(), delta.contiguous(), -torch.exp(self.A_log),
-                    B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), self.D,
-                    z.contiguous(), self.dt_bias, gap_scale(gap).to(torch.float32).contiguous())
+        return (u.contiguous(), delta.contiguous(), -torch.exp(self.A_log),
+                B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), self.D,
+                z.contiguous(), self.dt_bias, gap_scale(gap).to(torch.float32).contiguous())
+
+    def init_state(self, batch_size: int, device=None) -> torch.Tensor:
+        """The scan state before the first token: zeros (batch, d_inner, N), float32."""
+        return torch.zeros(batch_size, self.D.shape[0], self.d_state, device=device,
+                           dtype=torch.float32)
+
+    def step(self, x: torch.Tensor, gap: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """`forward` for the next L tokens of a stream, x (batch, L, d_model), continuing from
+        `state`, which becomes the state after them (in place). One token is one
+        `selective_state_update`; more are a chunk of the scan started from the state."""
+        u, delta, A, B, C, D, z, delta_bias, dt_scale = self._scan_inputs(x, gap)
+        if x.shape[1] == 1:
+            y = state_update_op(state, u[..., 0], delta[..., 0], A, B[..., 0], C[..., 0], D,
+                                z[..., 0], delta_bias, dt_scale[:, 0])[..., None]
+        else:
+            y, last = scan_op(u, delta, A, B, C, D, z, delta_bias, dt_scale,
+                              initial_state=state, return_last_state=True)
+            state.copy_(last)
         return self.out_proj(y.transpose(1, 2))
 
 
@@ -91,15 +133,28 @@ class CTODEMemory(nn.Module):
         self.W_o = nn.Linear(d_model, d_model, bias=False)
 
     def forward(self, x: torch.Tensor, gap: torch.Tensor) -> torch.Tensor:
+        return self._integrate(x, gap, x.new_zeros(x.shape[0], x.shape[2]))[0]
+
+    def _integrate(self, x, gap, h):
+        """Outputs for tokens x (batch, L, d) from the state h (batch, d), and the last state."""
         drive = self.W2(x)                                              # (batch, L, d)
         rate = torch.sigmoid(self.W_tau(torch.log1p(gap)[..., None])) / self.steps
-        h = x.new_zeros(x.shape[0], x.shape[2])
         states = []
         for t in range(x.shape[1]):
             for _ in range(self.steps):
                 h = h + rate[:, t] * torch.tanh(self.W1(h) + drive[:, t])
             states.append(h)
-        return self.W_o(torch.stack(states, dim=1))
+        return self.W_o(torch.stack(states, dim=1)), h
+
+    def init_state(self, batch_size: int, device=None) -> torch.Tensor:
+        """The hidden state before the first token: zeros (batch, d_model)."""
+        return torch.zeros(batch_size, self.W_o.in_features, device=device)
+
+    def step(self, x: torch.Tensor, gap: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """`forward` for the next L tokens of a stream from `state` (updated in place)."""
+        out, last = self._integrate(x, gap, state)
+        state.copy_(last)
+        return out
 
 
 class EpisodicAttention(nn.Module):
@@ -125,6 +180,71 @@ class EpisodicAttention(nn.Module):
                    for t in self.qkv(x).chunk(3, dim=-1))
         out = attention_op(q, k, v, route, key_mask)                    # 0 on rows not routed
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, d_model))
+
+    def init_state(self, batch_size: int, capacity: int, memory_size: Optional[int],
+                   device=None) -> AttentionCache:
+        """An empty key/value cache for `capacity` tokens; with `memory_size`, a buffer of the
+        written entries only (`AttentionCache`)."""
+        head_dim = self.qkv.in_features // self.n_heads
+        return AttentionCache.empty(batch_size, self.n_heads, capacity, head_dim, memory_size,
+                                    device=device, dtype=self.qkv.weight.dtype)
+
+    def step(self, x: torch.Tensor, route: torch.Tensor, written: Optional[torch.Tensor],
+             cache: AttentionCache) -> torch.Tensor:
+        """`forward` for the next L tokens of a stream, x (batch, L, d_model): their keys and
+        values join `cache` and the routed rows attend over it. `written` (batch, L) says which
+        tokens enter a "written" buffer (None: every token, prefix keys). Of more than
+        `cache.memory_size` written entries the oldest are evicted (the full `forward` instead
+        refuses a sequence that writes more)."""
+        batch, length, d_model = x.shape
+        q, k, v = (t.view(batch, length, self.n_heads, -1).transpose(1, 2)
+                   for t in self.qkv(x).chunk(3, dim=-1))
+        out = _attend_with_cache(q, k, v, route, written, cache)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, d_model))
+
+
+def _attend_with_cache(q, k, v, route, written, cache: AttentionCache) -> torch.Tensor:
+    """Appends the new keys/values (batch, heads, n, head_dim) to `cache`, runs the routed rows
+    against it, and keeps the cache's invariant (see `AttentionCache`)."""
+    n = q.shape[2]
+    if written is None:
+        out = cached_attention_op(q, cache.keys, cache.values, k, v, cache.lengths, route, None)
+        cache.lengths += n
+        return out
+    keys, values = cache.keys, cache.values
+    if n > 1:  # room for the whole chunk until it is compacted
+        pad = keys.new_zeros(*keys.shape[:2], n, keys.shape[3])
+        keys, values = torch.cat([keys, pad], 2), torch.cat([values, pad], 2)
+    # Slot j holds an entry if it is below the old length, or a new entry that was written.
+    slots = torch.arange(keys.shape[2], device=q.device)
+    if n == 1:
+        key_mask = slots < (cache.lengths + written[:, 0])[:, None]
+    else:
+        offset = slots - cache.lengths[:, None].long()
+        fresh = (offset >= 0) & (offset < n)
+        key_mask = (offset < 0) | (fresh & written.gather(1, offset.clamp(0, n - 1)))
+    out = cached_attention_op(q, keys, values, k, v, cache.lengths, route, key_mask)
+    count = cache.lengths + written.sum(1, dtype=torch.int32)
+    # One read of the (batch,) lengths per call decides whether the cache must be compacted.
+    overflow = bool((count > cache.memory_size).any())
+    if n == 1 and not overflow:
+        cache.lengths.copy_(count)  # an entry not written is overwritten by the next one
+        return out
+    if overflow and n > 1:
+        # Each query of a chunk saw every entry written before it in the chunk: evicting inside
+        # a chunk would need a different buffer per row.
+        raise ValueError(f"the chunk writes more entries than the episodic buffer holds "
+                         f"(memory_size={cache.memory_size}); prefill less, or read the rest "
+                         f"with step, which evicts the oldest entries")
+    drop = (count - cache.memory_size).clamp_min(0)
+    order = torch.argsort((~key_mask).to(torch.int8), dim=1, stable=True)  # entries first
+    take = (torch.arange(cache.capacity, device=q.device) + drop[:, None]).clamp_max(
+        keys.shape[2] - 1)
+    index = order.gather(1, take)[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
+    cache.keys.copy_(keys.gather(2, index))
+    cache.values.copy_(values.gather(2, index))
+    cache.lengths.copy_(count - drop)
+    return out
 
 
 class SemanticAdapter(nn.Module):

@@ -54,6 +54,44 @@ struct RoutedAttentionBwdParams : RoutedAttentionParams {
   void* dv;
 };
 
+// Routed attention against a key/value cache (decoding; FlashAttention's flash_attn_with_kvcache
+// convention, in our head-major layout). For each batch b with L = cache_seqlens[b]:
+//   1. the n_new new keys and values (when given) are written to cache slots [L, L + n_new);
+//   2. each routed new query row i (at position L + i) attends over slots j <= L + i (the cache
+//      and the new entries up to itself) with key_mask[b, j] when given, as RoutedAttentionParams.
+//      Without new entries the rows are the last n_new positions of the cache: row i sees slots
+//      j < L - n_new + i + 1 (FlashAttention's causal alignment to the end).
+// Rows not routed are written as 0 and read no key. Forward only (inference).
+//
+// Layout: q, out: (batch, heads, n_new, d); k_cache, v_cache: (batch, kv_heads, capacity, d);
+// k_new, v_new: (batch, kv_heads, n_new, d); d contiguous, other strides free. route: bool with
+// free strides; key_mask: bool (batch, capacity); cache_seqlens: int32 (batch,), with
+// cache_seqlens[b] + n_new <= capacity (checked by the caller: an entry past it is skipped).
+struct RoutedAttentionKVCacheParams {
+  DType dtype;  // q, caches, new keys/values, out
+  int64_t batch, heads, kv_heads, seqlen_new, capacity, head_dim;
+  double scale;
+
+  int64_t q_batch_stride, q_head_stride, q_row_stride;
+  int64_t k_cache_batch_stride, k_cache_head_stride, k_cache_row_stride;
+  int64_t v_cache_batch_stride, v_cache_head_stride, v_cache_row_stride;
+  int64_t k_new_batch_stride, k_new_head_stride, k_new_row_stride;
+  int64_t v_new_batch_stride, v_new_head_stride, v_new_row_stride;
+  int64_t out_batch_stride, out_head_stride, out_row_stride;
+  int64_t route_batch_stride, route_head_stride, route_row_stride;
+  int64_t key_mask_batch_stride;
+
+  const void* q;
+  void* k_cache;
+  void* v_cache;
+  const void* k_new;  // nullable (nothing appended; then v_new is null too)
+  const void* v_new;
+  const int32_t* cache_seqlens;
+  const uint8_t* route;
+  const uint8_t* key_mask;  // nullable
+  void* out;
+};
+
 void routed_attention_fwd_cpu(const RoutedAttentionParams& params);
 void routed_attention_bwd_cpu(const RoutedAttentionBwdParams& params);
 
@@ -62,5 +100,8 @@ void routed_attention_bwd_cpu(const RoutedAttentionBwdParams& params);
 int64_t routed_attention_cuda_workspace_bytes(const RoutedAttentionParams& params);
 void routed_attention_fwd_cuda(const RoutedAttentionParams& params, void* workspace, void* stream);
 void routed_attention_bwd_cuda(const RoutedAttentionBwdParams& params, void* workspace, void* stream);
+
+void routed_attention_kvcache_cpu(const RoutedAttentionKVCacheParams& params);
+void routed_attention_kvcache_cuda(const RoutedAttentionKVCacheParams& params, void* stream);
 
 }  // namespace cram

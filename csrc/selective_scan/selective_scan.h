@@ -59,6 +59,9 @@ struct SelectiveScanParams {
   // (batch, dim, n_chunks, dstate), contiguous, accumulation type: the state after each chunk.
   // The last chunk's entry is the final state; the backward restarts from these checkpoints.
   void* chunk_states;
+  // (batch, dim, dstate), contiguous, accumulation type: the state before step 0 (chunked
+  // prefill, streaming); null starts from 0.
+  const void* initial_state;  // nullable
 };
 
 struct SelectiveScanBwdParams : SelectiveScanParams {
@@ -82,6 +85,40 @@ struct SelectiveScanBwdParams : SelectiveScanParams {
   void* dD;           // nullable
   void* ddelta_bias;  // nullable
   void* ddt_scale;    // nullable
+  // dL/d(initial_state), (batch, dim, dstate), contiguous, accumulation type: the adjoint state
+  // before step 0. Written (not accumulated); null when initial_state is.
+  void* dinitial_state;  // nullable
+};
+
+// One step of the scan for streaming (Mamba's selective_state_update): per batch element and
+// channel, with the same math as one position of the scan,
+//   Δ = softplus(dt + dt_bias) · dt_scale,  state = exp(Δ A) ⊙ state + Δ B x,
+//   y = C · state + D x,  out = y · silu(z).
+// Layout: state (batch, dim, dstate) in the accumulation type, updated in place; x, dt, z, out
+// (batch, dim); B, C (batch, groups, dstate); the last dimension of each is contiguous, the other
+// strides are free. A (dim, dstate), D, dt_bias (dim,), dt_scale (batch,): contiguous,
+// accumulation type.
+struct SelectiveStateUpdateParams {
+  DType input_type;  // x, dt, B, C, z, out
+  int64_t batch, dim, dstate, n_groups;
+  bool dt_softplus;
+
+  int64_t state_batch_stride, state_d_stride;
+  int64_t x_batch_stride, dt_batch_stride, z_batch_stride, out_batch_stride;
+  int64_t B_batch_stride, B_group_stride;
+  int64_t C_batch_stride, C_group_stride;
+
+  void* state;
+  const void* x;
+  const void* dt;
+  const void* A;
+  const void* B;
+  const void* C;
+  const void* D;         // nullable
+  const void* z;         // nullable
+  const void* dt_bias;   // nullable
+  const void* dt_scale;  // nullable
+  void* out;
 };
 
 void selective_scan_fwd_cpu(const SelectiveScanParams& params);
@@ -90,5 +127,8 @@ void selective_scan_bwd_cpu(const SelectiveScanBwdParams& params);
 // CUDA launchers; `stream` is a cudaStream_t.
 void selective_scan_fwd_cuda(const SelectiveScanParams& params, void* stream);
 void selective_scan_bwd_cuda(const SelectiveScanBwdParams& params, void* stream);
+
+void selective_state_update_cpu(const SelectiveStateUpdateParams& params);
+void selective_state_update_cuda(const SelectiveStateUpdateParams& params, void* stream);
 
 }  // namespace cram

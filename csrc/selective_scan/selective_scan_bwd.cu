@@ -68,6 +68,8 @@ selective_scan_bwd_kernel(const SelectiveScanBwdParams p) {
   acc_t* dB_rows = static_cast<acc_t*>(p.dB) + ch.b * p.dB_batch_stride + ch.g * p.dB_group_stride;
   acc_t* dC_rows = static_cast<acc_t*>(p.dC) + ch.b * p.dC_batch_stride + ch.g * p.dC_group_stride;
   const acc_t D = p.D ? static_cast<const acc_t*>(p.D)[ch.d] : acc_t(0);
+  const int64_t state_offset = (static_cast<int64_t>(ch.b) * p.dim + ch.d) * N;
+  const acc_t* initial_state = p.initial_state ? static_cast<const acc_t*>(p.initial_state) + state_offset : nullptr;
 
   for (int n = lane; n < N; n += 32) {
     carried_adjoint[warp][n] = acc_t(0);
@@ -116,7 +118,8 @@ selective_scan_bwd_kernel(const SelectiveScanBwdParams p) {
       }
       Affine<acc_t> unused_total;
       const Affine<acc_t> before = warp_exclusive_scan<true>(lane_map, unused_total);
-      const acc_t checkpoint = chunk > 0 ? states[static_cast<int64_t>(chunk - 1) * N + n] : acc_t(0);
+      const acc_t checkpoint = chunk > 0 ? states[static_cast<int64_t>(chunk - 1) * N + n]
+                               : (initial_state ? initial_state[n] : acc_t(0));
       acc_t h_prev[kScanItems], h[kScanItems];
       acc_t state = before.a * checkpoint + before.b;
 #pragma unroll
@@ -202,6 +205,9 @@ selective_scan_bwd_kernel(const SelectiveScanBwdParams p) {
 
   if (!ch.valid) return;  // past the last block-wide barrier
   __syncwarp();
+  // After the first chunk the carried adjoint is dL/dh_{-1}: the initial state's gradient.
+  if (p.dinitial_state)
+    for (int n = lane; n < N; n += 32) static_cast<acc_t*>(p.dinitial_state)[state_offset + n] = carried_adjoint[warp][n];
   for (int n = lane; n < N; n += 32) atomicAdd(static_cast<acc_t*>(p.dA) + static_cast<int64_t>(ch.d) * N + n, dA_partial[warp][n]);
   dD_partial = warp_sum(dD_partial);
   ddelta_bias_partial = warp_sum(ddelta_bias_partial);

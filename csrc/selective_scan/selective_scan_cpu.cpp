@@ -140,9 +140,16 @@ struct ScanBlock {
     for (int c = 0; c < width; ++c)
       for (int n = 0; n < p.dstate; ++n) dst[int64_t(c) * p.n_chunks * p.dstate + n] = h[n * kLanes + c];
   }
+  // The state after `chunk`; chunk -1 is the initial state (0 unless given).
   void restore_state(acc_t* h, int chunk) const {
     std::fill(h, h + p.dstate * kLanes, acc_t(0));
-    if (chunk < 0) return;
+    if (chunk < 0) {
+      if (!p.initial_state) return;
+      const acc_t* src = static_cast<const acc_t*>(p.initial_state) + (int64_t(b) * p.dim + d0) * p.dstate;
+      for (int c = 0; c < width; ++c)
+        for (int n = 0; n < p.dstate; ++n) h[n * kLanes + c] = src[int64_t(c) * p.dstate + n];
+      return;
+    }
     const acc_t* src = checkpoint(chunk);
     for (int c = 0; c < width; ++c)
       for (int n = 0; n < p.dstate; ++n) h[n * kLanes + c] = src[int64_t(c) * p.n_chunks * p.dstate + n];
@@ -447,6 +454,12 @@ void scan_bwd(const SelectiveScanBwdParams& p) {
           sb.store(static_cast<scalar_t*>(p.du), p.du_batch_stride, p.du_d_stride, w.du.data(), t0, len);
           sb.store(static_cast<scalar_t*>(p.ddelta), p.ddelta_batch_stride, p.ddelta_d_stride, w.ddelta.data(), t0, len);
           if (p.z) sb.store(static_cast<scalar_t*>(p.dz), p.dz_batch_stride, p.dz_d_stride, w.dz.data(), t0, len);
+        }
+        // After the first chunk's reverse pass g is dL/dh_{-1}: the initial state's gradient.
+        if (p.dinitial_state) {
+          acc_t* dst = static_cast<acc_t*>(p.dinitial_state) + (int64_t(sb.b) * p.dim + sb.d0) * N;
+          for (int c = 0; c < sb.width; ++c)
+            for (int n = 0; n < N; ++n) dst[int64_t(c) * N + n] = w.g[n * kLanes + c];
         }
         for (int c = 0; c < sb.width; ++c) {
           const int64_t row = int64_t(sb.b) * p.dim + sb.d0 + c;

@@ -2,8 +2,9 @@
 //
 // Per chunk a warp loads u, delta (and z) once, fuses softplus and dt_scale into the step Δ, then
 // for each state index n builds the per-step maps (exp(Δ A_n), Δ B_n u), scans them across the
-// warp starting from the state carried from the previous chunk, and accumulates y += C_n h. The
-// state after the chunk is both the next chunk's carry and the checkpoint in chunk_states.
+// warp starting from the state carried from the previous chunk (the initial state, 0 unless
+// given, before the first), and accumulates y += C_n h. The state after the chunk is both the
+// next chunk's carry and the checkpoint in chunk_states.
 #include "selective_scan_common.cuh"
 
 namespace cram {
@@ -31,7 +32,10 @@ selective_scan_fwd_kernel(const SelectiveScanParams p) {
   acc_t* states = static_cast<acc_t*>(p.chunk_states) + (static_cast<int64_t>(ch.b) * p.dim + ch.d) * p.n_chunks * N;
   const acc_t D = p.D ? static_cast<const acc_t*>(p.D)[ch.d] : acc_t(0);
 
-  for (int n = lane; n < N; n += 32) carried_state[warp][n] = acc_t(0);
+  const acc_t* initial_state = p.initial_state
+      ? static_cast<const acc_t*>(p.initial_state) + (static_cast<int64_t>(ch.b) * p.dim + ch.d) * N
+      : nullptr;
+  for (int n = lane; n < N; n += 32) carried_state[warp][n] = initial_state ? initial_state[n] : acc_t(0);
   __syncwarp();
 
   for (int chunk = 0; chunk < p.n_chunks; ++chunk) {

@@ -1,0 +1,73 @@
+"""The state a `CRAMModel` carries between calls when it reads a stream token by token
+(`CRAMModel.init_state`, `CRAMModel.prefill`, `CRAMModel.step`).
+
+Per layer: the working memory's state (the scan's (batch, d_inner, N) state, or the CT-ODE's
+hidden vector) and, for a layer with attention, its key/value cache (`AttentionCache`). The
+modules update these tensors in place.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+
+@dataclass
+class AttentionCache:
+    """One attention layer's keys and values, (batch, heads, capacity, head_dim), and how many
+    entries each sequence holds (`lengths`, int32 (batch,)).
+
+    With `memory_size` set (the "written" episodic buffer) the cache keeps only the entries of
+    tokens that wrote a binding, the most recent `memory_size` of them: each call appends every
+    new token's entry, masks out those that wrote nothing, and then compacts (a one-token step
+    needs no compaction: its entry is simply overwritten next time unless it was written). One
+    spare slot beyond `memory_size` holds the newest entry before the oldest is evicted, so a
+    written token attends over the buffer and itself. Without `memory_size` ("prefix" keys, the
+    dense layers) every token's entry is kept, up to `capacity`.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    lengths: torch.Tensor
+    memory_size: Optional[int] = None
+
+    @classmethod
+    def empty(cls, batch: int, heads: int, capacity: int, head_dim: int,
+              memory_size: Optional[int], device=None, dtype=torch.float32) -> "AttentionCache":
+        slots = capacity if memory_size is None else min(capacity, memory_size) + 1
+        keys = torch.zeros(batch, heads, slots, head_dim, device=device, dtype=dtype)
+        return cls(keys, torch.zeros_like(keys),
+                   torch.zeros(batch, dtype=torch.int32, device=device), memory_size)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.lengths))
+
+
+@dataclass
+class LayerState:
+    working: Optional[torch.Tensor] = None     # scan (batch, d_inner, N) or CT-ODE (batch, d)
+    attention: Optional[AttentionCache] = None
+
+
+@dataclass
+class StreamState:
+    """Everything a `CRAMModel` needs to continue a batch of streams: per-layer states and the
+    number of tokens read so far (the absolute position of the next one)."""
+
+    layers: List[LayerState]
+    position: int = 0
+
+    def nbytes(self) -> int:
+        """Memory held by the state (working-memory states and key/value caches), in bytes."""
+        total = 0
+        for layer in self.layers:
+            if layer.working is not None:
+                total += layer.working.numel() * layer.working.element_size()
+            if layer.attention is not None:
+                total += layer.attention.nbytes()
+        return total
