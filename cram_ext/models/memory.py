@@ -1,7 +1,7 @@
 """The three memories of a CRAM layer (the router that chooses between them: `router.py`).
 
-The two kernels are reached through `scan_op` and `attention_op` only, so tests can wrap them
-(for example to count the rows that really ran attention).
+The kernels are reached through `scan_op`, `attention_op` and `fused_layer_op` only, so tests
+can wrap them (for example to count the rows that really ran attention).
 """
 from __future__ import annotations
 
@@ -24,6 +24,11 @@ def scan_op(u, delta, A, B, C, D, z, delta_bias, dt_scale):
 def attention_op(q, k, v, route, key_mask):
     """`cram_ext.routed_attention`, causal: rows where `route` is False cost nothing, output 0."""
     return cram_ext.routed_attention(q, k, v, is_causal=True, route=route, key_mask=key_mask)
+
+
+def fused_layer_op(*args, **kwargs):
+    """`cram_ext.cram_forward`: a layer's scan, routing, routed attention and adapter in one op."""
+    return cram_ext.cram_forward(*args, **kwargs)
 
 
 def gap_scale(gap: torch.Tensor) -> torch.Tensor:
