@@ -171,7 +171,8 @@ def test_gradcheck(semantic, device, seed):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("semantic", [True, False])
 def test_opcheck(semantic, device):
-    args, kwargs = cram_forward_inputs(0, batch=2, L=10, d=16, semantic=semantic, device=device)
+    args, kwargs = cram_forward_inputs(0, batch=2, L=6, d=8, d_state=2, semantic=semantic,
+                                       device=device)
     for i in (0, 2, 8, 13):
         args[i] = args[i].requires_grad_()
     calls = cram_ops_called(lambda: cram_forward(*args, **kwargs))
