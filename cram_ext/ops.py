@@ -379,7 +379,7 @@ def _(x, gap, in_proj_weight, x_proj_weight, dt_proj_weight, A, D, dt_bias, out_
     n_chunks = max(1, -(-L // SCAN_CHUNK_SIZE))
     return (x.new_empty(batch, L, d), x.new_empty(batch, L, dtype=torch.long),
             x.new_empty((), dtype=torch.long), x.new_empty(batch, L, paths),
-            x.new_empty(batch, L, paths), x.new_empty(batch, d_inner, L),
+            x.new_empty(batch, L, paths), x.new_empty(d_inner, batch, L).permute(1, 0, 2),
             x.new_empty(batch, d_inner, n_chunks, A.shape[1], dtype=acc),
             x.new_empty(batch, L, d), x.new_empty(batch, n_heads, L, dtype=acc),
             x.new_empty(batch, L, dtype=torch.bool))
@@ -405,26 +405,34 @@ def _cram_forward_backward(ctx, grad_out, *_grad_rest):
     batch, L, d = x.shape
     d_inner, dt_rank, N = W_out.shape[1], W_dt.shape[1], A.shape[1]
     g = grad_out.contiguous()
-    x_t = x.transpose(1, 2)
+    x_flat = x.reshape(batch * L, d)
 
-    # Working memory: out = W_out · scan(...), the scan's inputs from x by three GEMMs.
-    xz = W_in @ x_t
-    u, z = xz[:, :d_inner], xz[:, d_inner:]
+    # Working memory: out = W_out · scan(...), the scan's inputs from x by three GEMMs, in the
+    # forward's channel-major layout: (channels, batch·L) read as (batch, channels, L).
+    def as_sequence(channels_by_tokens):
+        return channels_by_tokens.view(-1, batch, L).permute(1, 0, 2)
+
+    def as_channels(sequence):
+        return sequence.permute(1, 0, 2).reshape(-1, batch * L)
+
+    xz = W_in @ x_flat.t()
+    u, z = xz[:d_inner], xz[d_inner:]
     x_dbl = W_x @ u
-    dt_low, B, C = x_dbl.split([dt_rank, N, N], dim=1)
+    dt_low, B, C = x_dbl.split([dt_rank, N, N], dim=0)
     delta = W_dt @ dt_low
-    g_t = g.transpose(1, 2)
-    dW_out = (g_t @ scan_out.transpose(1, 2)).sum(0)
-    dy = W_out.t() @ g_t
+    g_flat = g.view(batch * L, d)
+    dW_out = g_flat.t() @ as_channels(scan_out).t()
+    dy = W_out.t() @ g_flat.t()
     du, ddelta, dA, dB, dC, dD, dz, ddt_bias, _ = _ops.selective_scan_bwd(
-        dy, u, delta, A, B, C, D, z, dt_bias, torch.log1p(gap).to(chunk_states.dtype),
-        chunk_states, True)
-    dW_dt = (ddelta @ dt_low.transpose(1, 2)).sum(0)
-    dx_dbl = torch.cat([W_dt.t() @ ddelta, dB, dC], dim=1)
-    dW_x = (dx_dbl @ u.transpose(1, 2)).sum(0)
-    dxz = torch.cat([du + W_x.t() @ dx_dbl, dz], dim=1)
-    dW_in = (dxz @ x).sum(0)
-    dx = (W_in.t() @ dxz).transpose(1, 2)
+        as_sequence(dy), as_sequence(u), as_sequence(delta), A, as_sequence(B), as_sequence(C),
+        D, as_sequence(z), dt_bias, torch.log1p(gap).to(chunk_states.dtype), chunk_states, True)
+    du, ddelta, dB, dC, dz = (as_channels(t) for t in (du, ddelta, dB, dC, dz))
+    dW_dt = ddelta @ dt_low.t()
+    dx_dbl = torch.cat([W_dt.t() @ ddelta, dB, dC], dim=0)
+    dW_x = dx_dbl @ u.t()
+    dxz = torch.cat([du + W_x.t() @ dx_dbl, dz], dim=0)
+    dW_in = dxz @ x_flat
+    dx = (dxz.t() @ W_in).view(batch, L, d)
 
     # Episodic path, on the routed rows only (route is a hard 0/1 gate).
     heads = ctx.n_heads
@@ -440,13 +448,12 @@ def _cram_forward_backward(ctx, grad_out, *_grad_rest):
         d_attention, q, k, v, attention_out.view(batch, L, heads, head_dim).transpose(1, 2), lse,
         route, key_mask, True, 1.0 / math.sqrt(head_dim))
     dqkv = torch.cat([t.transpose(1, 2).reshape(batch, L, -1) for t in (dq, dk, dv)], dim=-1)
-    dW_qkv = dqkv.view(batch * L, -1).t() @ x.reshape(batch * L, d)
+    dW_qkv = dqkv.view(batch * L, -1).t() @ x_flat
     dx = dx + dqkv @ W_qkv
 
     dW_down = db_down = dW_up = db_up = None
     if W_down is not None:
         g_semantic = (g * (path == 2)[..., None].to(g.dtype)).view(batch * L, d)
-        x_flat = x.reshape(batch * L, d)
         pre = torch.addmm(b_down, x_flat, W_down.t())
         h = torch.relu(pre)
         dW_up, db_up = g_semantic.t() @ h, g_semantic.sum(0)

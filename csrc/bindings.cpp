@@ -632,15 +632,22 @@ cram_forward_fwd(const at::Tensor& x, const at::Tensor& gap, const at::Tensor& i
 
   const at::Tensor xc = x.contiguous();
   const at::Tensor x_flat = xc.view({n_tokens, d});
-  // Working memory, in the scan's (batch, channels, L) layout straight out of the GEMMs.
-  const at::Tensor xz = at::matmul(in_proj_weight, xc.transpose(1, 2));     // (batch, 2·d_inner, L)
-  const at::Tensor u = xz.narrow(1, 0, d_inner), z = xz.narrow(1, d_inner, d_inner);
-  const at::Tensor x_dbl = at::matmul(x_proj_weight, u);                    // (batch, R + 2N, L)
-  const at::Tensor delta = at::matmul(dt_proj_weight, x_dbl.narrow(1, 0, dt_rank));
+  // Working memory. The GEMMs run channel-major, W · x_flatᵀ = (channels, batch·L), which read
+  // as (batch, channels, L) with a unit L stride are the scan's layout with no transpose copies.
+  auto as_sequence = [&](const at::Tensor& channels_by_tokens) {
+    return channels_by_tokens.view({channels_by_tokens.size(0), batch, L}).permute({1, 0, 2});
+  };
+  const at::Tensor xz = at::mm(in_proj_weight, x_flat.t());                  // (2·d_inner, tokens)
+  const at::Tensor u = xz.narrow(0, 0, d_inner);
+  const at::Tensor x_dbl = at::mm(x_proj_weight, u);                         // (R + 2N, tokens)
+  const at::Tensor delta = at::mm(dt_proj_weight, x_dbl.narrow(0, 0, dt_rank));
   const at::Tensor dt_scale = at::log1p(gap).to(acc).contiguous();
-  ScanInputs scan = check_scan_inputs(u, delta, A, x_dbl.narrow(1, dt_rank, N),
-                                      x_dbl.narrow(1, dt_rank + N, N), D, z, dt_bias, dt_scale);
-  at::Tensor scan_out = at::empty({batch, d_inner, L}, x.options());
+  ScanInputs scan = check_scan_inputs(
+      as_sequence(u), as_sequence(delta), A, as_sequence(x_dbl.narrow(0, dt_rank, N)),
+      as_sequence(x_dbl.narrow(0, dt_rank + N, N)), D, as_sequence(xz.narrow(0, d_inner, d_inner)),
+      dt_bias, dt_scale);
+  const at::Tensor scan_channels = at::empty({d_inner, n_tokens}, x.options());
+  const at::Tensor scan_out = as_sequence(scan_channels);                    // (batch, d_inner, L)
   at::Tensor chunk_states = at::zeros({batch, d_inner, scan_checkpoint_count(L), N}, x.options().dtype(acc));
   if (n_tokens > 0 && d_inner > 0) {
     SelectiveScanParams p;
@@ -652,7 +659,7 @@ cram_forward_fwd(const at::Tensor& x, const at::Tensor& gap, const at::Tensor& i
   // The router reads ‖W_out y_t‖, a reduction over every channel of the scan: the scan output
   // goes to memory once, the GEMM reads it, and the router runs as the epilogue of that stage
   // (one kernel over the GEMM's output rows, which then accumulate the other paths in place).
-  at::Tensor out = at::matmul(scan_out.transpose(1, 2), out_proj_weight.t()).contiguous();  // (batch, L, d)
+  at::Tensor out = at::mm(scan_channels.t(), out_proj_weight.t()).view({batch, L, d});
   at::Tensor out_flat = out.view({n_tokens, d});
   const at::Tensor hidden_x = at::addmm(router_b1, x_flat, router_w1.narrow(1, 0, d).t());
   const at::Tensor w_state = router_w1.narrow(1, d, 3).contiguous();
