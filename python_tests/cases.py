@@ -335,10 +335,10 @@ def cram_forward_inputs(seed, *, batch=2, L=12, d=16, n_heads=2, kv_heads=None, 
         mask[:, 0] = True
     kwargs = dict(n_heads=n_heads, episodic_price=0.1, semantic_reward=0.05 if semantic else 0.0,
                   q_hat=uniform(batch, L).to(dtype), key_mask=mask, forced_path=None)
-    # The router's bias centres each path's score on its median, so no path wins everywhere.
+    # The router's bias centres each path's score on its mean, so no path wins everywhere.
     from cram_ext.reference import cram_forward_ref
     scores = cram_forward_ref(*args, **kwargs)[4]
-    args[12] = args[12] - scores.flatten(0, 1).median(0).values
+    args[12] = args[12] - scores.flatten(0, 1).mean(0)
     return args, kwargs
 
 
