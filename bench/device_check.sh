@@ -14,7 +14,7 @@
 #   preflight   8 s    5 s  Python headers, C++ compiler, nvcc, ninja, compute-sanitizer, torch CUDA
 #   build     230 s   75 s  setup.py build_ext --inplace, sm_90, one file per core (no ninja: ~150 s)
 #   import      6 s    5 s  the in-place package imports from the repo root, CUDA kernels registered
-#   tests       8 s   90 s  test_cuda_kernels.py + the CUDA cases of the two op suites (collect: 288)
+#   tests       8 s   90 s  test_cuda_kernels.py + the CUDA cases of the three op suites (collect: 407)
 #   memcheck    6 s   40 s  compute-sanitizer memcheck over bench/sanitizer_driver.py (CPU path dry)
 #   racecheck   6 s   50 s  compute-sanitizer racecheck over the same driver
 #   decisive    5 s   30 s  head_dim 64/128, L 8192/16384, 1.6%/100% routed vs flash and cuDNN,
