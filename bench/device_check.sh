@@ -14,12 +14,14 @@
 #   preflight   8 s    5 s  Python headers, C++ compiler, nvcc, ninja, compute-sanitizer, torch CUDA
 #   build     230 s   75 s  setup.py build_ext --inplace, sm_90, one file per core (no ninja: ~150 s)
 #   import      6 s    5 s  the in-place package imports from the repo root, CUDA kernels registered
-#   tests       8 s   90 s  test_cuda_kernels.py + the CUDA cases of the two op suites (collect: 288)
+#   tests       8 s   90 s  test_cuda_kernels.py + the CUDA cases of the three op suites (collect: 407)
 #   memcheck    6 s   40 s  compute-sanitizer memcheck over bench/sanitizer_driver.py (CPU path dry)
 #   racecheck   6 s   50 s  compute-sanitizer racecheck over the same driver
 #   decisive    5 s   30 s  head_dim 64/128, L 8192/16384, 1.6%/100% routed vs flash and cuDNN,
 #                           eager and CUDA-graph replay (8 cases)
 #   bench       6 s   40 s  scan bandwidth, the rest of the attention grid with an unfused baseline
+#   fused       4 s  ~30 s  one CRAM layer's eval forward, d 64/256, L 2048/8192, 2%/10% routed:
+#                           the fused op (eager, CUDA graph) and the layer fused and composed
 #   flex        4 s <=90 s  FlexAttention baseline, 2 compilations; gets whatever time is left
 #   total            335 s  before flex (under 6 minutes); the deadline stops everything at 440 s
 # A stage whose predecessor failed in a way that makes it meaningless (no build) is skipped.
@@ -228,7 +230,7 @@ print("CUDA kernels registered for every op")
 EOF
 }
 
-TESTS=(python_tests/test_cuda_kernels.py python_tests/test_routed_attention.py python_tests/test_selective_scan.py -k cuda)
+TESTS=(python_tests/test_cuda_kernels.py python_tests/test_routed_attention.py python_tests/test_selective_scan.py python_tests/test_cram_forward.py -k cuda)
 XDIST=()
 "$PY" -c 'import xdist' 2>/dev/null && XDIST=(-n 4)
 BENCH=(env "BENCH_RESULTS_JSONL=$OUT/gpu_bench.jsonl")
@@ -268,11 +270,13 @@ if [ $built -eq 1 ]; then
     bench/test_bench_gpu.py::test_attention_decisive
   run_stage bench 120 "$OUT/bench.log" "${BENCH[@]}" "${PYTEST[@]}" "${COLLECT[@]}" \
     bench/test_bench_gpu.py::test_scan_bandwidth bench/test_bench_gpu.py::test_attention_more
+  run_stage fused 90 "$OUT/bench.log" "${BENCH[@]}" "${PYTEST[@]}" "${COLLECT[@]}" \
+    bench/test_bench_gpu.py::test_cram_forward
   # A FlexAttention case's first call compiles: a longer per-test limit.
   run_stage flex 150 "$OUT/bench.log" "${BENCH[@]}" CRAM_TEST_TIMEOUT_S=120 "${PYTEST[@]}" \
     "${COLLECT[@]}" bench/test_bench_gpu.py::test_flex_attention
 else
-  for stage in tests memcheck racecheck decisive bench flex; do skip "$stage" "no build"; done
+  for stage in tests memcheck racecheck decisive bench fused flex; do skip "$stage" "no build"; done
 fi
 
 finish

@@ -251,3 +251,33 @@ def test_flex_attention(record, case):
            route_fraction=fraction, flex_ms=ms_flex, flex_first_call_s=first_call_s,
            routed_eager_ms=ms, speedup_vs_flex=ms_flex / ms,
            routed_tflops=routed_flops(route, q.shape[1], head_dim) / ms / 1e9)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused CRAM forward
+# ---------------------------------------------------------------------------------------------
+
+CRAM_LAYER = [(d, L, fraction) for d in (64, 256) for L in (2048, 8192) for fraction in (0.02, 0.1)]
+
+
+@pytest.mark.parametrize("case", CRAM_LAYER, ids=case_id)
+def test_cram_forward(record, case):
+    """The evaluation forward of one CRAM layer (batch 8, fp32): the fused op, the layer with
+    the fused op and with the composed ops, eager and replayed from a CUDA graph (only the fused
+    layer has no host synchronisation, so only it can be captured)."""
+    from test_bench_cram_forward_cpu import PRICES, fused_call, layer_case
+    d, L, fraction = case
+    layer, x, gap, key_mask = layer_case(d, L, fraction)
+    layer = layer.to(DEVICE)
+    x, gap, key_mask = x.to(DEVICE), gap.to(DEVICE), key_mask.to(DEVICE)
+    result = dict(kind="cram_forward", d_model=d, L=L, batch=x.shape[0], fraction=fraction)
+    with torch.no_grad():
+        op = fused_call(layer, x, gap, key_mask)
+        result["attention_rows"] = int(op().attention_rows)
+        result.update(eager_and_graph_ms(op, "fused_op"))
+        for fused in (True, False):
+            layer.fused = fused
+            result[f"layer_{'fused' if fused else 'composed'}_eager_ms"] = cuda_time_ms(
+                lambda: layer(x, gap, key_mask, PRICES))
+        layer.fused = True
+    record(**result)

@@ -7,7 +7,7 @@ it) and an autograd formula that calls the matching backward kernel.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -386,3 +386,170 @@ def routed_attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seq
 @torch.library.register_fake("cram_ext::routed_attention_kvcache")
 def _(q, k_cache, v_cache, k, v, cache_seqlens, route, key_mask, scale):
     return q.new_empty(q.shape)
+
+
+# Fused CRAM forward
+# ---------------------------------------------------------------------------------------------
+
+class CramForwardOutput(NamedTuple):
+    """What `cram_forward` returns; tensors are (batch, L) unless said otherwise."""
+
+    out: torch.Tensor             # (batch, L, d_model): working_out + the taken path's output
+    path: torch.Tensor            # int64 `Path` per token (WORKING=0, EPISODIC=1, SEMANTIC=2)
+    attention_rows: torch.Tensor  # 0-dim int64: the tokens that ran attention
+    predicted_loss: torch.Tensor  # (batch, L, paths): the router's loss prediction per path
+    scores: torch.Tensor          # (batch, L, paths): predicted loss + price; the lowest is taken
+    attention_out: torch.Tensor   # (batch, L, d_model): attention before its out-projection
+                                  # (heads concatenated), 0 on the rows that did not attend
+
+
+def cram_forward(x, gap, in_proj_weight, x_proj_weight, dt_proj_weight, A, D, dt_bias,
+                 out_proj_weight, router_w1, router_b1, router_w2, router_b2, qkv_weight,
+                 attn_out_weight, semantic_down_weight=None, semantic_down_bias=None,
+                 semantic_up_weight=None, semantic_up_bias=None, *, n_heads, episodic_price,
+                 semantic_reward=0.0, q_hat=None, key_mask=None, forced_path=None):
+    """One CRAM layer's paths in one op: selective scan, routing decision, attention for the
+    episodic rows only, the semantic adapter for the semantic rows only, mixed.
+
+        u, z = split(W_in x);  (dt, B, C) = split(W_x u);  δ = W_dt dt
+        y = selective_scan(u, δ, A, B, C, D, z, dt_bias, softplus, dt_scale=log(1 + gap))
+        w = W_out y                                              (the working-memory output)
+        predicted = W2 ReLU(W1 [x, log(1 + gap), ‖w‖/√d_model, q̂] + b1) + b2
+        path = argmin(predicted + [0, episodic_price, −semantic_reward·q̂]), or forced_path
+        out = w + 1[episodic]·W_o attention(q, k, v) + 1[semantic]·f_sem(x)
+
+    attention is causal multi-head attention over the keys in `key_mask` (q, k, v from
+    `qkv_weight`, n_heads query heads; fewer key/value heads when qkv_weight has fewer rows:
+    grouped-query attention); f_sem(x) = W_up ReLU(W_down x + b_down) + b_up.
+
+    Args:
+        x: (batch, L, d_model), float32/float64/float16/bfloat16; every weight in x's dtype
+            except A, D, dt_bias (float32, float64 with float64 x), as the scan takes them.
+        gap: (batch, L) time gaps Δτ ≥ 0, x's dtype.
+        in_proj_weight (2·d_inner, d_model), x_proj_weight (dt_rank + 2N, d_inner),
+            dt_proj_weight (d_inner, dt_rank), A (d_inner, N), D, dt_bias (d_inner,),
+            out_proj_weight (d_model, d_inner): the scan working memory
+            (`cram_ext.models.memory.SelectiveScanMemory`).
+        router_w1 (hidden, d_model + 3), router_b1 (hidden,), router_w2 (paths, hidden),
+            router_b2 (paths,): the router's loss predictor; 3 paths need the semantic adapter.
+        qkv_weight (d_model + 2·kv_heads·head_dim, d_model), attn_out_weight (d_model, d_model).
+        semantic_*: the low-rank adapter, (rank, d_model), (rank,), (d_model, rank), (d_model,).
+        n_heads: query heads; head_dim = d_model / n_heads.
+        episodic_price, semantic_reward: the router's prices (`RoutingPrices`).
+        q_hat: optional (batch, L), x's dtype: the predicted quality q̂ (None: 0).
+        key_mask: optional bool (batch, L): the tokens that are keys.
+        forced_path: optional int64 (batch, L): a path per token that overrides the router's
+            choice, -1 where it does not (training's exploration, drawn by the caller, so the
+            op stays deterministic).
+
+    Returns a `CramForwardOutput`. No step synchronises with the host on a CUDA device. The
+    routing is a hard gate: gradients reach the taken path only, the router's inputs get none.
+    Reference: `cram_ext.reference.cram_forward_ref`.
+    """
+    (out, path, attention_rows, predicted, scores, _scan_out, _chunk_states, attention_out,
+     _lse, _route) = _ops.cram_forward_fwd(
+        x, gap, in_proj_weight, x_proj_weight, dt_proj_weight, A, D, dt_bias, out_proj_weight,
+        router_w1, router_b1, router_w2, router_b2, qkv_weight, attn_out_weight,
+        semantic_down_weight, semantic_down_bias, semantic_up_weight, semantic_up_bias, q_hat,
+        key_mask, forced_path, int(n_heads), float(episodic_price), float(semantic_reward))
+    return CramForwardOutput(out, path, attention_rows, predicted, scores, attention_out)
+
+
+@torch.library.register_fake("cram_ext::cram_forward_fwd")
+def _(x, gap, in_proj_weight, x_proj_weight, dt_proj_weight, A, D, dt_bias, out_proj_weight,
+      router_w1, router_b1, router_w2, router_b2, qkv_weight, attn_out_weight,
+      semantic_down_weight, semantic_down_bias, semantic_up_weight, semantic_up_bias, q_hat,
+      key_mask, forced_path, n_heads, episodic_price, semantic_reward):
+    batch, L, d = x.shape
+    d_inner, paths = out_proj_weight.shape[1], router_w2.shape[0]
+    acc = _accumulation_dtype(x.dtype)
+    n_chunks = max(1, -(-L // SCAN_CHUNK_SIZE))
+    return (x.new_empty(batch, L, d), x.new_empty(batch, L, dtype=torch.long),
+            x.new_empty((), dtype=torch.long), x.new_empty(batch, L, paths),
+            x.new_empty(batch, L, paths), x.new_empty(d_inner, batch, L).permute(1, 0, 2),
+            x.new_empty(batch, d_inner, n_chunks, A.shape[1], dtype=acc),
+            x.new_empty(batch, L, d), x.new_empty(batch, n_heads, L, dtype=acc),
+            x.new_empty(batch, L, dtype=torch.bool))
+
+
+def _cram_forward_setup_context(ctx, inputs, output):
+    (x, gap, in_proj_weight, x_proj_weight, dt_proj_weight, A, D, dt_bias, out_proj_weight,
+     _w1, _b1, _w2, _b2, qkv_weight, attn_out_weight, semantic_down_weight, semantic_down_bias,
+     semantic_up_weight, semantic_up_bias, _q_hat, key_mask, _forced, n_heads, _ep, _sr) = inputs
+    _out, path, _rows, _pred, _scores, scan_out, chunk_states, attention_out, lse, route = output
+    ctx.save_for_backward(x, gap, in_proj_weight, x_proj_weight, dt_proj_weight, A, D, dt_bias,
+                          out_proj_weight, qkv_weight, attn_out_weight, semantic_down_weight,
+                          semantic_down_bias, semantic_up_weight, semantic_up_bias, key_mask,
+                          path, scan_out, chunk_states, attention_out, lse, route)
+    ctx.n_heads = n_heads
+
+
+def _cram_forward_backward(ctx, grad_out, *_grad_rest):
+    """The gradient of `out` through the taken paths, from the scan's and routed attention's
+    backward kernels; the GEMMs' inputs are recomputed from x (cheaper than keeping them)."""
+    (x, gap, W_in, W_x, W_dt, A, D, dt_bias, W_out, W_qkv, W_o, W_down, b_down, W_up, b_up,
+     key_mask, path, scan_out, chunk_states, attention_out, lse, route) = ctx.saved_tensors
+    batch, L, d = x.shape
+    d_inner, dt_rank, N = W_out.shape[1], W_dt.shape[1], A.shape[1]
+    g = grad_out.contiguous()
+    x_flat = x.reshape(batch * L, d)
+
+    # Working memory: out = W_out · scan(...), the scan's inputs from x by three GEMMs, in the
+    # forward's channel-major layout: (channels, batch·L) read as (batch, channels, L).
+    def as_sequence(channels_by_tokens):
+        return channels_by_tokens.view(-1, batch, L).permute(1, 0, 2)
+
+    def as_channels(sequence):
+        return sequence.permute(1, 0, 2).reshape(-1, batch * L)
+
+    xz = W_in @ x_flat.t()
+    u, z = xz[:d_inner], xz[d_inner:]
+    x_dbl = W_x @ u
+    dt_low, B, C = x_dbl.split([dt_rank, N, N], dim=0)
+    delta = W_dt @ dt_low
+    g_flat = g.view(batch * L, d)
+    dW_out = g_flat.t() @ as_channels(scan_out).t()
+    dy = W_out.t() @ g_flat.t()
+    du, ddelta, dA, dB, dC, dD, dz, ddt_bias, _ = _ops.selective_scan_bwd(
+        as_sequence(dy), as_sequence(u), as_sequence(delta), A, as_sequence(B), as_sequence(C),
+        D, as_sequence(z), dt_bias, torch.log1p(gap).to(chunk_states.dtype), chunk_states, True)
+    du, ddelta, dB, dC, dz = (as_channels(t) for t in (du, ddelta, dB, dC, dz))
+    dW_dt = ddelta @ dt_low.t()
+    dx_dbl = torch.cat([W_dt.t() @ ddelta, dB, dC], dim=0)
+    dW_x = dx_dbl @ u.t()
+    dxz = torch.cat([du + W_x.t() @ dx_dbl, dz], dim=0)
+    dW_in = dxz @ x_flat
+    dx = (dxz.t() @ W_in).view(batch, L, d)
+
+    # Episodic path, on the routed rows only (route is a hard 0/1 gate).
+    heads = ctx.n_heads
+    head_dim = d // heads
+    kv_dim = (W_qkv.shape[0] - d) // 2
+    g_episodic = (g * route[..., None].to(g.dtype)).view(batch * L, d)
+    dW_o = g_episodic.t() @ attention_out.view(batch * L, d)
+    qkv = x @ W_qkv.t()
+    q, k, v = (t.reshape(batch, L, -1, head_dim).transpose(1, 2)
+               for t in qkv.split([d, kv_dim, kv_dim], dim=-1))
+    d_attention = (g_episodic @ W_o).view(batch, L, heads, head_dim).transpose(1, 2)
+    dq, dk, dv = _ops.routed_attention_bwd(
+        d_attention, q, k, v, attention_out.view(batch, L, heads, head_dim).transpose(1, 2), lse,
+        route, key_mask, True, 1.0 / math.sqrt(head_dim))
+    dqkv = torch.cat([t.transpose(1, 2).reshape(batch, L, -1) for t in (dq, dk, dv)], dim=-1)
+    dW_qkv = dqkv.view(batch * L, -1).t() @ x_flat
+    dx = dx + dqkv @ W_qkv
+
+    dW_down = db_down = dW_up = db_up = None
+    if W_down is not None:
+        g_semantic = (g * (path == 2)[..., None].to(g.dtype)).view(batch * L, d)
+        pre = torch.addmm(b_down, x_flat, W_down.t())
+        h = torch.relu(pre)
+        dW_up, db_up = g_semantic.t() @ h, g_semantic.sum(0)
+        dh = (g_semantic @ W_up) * (pre > 0).to(g.dtype)
+        dW_down, db_down = dh.t() @ x_flat, dh.sum(0)
+        dx = dx + (dh @ W_down).view(batch, L, d)
+    return (dx, None, dW_in, dW_x, dW_dt, dA, dD, ddt_bias, dW_out, None, None, None, None,
+            dW_qkv, dW_o, dW_down, db_down, dW_up, db_up, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("cram_ext::cram_forward_fwd", _cram_forward_backward,
+                                setup_context=_cram_forward_setup_context)

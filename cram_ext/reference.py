@@ -185,3 +185,51 @@ def routed_attention_with_kvcache_ref(q, k_cache, v_cache, k=None, v=None, cache
             attn_mask=visible, scale=scale, enable_gqa=True,
             route=None if route is None else route[b:b + 1]))
     return torch.cat(outs) if outs else q.new_zeros(q.shape)
+
+
+def cram_forward_ref(x, gap, in_proj_weight, x_proj_weight, dt_proj_weight, A, D, dt_bias,
+                     out_proj_weight, router_w1, router_b1, router_w2, router_b2, qkv_weight,
+                     attn_out_weight, semantic_down_weight=None, semantic_down_bias=None,
+                     semantic_up_weight=None, semantic_up_bias=None, *, n_heads, episodic_price,
+                     semantic_reward=0.0, q_hat=None, key_mask=None, forced_path=None):
+    """One CRAM layer's paths (`cram_ext.cram_forward`, same arguments), composed of
+    `selective_scan_ref`, `routed_attention_ref` and plain PyTorch. Returns
+    (out, path, attention_rows, predicted_loss, scores, attention_out) as the op does."""
+    batch, L, d = x.shape
+    d_inner, dt_rank, N = out_proj_weight.shape[1], dt_proj_weight.shape[1], A.shape[1]
+    u, z = (x @ in_proj_weight.t()).transpose(1, 2).split(d_inner, dim=1)
+    dt, B, C = (u.transpose(1, 2) @ x_proj_weight.t()).split([dt_rank, N, N], dim=-1)
+    delta = (dt @ dt_proj_weight.t()).transpose(1, 2)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = selective_scan_ref(u, delta, A, B.transpose(1, 2), C.transpose(1, 2), D, z, dt_bias,
+                           delta_softplus=True, dt_scale=torch.log1p(gap).to(acc))
+    working_out = y.transpose(1, 2) @ out_proj_weight.t()
+
+    q_hat = x.new_zeros(batch, L) if q_hat is None else q_hat
+    features = torch.cat([x, torch.log1p(gap)[..., None],
+                          (working_out.norm(dim=-1) / math.sqrt(d))[..., None], q_hat[..., None]],
+                         dim=-1)
+    predicted = F.linear(F.relu(F.linear(features, router_w1, router_b1)), router_w2, router_b2)
+    price = torch.zeros_like(predicted)
+    price[..., 1] = episodic_price
+    if predicted.shape[-1] == 3:
+        price[..., 2] = -semantic_reward * q_hat
+    scores = predicted + price
+    path = scores.argmin(-1)
+    if forced_path is not None:
+        path = torch.where(forced_path >= 0, forced_path, path)
+
+    head_dim = d // n_heads
+    kv_dim = (qkv_weight.shape[0] - d) // 2
+    q, k, v = (t.reshape(batch, L, -1, head_dim).transpose(1, 2)
+               for t in (x @ qkv_weight.t()).split([d, kv_dim, kv_dim], dim=-1))
+    route = path == 1
+    attention = routed_attention_ref(q, k, v, is_causal=True, enable_gqa=True, route=route,
+                                     key_mask=key_mask)
+    attention_out = attention.transpose(1, 2).reshape(batch, L, d)
+    out = working_out + route[..., None].to(x.dtype) * (attention_out @ attn_out_weight.t())
+    if semantic_down_weight is not None:
+        recalled = F.linear(F.relu(F.linear(x, semantic_down_weight, semantic_down_bias)),
+                            semantic_up_weight, semantic_up_bias)
+        out = out + (path == 2)[..., None].to(x.dtype) * recalled
+    return out, path, route.sum(), predicted, scores, attention_out

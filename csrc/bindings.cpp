@@ -16,6 +16,7 @@
 #endif
 
 #include "common/parallel.h"
+#include "cram_forward/cram_forward.h"
 #include "routed_attention/routed_attention.h"
 #include "selective_scan/selective_scan.h"
 
@@ -787,3 +788,282 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "cram_ext kernels (ops live in torch.ops.cram_ext)";
   m.attr("SCAN_CHECKPOINT_CHUNK") = cram::kScanCheckpointChunk;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Fused CRAM forward
+// ---------------------------------------------------------------------------------------------
+
+namespace cram {
+namespace {
+
+void check_weight(const at::Tensor& t, at::IntArrayRef expected, const at::Tensor& x, const char* name,
+                  const char* layout) {
+  const char* op = "cram_forward";
+  check_same_device(t, x, op, name, "x");
+  check_dtype(t, x.scalar_type(), op, name, "the dtype of x");
+  check_shape(t, expected, op, name, layout);
+}
+
+// One CRAM layer's mixed path output, out_t = W_out·scan(x)_t + 1[episodic]·attention_t +
+// 1[semantic]·f_sem(x_t), with the router's decision taken in between. The plain GEMMs are ATen
+// calls; the scan, the router epilogue (with the row compaction) and the attention are kernels.
+// Returns (out, path, attention_rows, predicted_loss, scores) and what the backward needs
+// (scan_out, chunk_states, attention_out, lse, route).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor, at::Tensor, at::Tensor>
+cram_forward_fwd(const at::Tensor& x, const at::Tensor& gap, const at::Tensor& in_proj_weight,
+                 const at::Tensor& x_proj_weight, const at::Tensor& dt_proj_weight, const at::Tensor& A,
+                 const at::Tensor& D, const at::Tensor& dt_bias, const at::Tensor& out_proj_weight,
+                 const at::Tensor& router_w1, const at::Tensor& router_b1,
+                 const at::Tensor& router_w2, const at::Tensor& router_b2,
+                 const at::Tensor& qkv_weight, const at::Tensor& attn_out_weight,
+                 const c10::optional<at::Tensor>& semantic_down_weight,
+                 const c10::optional<at::Tensor>& semantic_down_bias,
+                 const c10::optional<at::Tensor>& semantic_up_weight,
+                 const c10::optional<at::Tensor>& semantic_up_bias,
+                 const c10::optional<at::Tensor>& q_hat, const c10::optional<at::Tensor>& key_mask,
+                 const c10::optional<at::Tensor>& forced_path, int64_t n_heads,
+                 double episodic_price, double semantic_reward) {
+  const char* op = "cram_forward";
+  check_device_supported(x, op);
+  TORCH_CHECK(x.dim() == 3, op, ": x must have shape (batch, L, d_model), got ", x.sizes());
+  const int64_t batch = x.size(0), L = x.size(1), d = x.size(2), n_tokens = batch * L;
+  to_dtype(x, op, "x");
+  const auto acc = accumulation_type(x.scalar_type());
+  const char* acc_why = x.scalar_type() == at::kDouble ? "float64 like x" : "float32 parameters";
+  check_weight(gap, {batch, L}, x, "gap", "(batch, L)");
+
+  TORCH_CHECK(in_proj_weight.dim() == 2 && in_proj_weight.size(0) % 2 == 0, op,
+              ": in_proj_weight must have shape (2 * d_inner, d_model), got ", in_proj_weight.sizes());
+  const int64_t d_inner = in_proj_weight.size(0) / 2;
+  check_weight(in_proj_weight, {2 * d_inner, d}, x, "in_proj_weight", "(2 * d_inner, d_model)");
+  TORCH_CHECK(dt_proj_weight.dim() == 2, op, ": dt_proj_weight must have shape (d_inner, dt_rank), got ",
+              dt_proj_weight.sizes());
+  const int64_t dt_rank = dt_proj_weight.size(1);
+  check_weight(dt_proj_weight, {d_inner, dt_rank}, x, "dt_proj_weight", "(d_inner, dt_rank)");
+  TORCH_CHECK(A.dim() == 2 && A.size(0) == d_inner, op, ": A must have shape (d_inner, N) = (",
+              d_inner, ", N), got ", A.sizes());
+  const int64_t N = A.size(1);
+  check_weight(x_proj_weight, {dt_rank + 2 * N, d_inner}, x, "x_proj_weight",
+               "(dt_rank + 2 * N, d_inner)");
+  check_weight(out_proj_weight, {d, d_inner}, x, "out_proj_weight", "(d_model, d_inner)");
+  const std::pair<const at::Tensor*, const char*> per_channel[] = {{&D, "D"}, {&dt_bias, "dt_bias"}};
+  for (const auto& [t, name] : per_channel) {
+    check_same_device(*t, x, op, name, "x");
+    check_dtype(*t, acc, op, name, acc_why);
+    check_shape(*t, {d_inner}, op, name, "(d_inner,)");
+  }
+
+  TORCH_CHECK(router_w1.dim() == 2, op, ": router_w1 must have shape (hidden, d_model + 3), got ",
+              router_w1.sizes());
+  const int64_t hidden = router_w1.size(0);
+  check_weight(router_w1, {hidden, d + 3}, x, "router_w1", "(hidden, d_model + 3)");
+  check_weight(router_b1, {hidden}, x, "router_b1", "(hidden,)");
+  TORCH_CHECK(router_w2.dim() == 2 && (router_w2.size(0) == 2 || router_w2.size(0) == 3), op,
+              ": router_w2 must have shape (paths, hidden) with 2 or 3 paths, got ", router_w2.sizes());
+  const int64_t n_paths = router_w2.size(0);
+  check_weight(router_w2, {n_paths, hidden}, x, "router_w2", "(paths, hidden)");
+  check_weight(router_b2, {n_paths}, x, "router_b2", "(paths,)");
+
+  TORCH_CHECK(n_heads >= 1 && d % n_heads == 0, op, ": n_heads (", n_heads,
+              ") must be positive and divide d_model (", d, ")");
+  const int64_t head_dim = d / n_heads;
+  TORCH_CHECK(head_dim <= kAttentionMaxHeadDim, op, ": head_dim = d_model / n_heads must be at most ",
+              kAttentionMaxHeadDim, ", got ", head_dim);
+  TORCH_CHECK(qkv_weight.dim() == 2 && qkv_weight.size(0) > d && (qkv_weight.size(0) - d) % (2 * head_dim) == 0,
+              op, ": qkv_weight must have shape (d_model + 2 * kv_heads * head_dim, d_model), got ",
+              qkv_weight.sizes());
+  const int64_t kv_heads = (qkv_weight.size(0) - d) / (2 * head_dim), kv_dim = kv_heads * head_dim;
+  TORCH_CHECK(n_heads % kv_heads == 0, op, ": the number of key/value heads (", kv_heads,
+              ") must divide n_heads (", n_heads, ")");
+  check_weight(qkv_weight, {d + 2 * kv_dim, d}, x, "qkv_weight", "(d_model + 2 * kv_heads * head_dim, d_model)");
+  check_weight(attn_out_weight, {d, d}, x, "attn_out_weight", "(d_model, d_model)");
+
+  const bool semantic = n_paths == 3;
+  const std::pair<const c10::optional<at::Tensor>*, const char*> adapter[] = {
+      {&semantic_down_weight, "semantic_down_weight"}, {&semantic_down_bias, "semantic_down_bias"},
+      {&semantic_up_weight, "semantic_up_weight"}, {&semantic_up_bias, "semantic_up_bias"}};
+  for (const auto& [t, name] : adapter)
+    TORCH_CHECK(t->has_value() == semantic, op, ": ", name,
+                semantic ? " is required: the router has a semantic path (3 paths)"
+                         : " must be None: the router has no semantic path (2 paths)");
+  int64_t rank = 0;
+  if (semantic) {
+    TORCH_CHECK(semantic_down_weight->dim() == 2, op,
+                ": semantic_down_weight must have shape (rank, d_model), got ", semantic_down_weight->sizes());
+    rank = semantic_down_weight->size(0);
+    check_weight(*semantic_down_weight, {rank, d}, x, "semantic_down_weight", "(rank, d_model)");
+    check_weight(*semantic_down_bias, {rank}, x, "semantic_down_bias", "(rank,)");
+    check_weight(*semantic_up_weight, {d, rank}, x, "semantic_up_weight", "(d_model, rank)");
+    check_weight(*semantic_up_bias, {d}, x, "semantic_up_bias", "(d_model,)");
+  }
+  if (q_hat) check_weight(*q_hat, {batch, L}, x, "q_hat", "(batch, L)");
+  if (key_mask) {
+    check_same_device(*key_mask, x, op, "key_mask", "x");
+    check_dtype(*key_mask, at::kBool, op, "key_mask", "the keys that exist");
+    check_shape(*key_mask, {batch, L}, op, "key_mask", "(batch, L)");
+  }
+  if (forced_path) {
+    check_same_device(*forced_path, x, op, "forced_path", "x");
+    check_dtype(*forced_path, at::kLong, op, "forced_path", "a path index per token, -1 where not forced");
+    check_shape(*forced_path, {batch, L}, op, "forced_path", "(batch, L)");
+    // Values are checked where that costs no device synchronisation.
+    TORCH_CHECK(!forced_path->is_cpu() || (forced_path->lt(-1) | forced_path->ge(n_paths)).any().item<bool>() == false,
+                op, ": forced_path entries must be -1 (not forced) or a path index in [0, ", n_paths, ")");
+  }
+  TORCH_CHECK(std::isfinite(episodic_price) && std::isfinite(semantic_reward), op,
+              ": episodic_price and semantic_reward must be finite, got ", episodic_price, " and ",
+              semantic_reward);
+
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor x_flat = xc.view({n_tokens, d});
+  // Working memory. The GEMMs run channel-major, W · x_flatᵀ = (channels, batch·L), which read
+  // as (batch, channels, L) with a unit L stride are the scan's layout with no transpose copies.
+  auto as_sequence = [&](const at::Tensor& channels_by_tokens) {
+    return channels_by_tokens.view({channels_by_tokens.size(0), batch, L}).permute({1, 0, 2});
+  };
+  const at::Tensor xz = at::mm(in_proj_weight, x_flat.t());                  // (2·d_inner, tokens)
+  const at::Tensor u = xz.narrow(0, 0, d_inner);
+  const at::Tensor x_dbl = at::mm(x_proj_weight, u);                         // (R + 2N, tokens)
+  const at::Tensor delta = at::mm(dt_proj_weight, x_dbl.narrow(0, 0, dt_rank));
+  const at::Tensor dt_scale = at::log1p(gap).to(acc).contiguous();
+  ScanInputs scan = check_scan_inputs(
+      as_sequence(u), as_sequence(delta), A, as_sequence(x_dbl.narrow(0, dt_rank, N)),
+      as_sequence(x_dbl.narrow(0, dt_rank + N, N)), D, as_sequence(xz.narrow(0, d_inner, d_inner)),
+      dt_bias, dt_scale);
+  const at::Tensor scan_channels = at::empty({d_inner, n_tokens}, x.options());
+  const at::Tensor scan_out = as_sequence(scan_channels);                    // (batch, d_inner, L)
+  at::Tensor chunk_states = at::zeros({batch, d_inner, scan_checkpoint_count(L), N}, x.options().dtype(acc));
+  if (n_tokens > 0 && d_inner > 0) {
+    SelectiveScanParams p;
+    fill_scan_params(p, scan, /*delta_softplus=*/true, scan_out, chunk_states);
+    launch(x, p, selective_scan_fwd_cpu,
+           [](const auto& params, void* stream) { selective_scan_fwd_cuda(params, stream); });
+  }
+
+  // The router reads ‖W_out y_t‖, a reduction over every channel of the scan: the scan output
+  // goes to memory once, the GEMM reads it, and the router runs as the epilogue of that stage
+  // (one kernel over the GEMM's output rows, which then accumulate the other paths in place).
+  at::Tensor out = at::mm(scan_channels.t(), out_proj_weight.t()).view({batch, L, d});
+  at::Tensor out_flat = out.view({n_tokens, d});
+  const at::Tensor hidden_x = at::addmm(router_b1, x_flat, router_w1.narrow(1, 0, d).t());
+  const at::Tensor w_state = router_w1.narrow(1, d, 3).contiguous();
+  const at::Tensor gap_c = gap.contiguous(), w2 = router_w2.contiguous(), b2 = router_b2.contiguous();
+  const at::Tensor q_hat_c = q_hat ? q_hat->contiguous() : at::Tensor();
+  const at::Tensor forced_c = forced_path ? forced_path->contiguous() : at::Tensor();
+  at::Tensor predicted = at::empty({batch, L, n_paths}, x.options());
+  at::Tensor scores = at::empty({batch, L, n_paths}, x.options());
+  at::Tensor path = at::empty({batch, L}, x.options().dtype(at::kLong));
+  at::Tensor route = at::empty({batch, L}, x.options().dtype(at::kBool));
+  at::Tensor episodic_rows = at::empty({n_tokens}, x.options().dtype(at::kLong));
+  at::Tensor semantic_rows = at::empty({n_tokens}, x.options().dtype(at::kLong));
+  at::Tensor episodic_count = at::zeros({}, x.options().dtype(at::kLong));
+  at::Tensor semantic_count = at::zeros({}, x.options().dtype(at::kLong));
+  {
+    CramRouterParams p;
+    p.dtype = to_dtype(x, op, "x");
+    p.batch = batch;
+    p.seqlen = L;
+    p.d_model = d;
+    p.hidden = hidden;
+    p.n_paths = n_paths;
+    p.episodic_price = episodic_price;
+    p.semantic_reward = semantic_reward;
+    p.hidden_x_batch_stride = L * hidden_x.stride(0);
+    p.hidden_x_row_stride = hidden_x.stride(0);
+    p.working_out_batch_stride = out.stride(0);
+    p.working_out_row_stride = out.stride(1);
+    p.hidden_x = hidden_x.const_data_ptr();
+    p.working_out = out.const_data_ptr();
+    p.gap = gap_c.const_data_ptr();
+    p.q_hat = q_hat_c.defined() ? q_hat_c.const_data_ptr() : nullptr;
+    p.w_state = w_state.const_data_ptr();
+    p.w_out = w2.const_data_ptr();
+    p.b_out = b2.const_data_ptr();
+    p.forced_path = forced_c.defined() ? forced_c.const_data_ptr<int64_t>() : nullptr;
+    p.predicted = predicted.data_ptr();
+    p.scores = scores.data_ptr();
+    p.path = path.data_ptr<int64_t>();
+    p.route = reinterpret_cast<uint8_t*>(route.data_ptr<bool>());
+    p.episodic_rows = episodic_rows.data_ptr<int64_t>();
+    p.episodic_count = episodic_count.data_ptr<int64_t>();
+    p.semantic_rows = semantic_rows.data_ptr<int64_t>();
+    p.semantic_count = semantic_count.data_ptr<int64_t>();
+    if (n_tokens > 0)
+      launch(x, p, cram_router_cpu,
+             [](const auto& params, void* stream) { cram_router_cuda(params, stream); });
+  }
+
+  // Rows of a path, for the stages that run only on them. On the CPU the counts the router just
+  // wrote are ordinary host memory, so the GEMMs gather exactly those rows. On a CUDA device
+  // reading them would stall the host; there the q projection and the two small output GEMMs run
+  // over every row (attention_out is 0 off the route, the adapter's output is masked), so the
+  // whole op stays asynchronous. Attention itself runs only for the routed rows on both.
+  const bool gather_rows = x.is_cpu();
+  auto rows_of = [](const at::Tensor& rows, const at::Tensor& count) {
+    return rows.narrow(0, 0, *count.const_data_ptr<int64_t>());
+  };
+  const at::Tensor w_q = qkv_weight.narrow(0, 0, d);
+  const at::Tensor kv = at::matmul(x_flat, qkv_weight.narrow(0, d, 2 * kv_dim).t());  // (tokens, 2·kv_dim)
+  const at::Tensor k = kv.narrow(1, 0, kv_dim).view({batch, L, kv_heads, head_dim}).transpose(1, 2);
+  const at::Tensor v = kv.narrow(1, kv_dim, kv_dim).view({batch, L, kv_heads, head_dim}).transpose(1, 2);
+  at::Tensor q_flat;
+  const at::Tensor attended = gather_rows ? rows_of(episodic_rows, episodic_count) : at::Tensor();
+  if (gather_rows) {
+    q_flat = at::zeros({n_tokens, d}, x.options());
+    q_flat.index_copy_(0, attended, at::matmul(x_flat.index_select(0, attended), w_q.t()));
+  } else {
+    q_flat = at::matmul(x_flat, w_q.t());
+  }
+  const at::Tensor q = q_flat.view({batch, L, n_heads, head_dim}).transpose(1, 2);
+  at::Tensor attention_out = at::empty({batch, L, d}, x.options());
+  at::Tensor lse = at::empty({batch, n_heads, L}, x.options().dtype(acc));
+  const at::Tensor attention_heads = attention_out.view({batch, L, n_heads, head_dim}).transpose(1, 2);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
+  if (n_tokens > 0) {
+    AttentionInputs in = check_attention_inputs(q, k, v, route, key_mask, scale);
+    RoutedAttentionParams p;
+    fill_attention_params(p, in, /*is_causal=*/true, scale, attention_heads, lse);
+    launch(x, p, routed_attention_fwd_cpu, [&x](const auto& params, void* stream) {
+      routed_attention_fwd_cuda(params, attention_cuda_workspace(x, params).data_ptr(), stream);
+    });
+  }
+  const at::Tensor attention_flat = attention_out.view({n_tokens, d});
+  if (gather_rows) {
+    out_flat.index_add_(0, attended, at::matmul(attention_flat.index_select(0, attended), attn_out_weight.t()));
+  } else {
+    out_flat.addmm_(attention_flat, attn_out_weight.t());
+  }
+
+  if (semantic) {
+    if (gather_rows) {
+      const at::Tensor recalled = rows_of(semantic_rows, semantic_count);
+      const at::Tensor h = at::relu(at::addmm(*semantic_down_bias, x_flat.index_select(0, recalled),
+                                              semantic_down_weight->t()));
+      out_flat.index_add_(0, recalled, at::addmm(*semantic_up_bias, h, semantic_up_weight->t()));
+    } else {
+      const at::Tensor h = at::relu(at::addmm(*semantic_down_bias, x_flat, semantic_down_weight->t()));
+      const at::Tensor f_sem = at::addmm(*semantic_up_bias, h, semantic_up_weight->t());
+      out_flat.add_(f_sem * path.view({n_tokens, 1}).eq(kPathSemantic).to(x.scalar_type()));
+    }
+  }
+  return {out, path, episodic_count, predicted, scores, scan_out, chunk_states, attention_out, lse, route};
+}
+
+}  // namespace
+}  // namespace cram
+
+TORCH_LIBRARY_FRAGMENT(cram_ext, m) {
+  m.def("cram_forward_fwd(Tensor x, Tensor gap, Tensor in_proj_weight, Tensor x_proj_weight, "
+        "Tensor dt_proj_weight, Tensor A, Tensor D, Tensor dt_bias, Tensor out_proj_weight, "
+        "Tensor router_w1, Tensor router_b1, Tensor router_w2, Tensor router_b2, Tensor qkv_weight, "
+        "Tensor attn_out_weight, Tensor? semantic_down_weight, Tensor? semantic_down_bias, "
+        "Tensor? semantic_up_weight, Tensor? semantic_up_bias, Tensor? q_hat, Tensor? key_mask, "
+        "Tensor? forced_path, int n_heads, float episodic_price, float semantic_reward) "
+        "-> (Tensor out, Tensor path, Tensor attention_rows, Tensor predicted_loss, Tensor scores, "
+        "Tensor scan_out, Tensor chunk_states, Tensor attention_out, Tensor lse, Tensor route)");
+}
+TORCH_LIBRARY_IMPL(cram_ext, CPU, m) { m.impl("cram_forward_fwd", &cram::cram_forward_fwd); }
+#ifdef CRAM_WITH_CUDA
+TORCH_LIBRARY_IMPL(cram_ext, CUDA, m) { m.impl("cram_forward_fwd", &cram::cram_forward_fwd); }
+#endif

@@ -288,3 +288,97 @@ def cram_ops_called(fn):
     with _RecordCramOps() as recorder:
         fn()
     return recorder.calls
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused CRAM forward
+# ---------------------------------------------------------------------------------------------
+
+# The differentiable tensors of `cram_forward`, by position in `cram_forward_inputs`' args.
+CRAM_FORWARD_WEIGHTS = ("x", None, "in_proj_weight", "x_proj_weight", "dt_proj_weight", "A", "D",
+                        "dt_bias", "out_proj_weight", None, None, None, None, "qkv_weight",
+                        "attn_out_weight", "semantic_down_weight", "semantic_down_bias",
+                        "semantic_up_weight", "semantic_up_bias")
+
+
+def cram_forward_inputs(seed, *, batch=2, L=12, d=16, n_heads=2, kv_heads=None, d_state=4,
+                        expand=2, semantic=True, key_mask=True, dtype=torch.float32,
+                        device="cpu"):
+    """Random inputs of `cram_forward`: (args, kwargs). Weights are scaled like a trained layer's
+    (unit-variance activations) and the router's so that every path is taken by some tokens
+    (prices 0.1 and 0.05, q̂ uniform in (0, 1)); 80% of the tokens are keys, the first always."""
+    g = generator(seed, device)
+    acc = accumulation_dtype(dtype)
+    kv_heads = kv_heads or n_heads
+    d_inner, dt_rank, rank = expand * d, max(1, d // 16), max(1, d // 8)
+    kv_dim = kv_heads * (d // n_heads)
+    paths = 3 if semantic else 2
+
+    def weight(*shape, std=None, dtype=dtype):
+        scale = std if std is not None else 1.0 / math.sqrt(shape[-1])
+        return (scale * randn(g, shape, accumulation_dtype(dtype), device)).to(dtype)
+
+    uniform = lambda *shape: torch.rand(shape, generator=g, device=device, dtype=acc)  # noqa: E731
+    args = [randn(g, (batch, L, d), dtype, device), (3 * uniform(batch, L)).to(dtype),
+            weight(2 * d_inner, d), weight(dt_rank + 2 * d_state, d_inner),
+            weight(d_inner, dt_rank), -(0.5 + uniform(d_inner, d_state)),
+            randn(g, (d_inner,), acc, device), -2.0 + 0.5 * randn(g, (d_inner,), acc, device),
+            weight(d, d_inner), weight(d, d + 3), weight(d, std=0.1), weight(paths, d, std=0.5),
+            weight(paths, std=0.1), weight(d + 2 * kv_dim, d), weight(d, d)]
+    if semantic:
+        args += [weight(rank, d), weight(rank, std=0.1), weight(d, rank), weight(d, std=0.1)]
+    else:
+        args += [None] * 4
+    mask = None
+    if key_mask:
+        mask = torch.rand(batch, L, generator=g, device=device) < 0.8
+        mask[:, 0] = True
+    kwargs = dict(n_heads=n_heads, episodic_price=0.1, semantic_reward=0.05 if semantic else 0.0,
+                  q_hat=uniform(batch, L).to(dtype), key_mask=mask, forced_path=None)
+    # The router's bias centres each path's score on its mean, so no path wins everywhere.
+    from cram_ext.reference import cram_forward_ref
+    scores = cram_forward_ref(*args, **kwargs)[4]
+    args[12] = args[12] - scores.flatten(0, 1).mean(0)
+    return args, kwargs
+
+
+def check_cram_forward(seed, args, kwargs, *, backward=True):
+    """`cram_forward` against `cram_forward_ref`: exactly the paths of the reference in the
+    inputs' dtype, then outputs (and gradients of `out`) by the accuracy rule against the float64
+    reference routed the same way. Returns the op's result."""
+    from cram_ext import cram_forward
+    from cram_ext.reference import cram_forward_ref
+
+    def leaves(tensors, dtype=None):
+        return [None if t is None else
+                t.detach().to(dtype or t.dtype).requires_grad_(backward and name is not None)
+                if t.is_floating_point() else t
+                for t, name in zip(tensors, CRAM_FORWARD_WEIGHTS)]
+
+    got_inputs = leaves(args)
+    got = cram_forward(*got_inputs, **kwargs)
+    with torch.no_grad():
+        same_routing = cram_forward_ref(*args, **kwargs)[1]
+    assert torch.equal(got.path, same_routing), f"paths differ from the reference's [seed {seed}]"
+    assert got.path.dtype == torch.long and got.attention_rows.dtype == torch.long
+    assert got.attention_rows.dim() == 0 and int(got.attention_rows) == int((got.path == 1).sum())
+    assert (got.attention_out[got.path != 1] == 0).all(), "attention_out is not 0 off the route"
+
+    routed = dict(kwargs, forced_path=got.path)
+    wide_kwargs = dict(routed, q_hat=None if kwargs["q_hat"] is None else kwargs["q_hat"].double())
+    ref_inputs, same_inputs = leaves(args, torch.float64), leaves(args)
+    ref = cram_forward_ref(*ref_inputs, **wide_kwargs)
+    same = cram_forward_ref(*same_inputs, **routed)
+    for i, name in ((0, "out"), (3, "predicted_loss"), (4, "scores"), (5, "attention_out")):
+        assert_matches_reference(got[i].detach(), ref[i].detach(), same[i].detach(), what=name,
+                                 seed=seed)
+    if backward:
+        grad = randn(generator(seed + 1, got.out.device), got.out.shape, got.out.dtype,
+                     got.out.device)
+        for out in (got.out, ref[0], same[0]):
+            out.backward(grad.to(out.dtype))
+        for name, a, r, s in zip(CRAM_FORWARD_WEIGHTS, got_inputs, ref_inputs, same_inputs):
+            if name is not None and a is not None:
+                assert_matches_reference(a.grad, r.grad, s.grad, what=f"d{name}", seed=seed,
+                                         factor=BACKWARD_FACTOR)
+    return got

@@ -246,3 +246,43 @@ def test_model_steps_equal_forward_on_cuda(name):
         out, state = model.step({k: v[:, t] for k, v in batch.items()}, state)
         logits.append(out.value_logits[:, None])
     torch.testing.assert_close(torch.cat(logits, 1), full.value_logits, rtol=1e-4, atol=1e-4)
+
+
+# Fused CRAM forward
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("L, d, n_heads, kv_heads", [(7, 16, 2, 2), (700, 64, 4, 2), (2100, 64, 2, 2)])
+def test_cram_forward_matches_reference(seed, dtype, L, d, n_heads, kv_heads):
+    from cases import check_cram_forward, cram_forward_inputs
+    args, kwargs = cram_forward_inputs(seed, batch=2, L=L, d=d, n_heads=n_heads,
+                                       kv_heads=kv_heads, d_state=8, dtype=dtype, device=DEVICE)
+    check_cram_forward(seed, args, kwargs)
+
+
+def test_cram_forward_agrees_with_the_cpu_kernel_and_never_syncs(seed):
+    """The same paths and row count as the CPU kernel; the op runs under a CUDA graph capture,
+    which fails on any host synchronisation."""
+    from cases import cram_forward_inputs
+    args, kwargs = cram_forward_inputs(seed, batch=3, L=300, d=32, device="cpu")
+    to_cuda = lambda t: t.to(DEVICE) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    cuda_args = [to_cuda(a) for a in args]
+    cuda_kwargs = {k: to_cuda(v) for k, v in kwargs.items()}
+    cpu = cram_ext.cram_forward(*args, **kwargs)
+    gpu = cram_ext.cram_forward(*cuda_args, **cuda_kwargs)
+    assert torch.equal(gpu.path.cpu(), cpu.path), f"seed {seed}"
+    assert int(gpu.attention_rows) == int(cpu.attention_rows)
+    torch.testing.assert_close(gpu.out.cpu(), cpu.out, rtol=1e-4, atol=1e-4)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        cram_ext.cram_forward(*cuda_args, **cuda_kwargs)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = cram_ext.cram_forward(*cuda_args, **cuda_kwargs)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured.path, gpu.path)
+    torch.testing.assert_close(captured.out, gpu.out)

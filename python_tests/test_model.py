@@ -28,7 +28,8 @@ def batch():
 
 
 class AttentionCounter:
-    """Wraps `cram_ext.routed_attention` to record the route of every call."""
+    """Wraps `cram_ext.routed_attention` and `cram_ext.cram_forward` (evaluation's fused layer)
+    to record the route of every call."""
 
     def __init__(self, monkeypatch):
         self.routes = []
@@ -40,6 +41,16 @@ class AttentionCounter:
             assert (out[~route[:, None, :].expand(out.shape[:3])] == 0).all()
             return out
         monkeypatch.setattr(cram_ext, "routed_attention", counted)
+        original_fused = cram_ext.cram_forward
+
+        def counted_fused(*args, **kwargs):
+            result = original_fused(*args, **kwargs)
+            route = result.path == Path.EPISODIC
+            self.routes.append(route.clone())
+            assert int(result.attention_rows) == int(route.sum())
+            assert (result.attention_out[~route] == 0).all()
+            return result
+        monkeypatch.setattr(cram_ext, "cram_forward", counted_fused)
 
     @property
     def rows(self):
@@ -149,6 +160,12 @@ def test_episodic_keys_are_the_written_entries(monkeypatch, batch):
         seen["key_mask"] = key_mask
         return original(q, k, v, key_mask=key_mask, **kwargs)
     monkeypatch.setattr(cram_ext, "routed_attention", record_mask)
+    original_fused = cram_ext.cram_forward
+
+    def record_fused_mask(*args, key_mask, **kwargs):
+        seen["key_mask"] = key_mask
+        return original_fused(*args, key_mask=key_mask, **kwargs)
+    monkeypatch.setattr(cram_ext, "cram_forward", record_fused_mask)
     CRAMModel(tiny("cram")).eval()(batch)
     assert torch.equal(seen["key_mask"], batch["value"] != DATA.n_values)
     small_buffer = CRAMModel(tiny("cram", memory_size=2))

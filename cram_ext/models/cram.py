@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from ..srcd.generator import IGNORE_INDEX
 from .config import LayerSpec, ModelConfig
 from .memory import (CTODEMemory, EpisodicAttention, QualityPredictor, SelectiveScanMemory,
-                     SemanticAdapter)
+                     SemanticAdapter, fused_layer_op)
 from .router import Path, Router, RoutingDecision, routing_loss
 from .streaming import LayerState, StreamState
 
@@ -76,12 +76,18 @@ class CRAMLayer(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(d, config.ffn_mult * d), nn.GELU(),
                                  nn.Linear(config.ffn_mult * d, d))
         self.norm_ffn = nn.LayerNorm(d)
+        self.fused = (config.fused and spec.working == "scan" and spec.attention == "routed"
+                      and spec.router_reads_state)
 
     def forward(self, x: torch.Tensor, gap: torch.Tensor, key_mask: Optional[torch.Tensor],
                 prices: "RoutingPrices", state: Optional[LayerState] = None):
         """Routes by `prices` (see `Router.forward`); `prices.explore_rate` > 0 only in
         training. With `state` the tokens continue a stream (`CRAMModel.step`): the memories
         start from it and update it, and `key_mask` is the new tokens' written flags."""
+        if self.fused and not self.training and state is None:
+            mixed, record = self.fused_paths(x, gap, key_mask, prices)
+            h = self.norm_mix(x + mixed)
+            return self.norm_ffn(h + self.ffn(h)), record
         record = LayerRecord()
         working_out = self._working(x, gap, state) if self.spec.working else torch.zeros_like(x)
         mixed = working_out
@@ -126,6 +132,49 @@ class CRAMLayer(nn.Module):
             self.working.init_state(batch_size, device) if self.spec.working else None,
             self.episodic.init_state(batch_size, capacity, memory_size, device)
             if self.episodic is not None else None)
+
+    def fused_paths(self, x: torch.Tensor, gap: torch.Tensor, key_mask: Optional[torch.Tensor],
+                    prices: "RoutingPrices"):
+        """The paths of a routed scan layer as one `cram_forward` call: the same routing, mixed
+        output and record as the composed ops. The exploration and warm-up of `prices` are drawn
+        here, as `Router.forward` draws them, and passed as forced paths."""
+        working, attention, router = self.working, self.episodic, self.router
+        q_hat = self.q_predictor(x) if self.q_predictor is not None else None
+        shape = x.shape[:2]
+        forced = None
+        if prices.attend_all:
+            forced = torch.full(shape, Path.EPISODIC, dtype=torch.long, device=x.device)
+        if prices.explore_rate > 0:
+            explore = torch.rand(shape, device=x.device) < prices.explore_rate
+            drawn = torch.randint(len(router.paths), shape, device=x.device)
+            forced = torch.where(explore, drawn, torch.full_like(drawn, -1) if forced is None
+                                 else forced)
+        adapter = ((self.semantic.down.weight, self.semantic.down.bias, self.semantic.up.weight,
+                    self.semantic.up.bias) if self.semantic is not None else (None,) * 4)
+        first, last = router.predict_loss[0], router.predict_loss[-1]
+        result = fused_layer_op(
+            x, gap.to(x.dtype), working.in_proj.weight, working.x_proj.weight,
+            working.dt_proj.weight, -torch.exp(working.A_log), working.D, working.dt_bias,
+            working.out_proj.weight, first.weight, first.bias, last.weight, last.bias,
+            attention.qkv.weight, attention.out_proj.weight, *adapter, n_heads=attention.n_heads,
+            episodic_price=prices.episodic,
+            semantic_reward=prices.semantic if self.spec.router_reads_q else 0.0,
+            q_hat=q_hat if router.reads_q else None, key_mask=key_mask, forced_path=forced)
+        rows = result.path == Path.EPISODIC
+        record = LayerRecord(attention_rows=rows, routing=RoutingDecision(
+            result.path, result.predicted_loss, result.scores))
+        if self.semantic is not None:
+            # The record's formulas (see `forward`) on the rows that ran attention.
+            target = attention.out_proj(result.attention_out[rows]).detach()
+            squared_error = (self.semantic(x[rows]) - target).pow(2).sum(-1)
+            spread = (target.var(0, unbiased=False).sum().clamp_min(1e-8) if target.shape[0] >= 2
+                      else target.new_ones(()))
+            record.consolidation_error = x.new_zeros(shape).masked_scatter(
+                rows, squared_error / x.shape[-1])
+            record.q = x.new_zeros(shape).masked_scatter(
+                rows, torch.exp(-squared_error.detach() / (self.q_sigma ** 2 * spread)))
+            record.q_hat = q_hat
+        return result.out, record
 
 
 def retrieval_spread(retrieved: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

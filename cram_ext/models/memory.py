@@ -1,9 +1,9 @@
 """The three memories of a CRAM layer (the router that chooses between them: `router.py`).
 
-The kernels are reached through `scan_op`, `attention_op` and, when streaming, `state_update_op`
-and `cached_attention_op` only, so tests can wrap them (for example to count the rows that
-really ran attention). Each memory's `step` continues a stream from its state
-(`streaming.py`), updating that state in place.
+The kernels are reached through `scan_op`, `attention_op`, `fused_layer_op` and, when
+streaming, `state_update_op` and `cached_attention_op` only, so tests can wrap them (for example
+to count the rows that really ran attention). Each memory's `step` continues a stream from its
+state (`streaming.py`), updating that state in place.
 """
 from __future__ import annotations
 
@@ -43,6 +43,11 @@ def cached_attention_op(q, k_cache, v_cache, k, v, cache_seqlens, route, key_mas
 def attention_op(q, k, v, route, key_mask):
     """`cram_ext.routed_attention`, causal: rows where `route` is False cost nothing, output 0."""
     return cram_ext.routed_attention(q, k, v, is_causal=True, route=route, key_mask=key_mask)
+
+
+def fused_layer_op(*args, **kwargs):
+    """`cram_ext.cram_forward`: a layer's scan, routing, routed attention and adapter in one op."""
+    return cram_ext.cram_forward(*args, **kwargs)
 
 
 def gap_scale(gap: torch.Tensor) -> torch.Tensor:

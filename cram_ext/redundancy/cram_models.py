@@ -118,9 +118,14 @@ def attention_layers(model: CRAMModel, kinds: tuple = ("dense",)) -> list[int]:
 
 
 def episodic_taps(model: CRAMModel, layers: Sequence[int]) -> list[AttentionTaps]:
-    """Probe input = input of ``layer.episodic``; targets = ``out_proj`` output and input."""
+    """Probe input = input of ``layer.episodic``; targets = ``out_proj`` output and input.
+
+    The taps are forward hooks on those modules, which only the composed layer calls (the fused
+    op, `cram_ext.cram_forward`, takes their weights), so the tapped layers are set to compose.
+    """
     taps = []
     for i in layers:
+        model.layers[i].fused = False
         episodic = model.layers[i].episodic
         taps.append(AttentionTaps(pre_attention=Tap(episodic, "input"),
                                   attention_output=Tap(episodic.out_proj, "output"),
