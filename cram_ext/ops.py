@@ -510,7 +510,7 @@ def _cram_forward_backward(ctx, grad_out, *_grad_rest):
     g_flat = g.view(batch * L, d)
     dW_out = g_flat.t() @ as_channels(scan_out).t()
     dy = W_out.t() @ g_flat.t()
-    du, ddelta, dA, dB, dC, dD, dz, ddt_bias, _ = _ops.selective_scan_bwd(
+    du, ddelta, dA, dB, dC, dD, dz, ddt_bias, _, _ = _ops.selective_scan_bwd(
         as_sequence(dy), as_sequence(u), as_sequence(delta), A, as_sequence(B), as_sequence(C),
         D, as_sequence(z), dt_bias, torch.log1p(gap).to(chunk_states.dtype), chunk_states, True)
     du, ddelta, dB, dC, dz = (as_channels(t) for t in (du, ddelta, dB, dC, dz))

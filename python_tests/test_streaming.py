@@ -365,7 +365,7 @@ class KVCacheRowCounter:
 
     def __init__(self, monkeypatch):
         self.rows = {"stream": 0, "full": 0}
-        cached, full = memory.cached_attention_op, memory.attention_op
+        cached, full, fused = memory.cached_attention_op, memory.attention_op, memory.fused_layer_op
 
         def counted_cached(q, k_cache, v_cache, k, v, cache_seqlens, route, key_mask):
             self.rows["stream"] += int(route.sum())
@@ -374,8 +374,13 @@ class KVCacheRowCounter:
         def counted_full(q, k, v, route, key_mask):
             self.rows["full"] += int(route.sum())
             return full(q, k, v, route, key_mask)
+        def counted_fused(*args, **kwargs):  # the full forward of a routed scan layer, in eval
+            result = fused(*args, **kwargs)
+            self.rows["full"] += int(result.attention_rows)
+            return result
         monkeypatch.setattr(memory, "cached_attention_op", counted_cached)
         monkeypatch.setattr(memory, "attention_op", counted_full)
+        monkeypatch.setattr(memory, "fused_layer_op", counted_fused)
 
 
 @pytest.mark.parametrize("name, working", [("cram", None), ("seqboat", None),

@@ -34,8 +34,9 @@ import torch.nn.functional as F
 
 from ..srcd.generator import IGNORE_INDEX
 from .config import LayerSpec, ModelConfig
+from . import memory
 from .memory import (CTODEMemory, EpisodicAttention, QualityPredictor, SelectiveScanMemory,
-                     SemanticAdapter, fused_layer_op)
+                     SemanticAdapter)
 from .router import Path, Router, RoutingDecision, routing_loss
 from .streaming import LayerState, StreamState
 
@@ -152,7 +153,7 @@ class CRAMLayer(nn.Module):
         adapter = ((self.semantic.down.weight, self.semantic.down.bias, self.semantic.up.weight,
                     self.semantic.up.bias) if self.semantic is not None else (None,) * 4)
         first, last = router.predict_loss[0], router.predict_loss[-1]
-        result = fused_layer_op(
+        result = memory.fused_layer_op(
             x, gap.to(x.dtype), working.in_proj.weight, working.x_proj.weight,
             working.dt_proj.weight, -torch.exp(working.A_log), working.D, working.dt_bias,
             working.out_proj.weight, first.weight, first.bias, last.weight, last.bias,

@@ -61,7 +61,7 @@ struct SelectiveScanParams {
   void* chunk_states;
   // (batch, dim, dstate), contiguous, accumulation type: the state before step 0 (chunked
   // prefill, streaming); null starts from 0.
-  const void* initial_state;  // nullable
+  const void* initial_state = nullptr;  // nullable
 };
 
 struct SelectiveScanBwdParams : SelectiveScanParams {
@@ -87,7 +87,7 @@ struct SelectiveScanBwdParams : SelectiveScanParams {
   void* ddt_scale;    // nullable
   // dL/d(initial_state), (batch, dim, dstate), contiguous, accumulation type: the adjoint state
   // before step 0. Written (not accumulated); null when initial_state is.
-  void* dinitial_state;  // nullable
+  void* dinitial_state = nullptr;  // nullable
 };
 
 // One step of the scan for streaming (Mamba's selective_state_update): per batch element and
