@@ -12,7 +12,6 @@ holds the written entries of such a prefix, 5% of its tokens up to memory_size),
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import pathlib
 import sys

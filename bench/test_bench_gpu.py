@@ -20,6 +20,11 @@ one JSON object a line, so a run cut short keeps what it measured. Tests run in 
    few cases; one compilation per shape family, the route entering as a captured tensor whose
    values change between cases, so a new route fraction does not recompile.
 
+5. test_kvcache_decoding (not in bench/device_check.sh's stages; run it by name): one decoding
+   step of routed_attention_with_kvcache (bf16, heads = 1024 / head_dim, one new row per
+   sequence) over caches of 8K and 32K, batch 1 and 8, every row or 1.6% of the rows routed,
+   beside dense SDPA over the same cache; and selective_state_update at batch 8, dim 2048.
+
 TFLOP/s counts routed FLOPs only: 4 * head_dim * (visible keys) per routed row and head. Times
 are medians of CUDA-event-timed calls after warm-up.
 """
@@ -281,3 +286,56 @@ def test_cram_forward(record, case):
                 lambda: layer(x, gap, key_mask, PRICES))
         layer.fused = True
     record(**result)
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming: one decoding step
+# ---------------------------------------------------------------------------------------------
+
+DECODING = [(d, context, batch, fraction) for d in (64, 128) for context in (8192, 32768)
+            for batch in (1, 8) for fraction in (0.016, 1.0)]
+
+
+@pytest.mark.parametrize("case", DECODING, ids=lambda c: f"d{c[0]}-ctx{c[1]}-b{c[2]}-r{c[3]}")
+def test_kvcache_decoding(record, case):
+    head_dim, context, batch, fraction = case
+    heads = HIDDEN // head_dim
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    cache = [torch.randn(batch, heads, context + 1, head_dim, generator=g, device=DEVICE,
+                         dtype=torch.bfloat16) for _ in range(2)]
+    q, k, v = (torch.randn(batch, heads, 1, head_dim, generator=g, device=DEVICE,
+                           dtype=torch.bfloat16) for _ in range(3))
+    lengths = torch.full((batch,), context, dtype=torch.int32, device=DEVICE)
+    # `fraction` of the (sequence, head) rows routed: per-head routes, so batch 1 has some too.
+    route = torch.rand(batch, heads, 1, generator=g, device=DEVICE) < fraction
+    routed = int(route.sum())
+
+    def step():
+        return cram_ext.routed_attention_with_kvcache(q, cache[0], cache[1], k, v, lengths,
+                                                      route=route)
+
+    def dense():
+        return F.scaled_dot_product_attention(q, cache[0], cache[1])
+
+    result = {**eager_and_graph_ms(step, "kvcache"), **eager_and_graph_ms(dense, "sdpa")}
+    # Bytes the routed rows must read: their keys and values, once per routed row.
+    kv_bytes = routed * (context + 1) * head_dim * 2 * 2
+    graph_ms = result.get("kvcache_graph_ms")
+    record(kind="kvcache_decoding", head_dim=head_dim, heads=heads, context=context,
+           batch=batch, fraction=fraction, routed_rows=routed, kv_bytes=kv_bytes,
+           kvcache_gbs=kv_bytes / graph_ms / 1e6 if graph_ms else None, **result)
+
+
+def test_state_update_step(record):
+    batch, dim, N = 8, 2048, 16
+    inputs = scan_inputs(0, batch=batch, dim=dim, L=1, N=N, groups=1, dtype=torch.bfloat16,
+                         device=DEVICE)
+    state = torch.zeros(batch, dim, N, device=DEVICE)
+    args = dict(x=inputs["u"][..., 0], dt=inputs["delta"][..., 0], A=inputs["A"],
+                B=inputs["B"][..., 0], C=inputs["C"][..., 0], D=inputs["D"],
+                z=inputs["z"][..., 0], dt_bias=inputs["delta_bias"],
+                dt_scale=inputs["dt_scale"][:, 0])
+    result = eager_and_graph_ms(
+        lambda: cram_ext.selective_state_update(state, **args, dt_softplus=True), "state_update")
+    record(kind="state_update", batch=batch, dim=dim, N=N, dtype="bfloat16",
+           state_bytes=2 * state.numel() * 4, **result)

@@ -430,8 +430,9 @@ def test_prefill_and_steps_equal_forward(name, working, split, monkeypatch):
 @torch.no_grad()
 def test_written_buffer_evicts_oldest_entries():
     """With more written entries than memory_size, `step` keeps the most recent ones (where
-    `forward` and `prefill` refuse): the first layer's cache then holds the keys of the last
-    memory_size written tokens."""
+    `forward` refuses): the first layer's cache then holds the keys of the last memory_size
+    written tokens, and `prefill` (which then reads in chunks that end where an entry is
+    evicted) gives the same outputs and buffer."""
     model = streaming_model("cram")
     model.config = dataclasses.replace(model.config, memory_size=3)
     batch = batch_at(DATA, seed=1, step=0, batch_size=2)
@@ -439,11 +440,23 @@ def test_written_buffer_evicts_oldest_entries():
     assert int(written.sum(-1).min()) > 3
     with pytest.raises(ValueError, match="memory_size=3"):
         model(batch)
-    with pytest.raises(ValueError, match="memory_size=3"):
-        model.prefill(batch, model.init_state(2, capacity=DATA.seq_len))
     state = model.init_state(2, capacity=DATA.seq_len)
+    logits = []
     for t in range(DATA.seq_len):
-        _, state = model.step({k: v[:, t] for k, v in batch.items()}, state)
+        out, state = model.step({k: v[:, t] for k, v in batch.items()}, state)
+        logits.append(out.value_logits)
+    prefilled, chunked = model.prefill(batch, model.init_state(2, capacity=DATA.seq_len))
+    torch.testing.assert_close(prefilled.value_logits, torch.stack(logits, 1), rtol=1e-4,
+                               atol=1e-4)
+    for streamed, read in zip(state.layers, chunked.layers):
+        assert torch.equal(streamed.attention.lengths, read.attention.lengths)
+        torch.testing.assert_close(streamed.attention.keys[:, :, :3],
+                                   read.attention.keys[:, :, :3])
+    # A single chunk that overflows the buffer before its last token is refused.
+    layer = model.layers[0]
+    with pytest.raises(ValueError, match=r"memory_size=3\) before its last token"):
+        layer.episodic.step(model.encoder(batch), written[:, :] | True, written,
+                            layer.episodic.init_state(2, DATA.seq_len, 3))
     cache = state.layers[0].attention
     assert cache.capacity == 4 and (cache.lengths == 3).all()
     episodic = model.layers[0].episodic

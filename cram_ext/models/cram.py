@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Dict, List, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -380,10 +381,27 @@ class CRAMModel(nn.Module):
         state), the routed rows attend over the caches plus the chunk. Returns (ModelOutput for
         these tokens, state), the state updated in place. The routers price as in `forward`, so
         in eval mode `prefill` of [0, t) and then of [t, L) (or `step` per token) gives
-        `forward`'s outputs and routes on [0, L)."""
-        prices = self.routing_prices()
+        `forward`'s outputs and routes on [0, L).
+
+        Once the written entries overflow the episodic buffer the tokens are read in chunks
+        that each end at the token that evicts an entry, so prefill equals `step` token by token
+        there too (where `forward` refuses the sequence)."""
         written = (None if self.config.episodic_keys == "prefix"
                    else batch["value"] != self.config.n_values)
+        caches = [layer.attention for layer in state.layers if layer.attention is not None]
+        if written is None or not caches:
+            return self._read(batch, written, state)
+        outputs = []
+        for start, end in _buffer_chunks(written, caches[0].lengths, self.config.memory_size):
+            output, state = self._read({name: value[:, start:end] for name, value in batch.items()},
+                                       written[:, start:end], state)
+            outputs.append(output)
+        return _cat_positions(outputs), state
+
+    def _read(self, batch: Dict[str, torch.Tensor], written: Optional[torch.Tensor],
+              state: StreamState):
+        """`prefill` of one chunk the episodic buffers can take whole."""
+        prices = self.routing_prices()
         x = self.encoder(batch, start=state.position)
         records = []
         for layer, layer_state in zip(self.layers, state.layers):
@@ -401,6 +419,38 @@ class CRAMModel(nn.Module):
         output, state = self.prefill({name: value[:, None] for name, value in inputs.items()},
                                      state)
         return _squeeze_position(output), state
+
+
+def _buffer_chunks(written: torch.Tensor, held: torch.Tensor, memory_size: int):
+    """[start, end) chunks of positions such that in each, every row sees at most memory_size
+    buffer entries (those held before the chunk and those written earlier in it): a chunk ends
+    where one more written entry would make a row see one entry more than `step` lets it."""
+    written = written.cpu().numpy()
+    held = held.cpu().numpy().astype(np.int64)
+    chunks, start = [], 0
+    inside = np.zeros_like(held)  # entries written in [start, i)
+    for i in range(written.shape[1]):
+        if i > start and (held + inside > memory_size).any():
+            chunks.append((start, i))
+            held, inside, start = np.minimum(held + inside, memory_size), np.zeros_like(held), i
+        inside += written[:, i]
+    chunks.append((start, written.shape[1]))
+    return chunks
+
+
+def _cat_positions(outputs: List[ModelOutput]) -> ModelOutput:
+    """ModelOutputs of consecutive chunks joined along the length dimension."""
+    if len(outputs) == 1:
+        return outputs[0]
+
+    def cat(values):
+        if values[0] is None or isinstance(values[0], torch.Tensor):
+            return values[0] if values[0] is None else torch.cat(values, 1)
+        return type(values[0])(**{f.name: cat([getattr(v, f.name) for v in values])
+                                  for f in fields(values[0])})
+
+    return ModelOutput(cat([o.value_logits for o in outputs]), cat([o.next_value for o in outputs]),
+                       [cat([o.layers[i] for o in outputs]) for i in range(len(outputs[0].layers))])
 
 
 def _squeeze_position(output: ModelOutput) -> ModelOutput:

@@ -216,6 +216,14 @@ def _attend_with_cache(q, k, v, route, written, cache: AttentionCache) -> torch.
         out = cached_attention_op(q, cache.keys, cache.values, k, v, cache.lengths, route, None)
         cache.lengths += n
         return out
+    # Each row of a chunk sees every entry written before it in the chunk, so the chunk is what
+    # `step` would do only while those fit; its last token may overflow the buffer by one (the
+    # oldest entry is then evicted, as step does). `CRAMModel.prefill` cuts its chunks so.
+    if n > 1 and bool((cache.lengths + written[:, :-1].sum(1, dtype=torch.int32)
+                       > cache.memory_size).any()):
+        raise ValueError(f"the chunk writes more entries than the episodic buffer holds "
+                         f"(memory_size={cache.memory_size}) before its last token; read it in "
+                         f"shorter chunks (CRAMModel.prefill does)")
     keys, values = cache.keys, cache.values
     if n > 1:  # room for the whole chunk until it is compacted
         pad = keys.new_zeros(*keys.shape[:2], n, keys.shape[3])
@@ -231,16 +239,9 @@ def _attend_with_cache(q, k, v, route, written, cache: AttentionCache) -> torch.
     out = cached_attention_op(q, keys, values, k, v, cache.lengths, route, key_mask)
     count = cache.lengths + written.sum(1, dtype=torch.int32)
     # One read of the (batch,) lengths per call decides whether the cache must be compacted.
-    overflow = bool((count > cache.memory_size).any())
-    if n == 1 and not overflow:
+    if n == 1 and not bool((count > cache.memory_size).any()):
         cache.lengths.copy_(count)  # an entry not written is overwritten by the next one
         return out
-    if overflow and n > 1:
-        # Each query of a chunk saw every entry written before it in the chunk: evicting inside
-        # a chunk would need a different buffer per row.
-        raise ValueError(f"the chunk writes more entries than the episodic buffer holds "
-                         f"(memory_size={cache.memory_size}); prefill less, or read the rest "
-                         f"with step, which evicts the oldest entries")
     drop = (count - cache.memory_size).clamp_min(0)
     order = torch.argsort((~key_mask).to(torch.int8), dim=1, stable=True)  # entries first
     take = (torch.arange(cache.capacity, device=q.device) + drop[:, None]).clamp_max(
