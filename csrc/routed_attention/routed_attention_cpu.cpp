@@ -337,6 +337,27 @@ int group_key_end(const Problem<scalar_t>& pb, const TileGroup& g) {
   return end;
 }
 
+// The walk the forward and the dQ backward share: every block of keys some tile of the group can
+// see, its keys and values widened once for the whole group, then visit(i, keys, values, j0, n)
+// for each tile i of the group that sees n > 0 keys of the block starting at key j0.
+template <typename scalar_t, typename acc_t, typename Visit>
+void for_each_visible_key_block(const Problem<scalar_t>& pb, const TileGroup& g, std::vector<acc_t>& k_buffer,
+                                std::vector<acc_t>& v_buffer, Visit visit) {
+  const RoutedAttentionParams& p = pb.params();
+  const Tile* tiles = &pb.tiles()[g.first_tile];
+  const int d = pb.head_dim(), b = pb.batch_of(tiles[0].bh), kvh = pb.kv_head(tiles[0].bh);
+  const int key_end = group_key_end(pb, g);
+  for (int j0 = 0; j0 < key_end; j0 += kKeyBlock) {
+    const int block = std::min(kKeyBlock, key_end - j0);
+    const auto keys = rows_as_acc(pb.k_row(b, kvh, j0), p.k_row_stride, block, d, k_buffer);
+    const auto values = rows_as_acc(pb.v_row(b, kvh, j0), p.v_row_stride, block, d, v_buffer);
+    for (int i = 0; i < g.count; ++i) {
+      const int n = std::min(block, pb.key_end(tiles[i]) - j0);
+      if (n > 0) visit(i, keys, values, j0, n);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------
@@ -411,25 +432,17 @@ void finish_tile(const Problem<scalar_t>& pb, const Tile& t, const ForwardTileSt
 
 template <typename scalar_t, typename acc_t = typename AccType<scalar_t>::type>
 void forward_group(const Problem<scalar_t>& pb, const TileGroup& g, ForwardScratch<acc_t>& s) {
-  const RoutedAttentionParams& p = pb.params();
   const Tile* tiles = &pb.tiles()[g.first_tile];
-  const int d = p.head_dim, b = pb.batch_of(tiles[0].bh), kvh = pb.kv_head(tiles[0].bh);
+  const int d = pb.head_dim();
   for (int i = 0; i < g.count; ++i) start_tile(pb, tiles[i], s.tiles[i]);
-  const int key_end = group_key_end(pb, g);
-  for (int j0 = 0; j0 < key_end; j0 += kKeyBlock) {
-    const int block = std::min(kKeyBlock, key_end - j0);
-    const auto keys = rows_as_acc(pb.k_row(b, kvh, j0), p.k_row_stride, block, d, s.k_buffer);
-    const auto values = rows_as_acc(pb.v_row(b, kvh, j0), p.v_row_stride, block, d, s.v_buffer);
-    for (int i = 0; i < g.count; ++i) {
-      const int n = std::min(block, pb.key_end(tiles[i]) - j0);
-      if (n <= 0) continue;
-      ForwardTileState<acc_t>& state = s.tiles[i];
-      rows_dot_tile(keys, n, state.q_t, d, s.scores.data());
-      mask_scores(pb, tiles[i], state.positions, j0, n, s.scores.data());
-      softmax_update(s.scores.data(), n, state, d);
-      accumulate_weighted_rows(values, n, s.scores.data(), d, state.out_t);
-    }
-  }
+  for_each_visible_key_block(pb, g, s.k_buffer, s.v_buffer,
+                             [&](int i, const auto& keys, const auto& values, int j0, int n) {
+    ForwardTileState<acc_t>& state = s.tiles[i];
+    rows_dot_tile(keys, n, state.q_t, d, s.scores.data());
+    mask_scores(pb, tiles[i], state.positions, j0, n, s.scores.data());
+    softmax_update(s.scores.data(), n, state, d);
+    accumulate_weighted_rows(values, n, s.scores.data(), d, state.out_t);
+  });
   for (int i = 0; i < g.count; ++i) finish_tile(pb, tiles[i], s.tiles[i]);
 }
 
@@ -558,20 +571,13 @@ template <typename scalar_t, typename acc_t = typename AccType<scalar_t>::type>
 void backward_dq_group(const Problem<scalar_t>& pb, const BackwardOperands<scalar_t>& ops,
                        const RoutedAttentionBwdParams& p, const TileGroup& g, BackwardScratch<acc_t>& s) {
   const Tile* tiles = &pb.tiles()[g.first_tile];
-  const int d = p.head_dim, b = pb.batch_of(tiles[0].bh), kvh = pb.kv_head(tiles[0].bh);
+  const int d = p.head_dim;
   std::fill(s.grad_t.begin(), s.grad_t.end(), Vec<acc_t>{});
-  const int key_end = group_key_end(pb, g);
-  for (int j0 = 0; j0 < key_end; j0 += kKeyBlock) {
-    const int block = std::min(kKeyBlock, key_end - j0);
-    const auto keys = rows_as_acc(pb.k_row(b, kvh, j0), p.k_row_stride, block, d, s.k_buffer);
-    const auto values = rows_as_acc(pb.v_row(b, kvh, j0), p.v_row_stride, block, d, s.v_buffer);
-    for (int i = 0; i < g.count; ++i) {
-      const int n = std::min(block, pb.key_end(tiles[i]) - j0);
-      if (n <= 0) continue;
-      probabilities_and_score_grads(pb, tiles[i], ops.tile(g.first_tile + i), keys, values, j0, n, s);
-      accumulate_weighted_rows(keys, n, s.dprobs.data(), d, &s.grad_t[i * d]);
-    }
-  }
+  for_each_visible_key_block(pb, g, s.k_buffer, s.v_buffer,
+                             [&](int i, const auto& keys, const auto& values, int j0, int n) {
+    probabilities_and_score_grads(pb, tiles[i], ops.tile(g.first_tile + i), keys, values, j0, n, s);
+    accumulate_weighted_rows(keys, n, s.dprobs.data(), d, &s.grad_t[i * d]);
+  });
   for (int i = 0; i < g.count; ++i) {
     const Tile& t = tiles[i];
     acc_t* dq = static_cast<acc_t*>(p.dq) + static_cast<int64_t>(t.bh) * p.seqlen_q * d;
