@@ -440,7 +440,8 @@ def cram_forward(x, gap, in_proj_weight, x_proj_weight, dt_proj_weight, A, D, dt
         key_mask: optional bool (batch, L): the tokens that are keys.
         forced_path: optional int64 (batch, L): a path per token that overrides the router's
             choice, -1 where it does not (training's exploration, drawn by the caller, so the
-            op stays deterministic).
+            op stays deterministic). Other values are an error on the CPU; on a CUDA device,
+            where checking them would synchronise, they read as -1.
 
     Returns a `CramForwardOutput`. No step synchronises with the host on a CUDA device. The
     routing is a hard gate: gradients reach the taken path only, the router's inputs get none.

@@ -947,7 +947,7 @@ cram_forward_fwd(const at::Tensor& x, const at::Tensor& gap, const at::Tensor& i
   at::Tensor out = at::mm(scan_channels.t(), out_proj_weight.t()).view({batch, L, d});
   at::Tensor out_flat = out.view({n_tokens, d});
   const at::Tensor hidden_x = at::addmm(router_b1, x_flat, router_w1.narrow(1, 0, d).t());
-  const at::Tensor w_state = router_w1.narrow(1, d, 3).contiguous();
+  const at::Tensor w_state = router_w1.narrow(1, d, 3).t().contiguous();   // (3, hidden)
   const at::Tensor gap_c = gap.contiguous(), w2 = router_w2.contiguous(), b2 = router_b2.contiguous();
   const at::Tensor q_hat_c = q_hat ? q_hat->contiguous() : at::Tensor();
   const at::Tensor forced_c = forced_path ? forced_path->contiguous() : at::Tensor();

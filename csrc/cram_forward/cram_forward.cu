@@ -61,8 +61,8 @@ route_tokens_kernel(const CramRouterParams p) {
 
   acc_t partial[kRouterMaxPaths] = {0, 0, 0};
   for (int64_t j = lane; j < H; j += 32) {
-    acc_t h = to_acc(hidden_x[j]) + to_acc(w_state[j * 3]) * log_gap +
-              to_acc(w_state[j * 3 + 1]) * state_norm + to_acc(w_state[j * 3 + 2]) * q;
+    acc_t h = to_acc(hidden_x[j]) + to_acc(w_state[j]) * log_gap +
+              to_acc(w_state[H + j]) * state_norm + to_acc(w_state[2 * H + j]) * q;
     h = h > acc_t(0) ? h : acc_t(0);
 #pragma unroll
     for (int path = 0; path < kRouterMaxPaths; ++path)
@@ -78,7 +78,9 @@ route_tokens_kernel(const CramRouterParams p) {
   auto* scores = static_cast<scalar_t*>(p.scores) + token * P;
   int64_t best = 0;
   acc_t best_score = 0;
-  for (int path = 0; path < P; ++path) {
+#pragma unroll
+  for (int path = 0; path < kRouterMaxPaths; ++path) {
+    if (path >= P) break;
     const scalar_t stored =
         from_acc<scalar_t>(partial[path] + to_acc(static_cast<const scalar_t*>(p.b_out)[path]));
     acc_t price = 0;

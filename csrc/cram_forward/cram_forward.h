@@ -14,8 +14,9 @@
 //
 // Layout: hidden_x: (batch, L, hidden), working_out: (batch, L, d_model), each with a unit stride
 // along its last dimension and free batch and row strides; gap, q_hat, forced_path, route, path:
-// (batch, L) contiguous; predicted, scores: (batch, L, paths) contiguous; w_state: (hidden, 3),
-// w_out: (paths, hidden), b_out: (paths,) contiguous. Every float tensor has one dtype.
+// (batch, L) contiguous; predicted, scores: (batch, L, paths) contiguous; w_state: (3, hidden)
+// (W1_state transposed), w_out: (paths, hidden), b_out: (paths,) contiguous. Every float tensor
+// has one dtype.
 #pragma once
 
 #include <cstdint>

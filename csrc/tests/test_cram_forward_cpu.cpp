@@ -84,7 +84,7 @@ void test_router_formula() {
     std::vector<double> hidden(c.hidden);
     for (int64_t j = 0; j < c.hidden; ++j) {
       double h = c.hidden_x[token * c.hidden + j];
-      for (int f = 0; f < 3; ++f) h += double(c.w_state[j * 3 + f]) * features[f];
+      for (int f = 0; f < 3; ++f) h += double(c.w_state[f * c.hidden + j]) * features[f];
       hidden[j] = std::max(h, 0.0);
     }
     for (int64_t path = 0; path < c.paths; ++path) {
