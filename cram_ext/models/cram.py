@@ -114,7 +114,7 @@ class CRAMLayer(nn.Module):
                 ran = rows.to(x.dtype)
                 record.consolidation_error = squared_error / x.shape[-1] * ran
                 record.q = torch.exp(-squared_error.detach()
-                                     / (self.q_sigma ** 2 * retrieval_spread(target, rows))) * ran
+                                     / (self.q_sigma ** 2 * retrieval_spread(target[rows]))) * ran
                 record.q_hat = q_hat
             record.routing, record.attention_rows = routing, rows
         h = self.norm_mix(x + mixed)
@@ -137,20 +137,12 @@ class CRAMLayer(nn.Module):
 
     def fused_paths(self, x: torch.Tensor, gap: torch.Tensor, key_mask: Optional[torch.Tensor],
                     prices: "RoutingPrices"):
-        """The paths of a routed scan layer as one `cram_forward` call: the same routing, mixed
-        output and record as the composed ops. The exploration and warm-up of `prices` are drawn
-        here, as `Router.forward` draws them, and passed as forced paths."""
+        """The paths of a routed scan layer as one `cram_forward` call, in evaluation (no
+        exploration, no warm-up): the same routing, mixed output and record as the composed
+        ops."""
         working, attention, router = self.working, self.episodic, self.router
         q_hat = self.q_predictor(x) if self.q_predictor is not None else None
         shape = x.shape[:2]
-        forced = None
-        if prices.attend_all:
-            forced = torch.full(shape, Path.EPISODIC, dtype=torch.long, device=x.device)
-        if prices.explore_rate > 0:
-            explore = torch.rand(shape, device=x.device) < prices.explore_rate
-            drawn = torch.randint(len(router.paths), shape, device=x.device)
-            forced = torch.where(explore, drawn, torch.full_like(drawn, -1) if forced is None
-                                 else forced)
         adapter = ((self.semantic.down.weight, self.semantic.down.bias, self.semantic.up.weight,
                     self.semantic.up.bias) if self.semantic is not None else (None,) * 4)
         first, last = router.predict_loss[0], router.predict_loss[-1]
@@ -161,7 +153,7 @@ class CRAMLayer(nn.Module):
             attention.qkv.weight, attention.out_proj.weight, *adapter, n_heads=attention.n_heads,
             episodic_price=prices.episodic,
             semantic_reward=prices.semantic if self.spec.router_reads_q else 0.0,
-            q_hat=q_hat if router.reads_q else None, key_mask=key_mask, forced_path=forced)
+            q_hat=q_hat if router.reads_q else None, key_mask=key_mask)
         rows = result.path == Path.EPISODIC
         record = LayerRecord(attention_rows=rows, routing=RoutingDecision(
             result.path, result.predicted_loss, result.scores))
@@ -169,8 +161,7 @@ class CRAMLayer(nn.Module):
             # The record's formulas (see `forward`) on the rows that ran attention.
             target = attention.out_proj(result.attention_out[rows]).detach()
             squared_error = (self.semantic(x[rows]) - target).pow(2).sum(-1)
-            spread = (target.var(0, unbiased=False).sum().clamp_min(1e-8) if target.shape[0] >= 2
-                      else target.new_ones(()))
+            spread = retrieval_spread(target)
             record.consolidation_error = x.new_zeros(shape).masked_scatter(
                 rows, squared_error / x.shape[-1])
             record.q = x.new_zeros(shape).masked_scatter(
@@ -179,17 +170,17 @@ class CRAMLayer(nn.Module):
         return result.out, record
 
 
-def retrieval_spread(retrieved: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Σ_features Var(r^E) over the rows that ran attention: the scale of q's σ².
+def retrieval_spread(selected: torch.Tensor) -> torch.Tensor:
+    """Σ_features Var(r^E) over `selected`, the attention outputs (rows, d) of the rows that
+    ran attention: the scale of q's σ².
 
     Normalising by the spread of the attention outputs, not by their norm, makes q measure
     whether f_sem predicts what is specific to a token's retrieval: the part all retrievals
     share (type and position features) is easy to predict and would make q high everywhere.
     A semantic memory that only predicts the mean retrieval gets q ≈ exp(−1/σ_q²).
     """
-    selected = retrieved[rows]
     if selected.shape[0] < 2:
-        return retrieved.new_ones(())
+        return selected.new_ones(())
     return selected.var(0, unbiased=False).sum().clamp_min(1e-8)
 
 
