@@ -92,10 +92,16 @@ def main(argv=None) -> Dict[str, float]:
     parser.add_argument("--json", default=None, help="also write the metrics here")
     parser.add_argument("--by-pattern", action="store_true",
                         help="also print routing and predicted losses per recurring pattern")
+    parser.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                        help="routed scan layers through cram_forward, or through the separate "
+                             "ops (--no-fused); default: the checkpoint's setting")
     args = parser.parse_args(argv)
 
     state = torch.load(args.checkpoint, weights_only=False)
-    trainer = Trainer(RunConfig(**state["config"]), None, show_progress=False)
+    config = dict(state["config"])
+    if args.fused is not None:
+        config["model_overrides"] = {**config["model_overrides"], "fused": args.fused}
+    trainer = Trainer(RunConfig(**config), None, show_progress=False)
     trainer.model.load_state_dict(state["model"])
     metrics = trainer.evaluate(args.batches, seed_offset=TEST_SEED_OFFSET)
     print(f"{args.checkpoint} (step {state['step']}), {args.batches} test batches")

@@ -40,3 +40,14 @@ def test_evaluate_reports_routing_by_kind_on_the_test_stream(tmp_path, capsys):
     assert sum(int(line.split()[1]) for line in table) == counts[0, "recurring"][1]
     # a stream neither training (data_seed) nor in-training evaluation reads
     assert evaluate.TEST_SEED_OFFSET != train.EVAL_SEED_OFFSET
+
+
+def test_evaluate_fused_and_composed_layers_agree(tmp_path, capsys):
+    train.main(["--config", "cram", "--size", "tiny", "--steps", "4", "--out", str(tmp_path)])
+    checkpoint = str(tmp_path / "checkpoint.pt")
+    fused = evaluate.main([checkpoint, "--batches", "2", "--fused"])
+    composed = evaluate.main([checkpoint, "--batches", "2", "--no-fused"])
+    capsys.readouterr()
+    assert fused == composed
+    assert any(fused[f"attention/{layer}/{kind}"] > 0 for layer in (0, 1)
+               for kind in ("recurring", "novel", "other"))
