@@ -21,6 +21,7 @@ import torch
 
 from .models.router import Path
 from .srcd.metrics import TOKEN_KINDS, routed_layers, token_kinds
+from .train import RunConfig, Trainer
 
 # Sequences of the test stream: the same bindings as training, a seed offset no training or
 # in-training evaluation stream uses.
@@ -82,9 +83,18 @@ def pattern_routing(trainer, n_batches: int) -> List[str]:
     return lines
 
 
-def main(argv=None) -> Dict[str, float]:
-    from .train import RunConfig, Trainer
+def load_checkpoint(path: str, **model_overrides):
+    """(a Trainer holding the model of checkpoint `path`, the checkpoint) with any model setting
+    overridden (for example fused=False)."""
+    state = torch.load(path, weights_only=False)
+    config = dict(state["config"])
+    config["model_overrides"] = {**config["model_overrides"], **model_overrides}
+    trainer = Trainer(RunConfig(**config), None, show_progress=False)
+    trainer.model.load_state_dict(state["model"])
+    return trainer, state
 
+
+def main(argv=None) -> Dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a checkpoint.pt written by cram_ext.train")
     parser.add_argument("--batches", type=int, default=16,
@@ -97,12 +107,8 @@ def main(argv=None) -> Dict[str, float]:
                              "ops (--no-fused); default: the checkpoint's setting")
     args = parser.parse_args(argv)
 
-    state = torch.load(args.checkpoint, weights_only=False)
-    config = dict(state["config"])
-    if args.fused is not None:
-        config["model_overrides"] = {**config["model_overrides"], "fused": args.fused}
-    trainer = Trainer(RunConfig(**config), None, show_progress=False)
-    trainer.model.load_state_dict(state["model"])
+    trainer, state = load_checkpoint(args.checkpoint,
+                                     **({} if args.fused is None else {"fused": args.fused}))
     metrics = trainer.evaluate(args.batches, seed_offset=TEST_SEED_OFFSET)
     print(f"{args.checkpoint} (step {state['step']}), {args.batches} test batches")
     print("\n".join(summary_lines(metrics)))

@@ -26,7 +26,7 @@ from typing import Dict, List
 import torch
 from tqdm import tqdm
 
-from .evaluate import TEST_SEED_OFFSET, summary_lines
+from .evaluate import TEST_SEED_OFFSET, load_checkpoint, summary_lines
 from .models.cram import ModelOutput
 from .srcd.generator import batch_at
 from .srcd.metrics import add_sums, batch_sums, summarize
@@ -103,8 +103,6 @@ def test_streams(trainer, length: int, n_streams: int, segment=None) -> Dict[str
 
 
 def main(argv=None) -> Dict[str, float]:
-    from .train import RunConfig, Trainer
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a checkpoint.pt written by cram_ext.train")
     parser.add_argument("--length", type=int, default=65536, help="tokens per stream")
@@ -121,9 +119,7 @@ def main(argv=None) -> Dict[str, float]:
         parser.error("--prefill must be in [0, --length]")
 
     torch.set_num_threads(args.threads)
-    state = torch.load(args.checkpoint, weights_only=False)
-    trainer = Trainer(RunConfig(**state["config"]), None, show_progress=False)
-    trainer.model.load_state_dict(state["model"])
+    trainer, state = load_checkpoint(args.checkpoint)
     batch = test_streams(trainer, args.length, args.streams, args.segment)
     metrics = evaluate_stream(trainer.model, batch, args.prefill, not args.no_progress)
     segment = args.segment or min(args.length, 2048)

@@ -234,6 +234,31 @@ def check_routed_attention(seed, q, k, v, route, key_mask=None, *, attn_mask=Non
     return out
 
 
+def assert_scan_gradcheck(seed, inputs, *, delta_softplus=True):
+    """float64 gradcheck of selective_scan in every input of `inputs` (scan_inputs' keywords)."""
+    names = list(inputs)
+    tensors = [t.requires_grad_() for t in inputs.values()]
+    assert torch.autograd.gradcheck(
+        lambda *ts: selective_scan(**dict(zip(names, ts)), delta_softplus=delta_softplus),
+        tensors, eps=1e-6, atol=1e-7, rtol=1e-5), f"seed={seed}"
+
+
+def assert_scan_ops_pass_opcheck(inputs, *, delta_softplus=True):
+    """selective_scan's forward and backward ops, as one forward + backward calls them, pass
+    torch.library.opcheck (schema, fake tensor, autograd registration)."""
+    leaves = {k: v.detach().requires_grad_() for k, v in inputs.items()}
+
+    def forward_and_backward():
+        out = selective_scan(**leaves, delta_softplus=delta_softplus)
+        out.backward(torch.ones_like(out))
+
+    calls = cram_ops_called(forward_and_backward)
+    assert [op.name() for op, _, _ in calls] == ["cram_ext::selective_scan_fwd",
+                                                "cram_ext::selective_scan_bwd"]
+    for op, args, kwargs in calls:
+        torch.library.opcheck(op, args, kwargs)
+
+
 def check_selective_scan(seed, inputs, *, delta_softplus=True, backward=True):
     """selective_scan's output, last state (and every input's gradient) against the float64
     reference, by the rule; outputs and gradients keep their inputs' dtypes and shapes."""

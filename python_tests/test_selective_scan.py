@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import cram_ext
-from cases import (ALL_DTYPES, DEVICES, LOW_PRECISION, assert_matches_reference,
-                   check_selective_scan, cram_ops_called, scan_inputs)
+from cases import (ALL_DTYPES, DEVICES, LOW_PRECISION, assert_matches_reference, assert_scan_gradcheck,
+                   assert_scan_ops_pass_opcheck, check_selective_scan, scan_inputs)
 from cram_ext.reference import selective_scan_ref
 
 
@@ -37,13 +37,7 @@ def test_forward_and_gradients_match_reference(seed, dtype, L, dim, N, groups, d
 def test_gradcheck_float64(seed, full, device):
     inputs = scan_inputs(seed, batch=2, dim=5, L=9, N=3, dtype=torch.float64, full=full,
                          device=device)
-    names = list(inputs)
-
-    def scan(*tensors):
-        return cram_ext.selective_scan(**dict(zip(names, tensors)), delta_softplus=full)
-
-    tensors = [t.requires_grad_() for t in inputs.values()]
-    assert torch.autograd.gradcheck(scan, tensors, eps=1e-6, atol=1e-7, rtol=1e-5), f"seed={seed}"
+    assert_scan_gradcheck(seed, inputs, delta_softplus=full)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -52,11 +46,7 @@ def test_gradcheck_float64_across_checkpoints(seed, device):
     states."""
     inputs = scan_inputs(seed, batch=1, dim=1, L=2 * cram_ext.ops.SCAN_CHUNK_SIZE + 3, N=2,
                          groups=1, dtype=torch.float64, device=device)
-    names = list(inputs)
-    tensors = [t.requires_grad_() for t in inputs.values()]
-    assert torch.autograd.gradcheck(
-        lambda *ts: cram_ext.selective_scan(**dict(zip(names, ts)), delta_softplus=True),
-        tensors, eps=1e-6, atol=1e-7, rtol=1e-5), f"seed={seed}"
+    assert_scan_gradcheck(seed, inputs)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -105,17 +95,7 @@ def test_opcheck(seed, full, device):
     """Every op the public call dispatches, forward and backward, with the arguments it passes;
     260 steps cross a checkpoint chunk."""
     inputs = scan_inputs(seed, batch=2, dim=2, L=260, N=3, groups=2, full=full, device=device)
-    inputs = {k: v.requires_grad_() for k, v in inputs.items()}
-
-    def forward_and_backward():
-        out = cram_ext.selective_scan(**inputs, delta_softplus=full)
-        out.backward(torch.ones_like(out))
-
-    calls = cram_ops_called(forward_and_backward)
-    assert [op.name() for op, _, _ in calls] == ["cram_ext::selective_scan_fwd",
-                                                "cram_ext::selective_scan_bwd"]
-    for op, args, kwargs in calls:
-        torch.library.opcheck(op, args, kwargs)
+    assert_scan_ops_pass_opcheck(inputs, delta_softplus=full)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import cram_ext
-from cases import (ALL_DTYPES, DEVICES, accumulation_dtype, assert_matches_reference,
-                   attention_inputs, check_selective_scan, cram_ops_called, generator, randn,
+from cases import (ALL_DTYPES, DEVICES, accumulation_dtype, assert_matches_reference, assert_scan_gradcheck,
+                   assert_scan_ops_pass_opcheck, attention_inputs, check_selective_scan,
+                   cram_ops_called, generator, randn,
                    random_route, scan_inputs)
 from cram_ext.models import CRAMModel, model_config
 from cram_ext.models import memory
@@ -152,11 +153,7 @@ def test_chunked_scan_equals_whole_scan(seed, split, device):
 def test_initial_state_gradcheck_float64(seed, device):
     inputs = scan_inputs(seed, batch=2, dim=5, L=9, N=3, dtype=torch.float64, device=device)
     inputs["initial_state"] = initial_state(seed, inputs)
-    names = list(inputs)
-    tensors = [t.requires_grad_() for t in inputs.values()]
-    assert torch.autograd.gradcheck(
-        lambda *ts: cram_ext.selective_scan(**dict(zip(names, ts)), delta_softplus=True),
-        tensors, eps=1e-6, atol=1e-7, rtol=1e-5), f"seed={seed}"
+    assert_scan_gradcheck(seed, inputs)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -168,17 +165,7 @@ def test_initial_state_empty_sequence_and_opcheck(seed, device):
     _, last = cram_ext.selective_scan(**empty, delta_softplus=True, return_last_state=True,
                                       initial_state=h0)
     assert torch.equal(last, h0)
-    leaves = {k: v.requires_grad_() for k, v in {**inputs, "initial_state": h0}.items()}
-
-    def forward_and_backward():
-        out = cram_ext.selective_scan(**leaves, delta_softplus=True)
-        out.backward(torch.ones_like(out))
-
-    calls = cram_ops_called(forward_and_backward)
-    assert [op.name() for op, _, _ in calls] == ["cram_ext::selective_scan_fwd",
-                                                "cram_ext::selective_scan_bwd"]
-    for op, args, kwargs in calls:
-        torch.library.opcheck(op, args, kwargs)
+    assert_scan_ops_pass_opcheck({**inputs, "initial_state": h0})
 
 
 def test_initial_state_bad_input_errors():

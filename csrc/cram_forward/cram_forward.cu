@@ -9,6 +9,7 @@
 //     lists come out ascending (the order the CPU kernel writes) and the counts stay on the
 //     device for the stages that follow.
 #include "../common/cuda_dtype.cuh"
+#include "../common/warp_reduce.cuh"
 #include "cram_forward.h"
 
 namespace cram {
@@ -18,13 +19,6 @@ namespace {
 constexpr int kTokensPerBlock = 8;  // warps per block of route_tokens_kernel
 constexpr int kCompactThreads = 1024;
 constexpr int kCompactWarps = kCompactThreads / 32;
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_sum(acc_t v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
 
 template <typename scalar_t>
 __device__ __forceinline__ typename AccType<scalar_t>::type rounded(typename AccType<scalar_t>::type x) {
@@ -101,27 +95,6 @@ route_tokens_kernel(const CramRouterParams p) {
   p.route[token] = chosen == kPathEpisodic;
 }
 
-// Block-wide exclusive prefix sum of `value` (every thread calls it; it ends with a barrier).
-__device__ __forceinline__ int block_exclusive_sum(int value, int* warp_totals, int& block_total) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  int inclusive = value;
-#pragma unroll
-  for (int offset = 1; offset < 32; offset *= 2) {
-    const int before = __shfl_up_sync(0xffffffffu, inclusive, offset);
-    if (lane >= offset) inclusive += before;
-  }
-  if (lane == 31) warp_totals[warp] = inclusive;
-  __syncthreads();
-  int exclusive = inclusive - value;
-  block_total = 0;
-  for (int w = 0; w < kCompactWarps; ++w) {
-    exclusive += w < warp ? warp_totals[w] : 0;
-    block_total += warp_totals[w];
-  }
-  __syncthreads();
-  return exclusive;
-}
-
 __global__ void __launch_bounds__(kCompactThreads) compact_rows_kernel(const CramRouterParams p) {
   __shared__ int warp_totals[kCompactWarps];
   const int64_t n_tokens = p.batch * p.seqlen;
@@ -130,10 +103,10 @@ __global__ void __launch_bounds__(kCompactThreads) compact_rows_kernel(const Cra
     const int64_t token = start + threadIdx.x;
     const int64_t path = token < n_tokens ? p.path[token] : -1;
     int total;
-    const int episodic_before = block_exclusive_sum(path == kPathEpisodic, warp_totals, total);
+    const int episodic_before = block_exclusive_sum<kCompactWarps>(path == kPathEpisodic, warp_totals, total);
     if (path == kPathEpisodic) p.episodic_rows[n_episodic + episodic_before] = token;
     n_episodic += total;
-    const int semantic_before = block_exclusive_sum(path == kPathSemantic, warp_totals, total);
+    const int semantic_before = block_exclusive_sum<kCompactWarps>(path == kPathSemantic, warp_totals, total);
     if (path == kPathSemantic) p.semantic_rows[n_semantic + semantic_before] = token;
     n_semantic += total;
   }

@@ -16,31 +16,6 @@ constexpr int kFlagsPerThread = 16;
 constexpr int kCompactTile = kCompactThreads * kFlagsPerThread;
 constexpr int kCompactWarps = kCompactThreads / 32;
 
-// Block-wide exclusive prefix sum of `value` over the kCompactThreads threads: within each warp
-// by shuffles, then across the warps through `warp_totals` (kCompactWarps shared ints). Returns
-// the sum over lower threads and sets `block_total`. Every thread must call it; it ends with a
-// barrier, so the next call may reuse `warp_totals`.
-__device__ __forceinline__ int block_exclusive_sum(int value, int* warp_totals, int& block_total) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  int inclusive = value;
-#pragma unroll
-  for (int offset = 1; offset < 32; offset *= 2) {
-    const int before = __shfl_up_sync(0xffffffffu, inclusive, offset);
-    if (lane >= offset) inclusive += before;
-  }
-  if (lane == 31) warp_totals[warp] = inclusive;
-  __syncthreads();
-  int exclusive = inclusive - value;
-  block_total = 0;
-#pragma unroll
-  for (int w = 0; w < kCompactWarps; ++w) {
-    exclusive += w < warp ? warp_totals[w] : 0;
-    block_total += warp_totals[w];
-  }
-  __syncthreads();
-  return exclusive;
-}
-
 __global__ void __launch_bounds__(kCompactThreads)
 compact_routed_rows_kernel(const RoutedAttentionParams p, const RoutedRows rows) {
   __shared__ int warp_totals[kCompactWarps];
@@ -55,7 +30,7 @@ compact_routed_rows_kernel(const RoutedAttentionParams p, const RoutedRows rows)
     for (int i = 0; i < kFlagsPerThread; ++i)
       if (first + i < p.seqlen_q && route[(first + i) * p.route_row_stride]) flags |= 1u << i;
     int tile_total;
-    int slot = written + block_exclusive_sum(__popc(flags), warp_totals, tile_total);
+    int slot = written + block_exclusive_sum<kCompactWarps>(__popc(flags), warp_totals, tile_total);
 #pragma unroll
     for (int i = 0; i < kFlagsPerThread; ++i)
       if (flags & (1u << i)) positions[slot++] = first + i;
@@ -78,7 +53,7 @@ plan_tiles_kernel(const RoutedAttentionParams p, const RoutedRows rows, int targ
     const int pair = base + threadIdx.x;
     const int tiles = pair < n_pairs ? (rows.count[pair] + kTileRows - 1) / kTileRows : 0;
     int chunk_total;
-    const int first = total + block_exclusive_sum(tiles, warp_totals, chunk_total);
+    const int first = total + block_exclusive_sum<kCompactWarps>(tiles, warp_totals, chunk_total);
     if (pair < n_pairs) rows.tile_offset[pair] = first;
     total += chunk_total;
   }
