@@ -168,6 +168,41 @@ def scan_inputs(seed, *, batch=2, dim=6, L=33, N=4, groups=None, dtype=torch.flo
     return inputs
 
 
+def initial_state(seed, inputs):
+    """A random scan state (batch, dim, N) for scan_inputs' `inputs`, in the accumulation type."""
+    u, A = inputs["u"], inputs["A"]
+    g = generator(seed + 7, u.device.type)
+    return torch.randn(u.shape[0], u.shape[1], A.shape[1], generator=g, device=u.device,
+                       dtype=accumulation_dtype(u.dtype))
+
+def position(inputs, t):
+    """selective_state_update's arguments for position t of selective_scan's inputs."""
+    step = dict(x=inputs["u"][..., t], dt=inputs["delta"][..., t], A=inputs["A"],
+                B=inputs["B"][..., t], C=inputs["C"][..., t])
+    if "D" in inputs:
+        step.update(D=inputs["D"], z=inputs["z"][..., t], dt_bias=inputs["delta_bias"],
+                    dt_scale=inputs["dt_scale"][:, t])
+    return step
+
+def kvcache_inputs(seed, *, batch=3, heads=4, kv_heads=2, n_new=3, capacity=40, d=16,
+                   dtype=torch.float32, device="cpu", key_mask=False):
+    """A cache of `capacity` slots holding 5 + 7b random entries in batch b (the rest NaN:
+    a kernel that reads a slot past the entries shows it), n_new new rows and entries."""
+    g = generator(seed, device)
+    k_cache = randn(g, (batch, kv_heads, capacity, d), dtype, device)
+    v_cache = randn(g, (batch, kv_heads, capacity, d), dtype, device)
+    lengths = torch.tensor([5 + 7 * b for b in range(batch)], dtype=torch.int32, device=device)
+    unused = torch.arange(capacity, device=device) >= lengths[:, None].long()
+    k_cache[unused[:, None].expand_as(k_cache[..., 0])] = float("nan")
+    v_cache[unused[:, None].expand_as(v_cache[..., 0])] = float("nan")
+    q = randn(g, (batch, heads, n_new, d), dtype, device)
+    k = randn(g, (batch, kv_heads, n_new, d), dtype, device)
+    v = randn(g, (batch, kv_heads, n_new, d), dtype, device)
+    route = random_route(g, (batch, n_new), 0.67, device)
+    mask = torch.rand(batch, capacity, generator=g, device=device) < 0.7 if key_mask else None
+    return q, k_cache, v_cache, k, v, lengths, route, mask
+
+
 def randn(g, shape, dtype, device):
     """Standard normal in `dtype`, drawn in its accumulation dtype and rounded."""
     return torch.randn(shape, generator=g, device=device, dtype=accumulation_dtype(dtype)).to(dtype)

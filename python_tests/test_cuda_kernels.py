@@ -175,8 +175,8 @@ def test_attention_dk_dv_are_bitwise_deterministic(seed):
 # Streaming: selective_state_update, initial_state, routed_attention_with_kvcache
 # ---------------------------------------------------------------------------------------------
 
-from test_streaming import (check_kvcache, initial_state, kvcache_inputs, position,  # noqa: E402
-                            streaming_model)
+from cases import initial_state, kvcache_inputs, position  # noqa: E402
+from test_streaming import check_kvcache, streaming_model  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)

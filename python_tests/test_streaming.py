@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import cram_ext
-from cases import (ALL_DTYPES, DEVICES, accumulation_dtype, assert_matches_reference, assert_scan_gradcheck,
-                   assert_scan_ops_pass_opcheck, attention_inputs, check_selective_scan,
-                   cram_ops_called, generator, randn,
-                   random_route, scan_inputs)
+from cases import (ALL_DTYPES, DEVICES, accumulation_dtype, assert_matches_reference,
+                   assert_scan_gradcheck, assert_scan_ops_pass_opcheck, attention_inputs,
+                   check_selective_scan, cram_ops_called, generator, initial_state,
+                   kvcache_inputs, position, randn, random_route, scan_inputs)
 from cram_ext.models import CRAMModel, model_config
 from cram_ext.models import memory
 from cram_ext.reference import (routed_attention_with_kvcache_ref, selective_scan_ref,
@@ -18,23 +18,6 @@ from cram_ext.reference import (routed_attention_with_kvcache_ref, selective_sca
 from cram_ext.srcd import SRCDConfig, batch_at
 
 torch.set_num_threads(1)
-
-
-def initial_state(seed, inputs):
-    u, A = inputs["u"], inputs["A"]
-    g = generator(seed + 7, u.device.type)
-    return torch.randn(u.shape[0], u.shape[1], A.shape[1], generator=g, device=u.device,
-                       dtype=accumulation_dtype(u.dtype))
-
-
-def position(inputs, t):
-    """selective_state_update's arguments for position t of selective_scan's inputs."""
-    step = dict(x=inputs["u"][..., t], dt=inputs["delta"][..., t], A=inputs["A"],
-                B=inputs["B"][..., t], C=inputs["C"][..., t])
-    if "D" in inputs:
-        step.update(D=inputs["D"], z=inputs["z"][..., t], dt_bias=inputs["delta_bias"],
-                    dt_scale=inputs["dt_scale"][:, t])
-    return step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,25 +163,6 @@ def test_initial_state_bad_input_errors():
 # ---------------------------------------------------------------------------------------------
 # routed_attention_with_kvcache
 # ---------------------------------------------------------------------------------------------
-
-def kvcache_inputs(seed, *, batch=3, heads=4, kv_heads=2, n_new=3, capacity=40, d=16,
-                   dtype=torch.float32, device="cpu", key_mask=False):
-    """A cache of `capacity` slots holding 5 + 7b random entries in batch b (the rest NaN:
-    a kernel that reads a slot past the entries shows it), n_new new rows and entries."""
-    g = generator(seed, device)
-    k_cache = randn(g, (batch, kv_heads, capacity, d), dtype, device)
-    v_cache = randn(g, (batch, kv_heads, capacity, d), dtype, device)
-    lengths = torch.tensor([5 + 7 * b for b in range(batch)], dtype=torch.int32, device=device)
-    unused = torch.arange(capacity, device=device) >= lengths[:, None].long()
-    k_cache[unused[:, None].expand_as(k_cache[..., 0])] = float("nan")
-    v_cache[unused[:, None].expand_as(v_cache[..., 0])] = float("nan")
-    q = randn(g, (batch, heads, n_new, d), dtype, device)
-    k = randn(g, (batch, kv_heads, n_new, d), dtype, device)
-    v = randn(g, (batch, kv_heads, n_new, d), dtype, device)
-    route = random_route(g, (batch, n_new), 0.67, device)
-    mask = torch.rand(batch, capacity, generator=g, device=device) < 0.7 if key_mask else None
-    return q, k_cache, v_cache, k, v, lengths, route, mask
-
 
 def check_kvcache(seed, q, k_cache, v_cache, k, v, lengths, route, mask):
     """The kernel against the float64 reference (and the same-dtype one) by the rule; the
