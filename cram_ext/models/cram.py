@@ -109,12 +109,7 @@ class CRAMLayer(nn.Module):
             if self.semantic is not None:
                 recalled = self.semantic(x)
                 mixed = mixed + (routing.choice == Path.SEMANTIC)[..., None].to(x.dtype) * recalled
-                target = retrieved.detach()
-                squared_error = (recalled - target).pow(2).sum(-1)
-                ran = rows.to(x.dtype)
-                record.consolidation_error = squared_error / x.shape[-1] * ran
-                record.q = torch.exp(-squared_error.detach()
-                                     / (self.q_sigma ** 2 * retrieval_spread(target[rows]))) * ran
+                self._record_consolidation(record, recalled[rows], retrieved.detach()[rows], rows)
                 record.q_hat = q_hat
             record.routing, record.attention_rows = routing, rows
         h = self.norm_mix(x + mixed)
@@ -135,6 +130,17 @@ class CRAMLayer(nn.Module):
             self.episodic.init_state(batch_size, capacity, memory_size, device)
             if self.episodic is not None else None)
 
+    def _record_consolidation(self, record: LayerRecord, recalled: torch.Tensor,
+                              target: torch.Tensor, rows: torch.Tensor):
+        """The record's L_cons and q terms (module docstring) from f_sem and the detached
+        attention output on the rows that ran attention, (n, d) each; 0 on the other tokens of
+        `rows` (batch, L)."""
+        squared_error = (recalled - target).pow(2).sum(-1)
+        q = torch.exp(-squared_error.detach() / (self.q_sigma ** 2 * retrieval_spread(target)))
+        zeros = torch.zeros(rows.shape, dtype=recalled.dtype, device=rows.device)
+        record.consolidation_error = zeros.masked_scatter(rows, squared_error / recalled.shape[-1])
+        record.q = zeros.masked_scatter(rows, q)
+
     def fused_paths(self, x: torch.Tensor, gap: torch.Tensor, key_mask: Optional[torch.Tensor],
                     prices: "RoutingPrices"):
         """The paths of a routed scan layer as one `cram_forward` call, in evaluation (no
@@ -142,7 +148,6 @@ class CRAMLayer(nn.Module):
         ops."""
         working, attention, router = self.working, self.episodic, self.router
         q_hat = self.q_predictor(x) if self.q_predictor is not None else None
-        shape = x.shape[:2]
         adapter = ((self.semantic.down.weight, self.semantic.down.bias, self.semantic.up.weight,
                     self.semantic.up.bias) if self.semantic is not None else (None,) * 4)
         first, last = router.predict_loss[0], router.predict_loss[-1]
@@ -158,14 +163,8 @@ class CRAMLayer(nn.Module):
         record = LayerRecord(attention_rows=rows, routing=RoutingDecision(
             result.path, result.predicted_loss, result.scores))
         if self.semantic is not None:
-            # The record's formulas (see `forward`) on the rows that ran attention.
             target = attention.out_proj(result.attention_out[rows]).detach()
-            squared_error = (self.semantic(x[rows]) - target).pow(2).sum(-1)
-            spread = retrieval_spread(target)
-            record.consolidation_error = x.new_zeros(shape).masked_scatter(
-                rows, squared_error / x.shape[-1])
-            record.q = x.new_zeros(shape).masked_scatter(
-                rows, torch.exp(-squared_error.detach() / (self.q_sigma ** 2 * spread)))
+            self._record_consolidation(record, self.semantic(x[rows]), target, rows)
             record.q_hat = q_hat
         return result.out, record
 

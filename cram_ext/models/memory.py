@@ -180,11 +180,19 @@ class EpisodicAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, route: torch.Tensor,
                 key_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        batch, length, d_model = x.shape
-        q, k, v = (t.view(batch, length, self.n_heads, -1).transpose(1, 2)
-                   for t in self.qkv(x).chunk(3, dim=-1))
-        out = attention_op(q, k, v, route, key_mask)                    # 0 on rows not routed
-        return self.out_proj(out.transpose(1, 2).reshape(batch, length, d_model))
+        out = attention_op(*self._heads(x), route, key_mask)            # 0 on rows not routed
+        return self._merge(out)
+
+    def _heads(self, x: torch.Tensor):
+        """q, k, v of the tokens x (batch, L, d_model), each (batch, heads, L, head_dim)."""
+        batch, length, _ = x.shape
+        return (t.view(batch, length, self.n_heads, -1).transpose(1, 2)
+                for t in self.qkv(x).chunk(3, dim=-1))
+
+    def _merge(self, out: torch.Tensor) -> torch.Tensor:
+        """The heads' outputs (batch, heads, L, head_dim) through the out-projection."""
+        batch, _, length, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
     def init_state(self, batch_size: int, capacity: int, memory_size: Optional[int],
                    device=None) -> AttentionCache:
@@ -201,11 +209,7 @@ class EpisodicAttention(nn.Module):
         tokens enter a "written" buffer (None: every token, prefix keys). Of more than
         `cache.memory_size` written entries the oldest are evicted (the full `forward` instead
         refuses a sequence that writes more)."""
-        batch, length, d_model = x.shape
-        q, k, v = (t.view(batch, length, self.n_heads, -1).transpose(1, 2)
-                   for t in self.qkv(x).chunk(3, dim=-1))
-        out = _attend_with_cache(q, k, v, route, written, cache)
-        return self.out_proj(out.transpose(1, 2).reshape(batch, length, d_model))
+        return self._merge(_attend_with_cache(*self._heads(x), route, written, cache))
 
 
 def _attend_with_cache(q, k, v, route, written, cache: AttentionCache) -> torch.Tensor:
