@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <limits>
+#include <string>
 
 #ifdef CRAM_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
@@ -344,6 +345,37 @@ selective_scan_bwd(const at::Tensor& dout, const at::Tensor& u, const at::Tensor
 // Routed attention
 // ---------------------------------------------------------------------------------------------
 
+// A bool route of shape (batch, rows), shared by the heads, or (batch, heads, rows), as a
+// (batch, heads, rows) view (head stride 0 when shared: no copy). `rows` names the row count.
+at::Tensor checked_route(const at::Tensor& route, const at::Tensor& q, int64_t batch, int64_t heads,
+                         int64_t n_rows, const char* op, const char* rows) {
+  check_same_device(route, q, op, "route", "q");
+  TORCH_CHECK(route.scalar_type() == at::kBool, op, ": route must be a bool tensor, got ",
+              route.scalar_type());
+  const std::string shared = std::string("(batch, ") + rows + ")";
+  const std::string per_head = std::string("(batch, heads, ") + rows + ")";
+  if (route.dim() == 2) {
+    check_shape(route, {batch, n_rows}, op, "route", shared.c_str());
+    return route.unsqueeze(1).expand({batch, heads, n_rows});
+  }
+  TORCH_CHECK(route.dim() == 3, op, ": route must have shape ", shared, " or ", per_head, ", got ",
+              route.sizes());
+  check_shape(route, {batch, heads, n_rows}, op, "route", per_head.c_str());
+  return route;
+}
+
+// An optional bool key_mask of shape (batch, keys), contiguous; undefined when absent.
+at::Tensor checked_key_mask(const c10::optional<at::Tensor>& key_mask, const at::Tensor& q,
+                            int64_t batch, int64_t n_keys, const char* op, const char* keys) {
+  if (!key_mask) return at::Tensor();
+  check_same_device(*key_mask, q, op, "key_mask", "q");
+  TORCH_CHECK(key_mask->scalar_type() == at::kBool, op, ": key_mask must be a bool tensor, got ",
+              key_mask->scalar_type());
+  const std::string layout = std::string("(batch, ") + keys + ")";
+  check_shape(*key_mask, {batch, n_keys}, op, "key_mask", layout.c_str());
+  return key_mask->contiguous();
+}
+
 struct AttentionInputs {
   at::Tensor q, k, v, route, key_mask;  // route: (batch, heads, Lq) view, maybe head-broadcast
 };
@@ -373,26 +405,9 @@ AttentionInputs check_attention_inputs(const at::Tensor& q, const at::Tensor& k,
               kAttentionMaxHeadDim, "], got ", d);
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
 
-  check_same_device(route, q, op, "route", "q");
-  TORCH_CHECK(route.scalar_type() == at::kBool, op, ": route must be a bool tensor, got ",
-              route.scalar_type());
   AttentionInputs in;
-  if (route.dim() == 2) {
-    check_shape(route, {batch, Lq}, op, "route", "(batch, Lq)");
-    in.route = route.unsqueeze(1).expand({batch, heads, Lq});  // head stride 0: no copy
-  } else {
-    TORCH_CHECK(route.dim() == 3, op, ": route must have shape (batch, Lq) or (batch, heads, Lq), got ",
-                route.sizes());
-    check_shape(route, {batch, heads, Lq}, op, "route", "(batch, heads, Lq)");
-    in.route = route;
-  }
-  if (key_mask) {
-    check_same_device(*key_mask, q, op, "key_mask", "q");
-    TORCH_CHECK(key_mask->scalar_type() == at::kBool, op, ": key_mask must be a bool tensor, got ",
-                key_mask->scalar_type());
-    check_shape(*key_mask, {batch, Lk}, op, "key_mask", "(batch, Lk)");
-    in.key_mask = key_mask->contiguous();
-  }
+  in.route = checked_route(route, q, batch, heads, Lq, op, "Lq");
+  in.key_mask = checked_key_mask(key_mask, q, batch, Lk, op, "Lk");
   in.q = last_dim_contiguous(q);
   in.k = last_dim_contiguous(k);
   in.v = last_dim_contiguous(v);
@@ -669,27 +684,8 @@ at::Tensor routed_attention_kvcache(const at::Tensor& q, const at::Tensor& k_cac
                       "capacity) or a length is negative");
   }
 
-  check_same_device(route, q, op, "route", "q");
-  TORCH_CHECK(route.scalar_type() == at::kBool, op, ": route must be a bool tensor, got ",
-              route.scalar_type());
-  at::Tensor route3;
-  if (route.dim() == 2) {
-    check_shape(route, {batch, n_new}, op, "route", "(batch, n_new)");
-    route3 = route.unsqueeze(1).expand({batch, heads, n_new});  // head stride 0: no copy
-  } else {
-    TORCH_CHECK(route.dim() == 3, op, ": route must have shape (batch, n_new) or (batch, heads, n_new), got ",
-                route.sizes());
-    check_shape(route, {batch, heads, n_new}, op, "route", "(batch, heads, n_new)");
-    route3 = route;
-  }
-  at::Tensor mask_c;
-  if (key_mask) {
-    check_same_device(*key_mask, q, op, "key_mask", "q");
-    TORCH_CHECK(key_mask->scalar_type() == at::kBool, op, ": key_mask must be a bool tensor, got ",
-                key_mask->scalar_type());
-    check_shape(*key_mask, {batch, capacity}, op, "key_mask", "(batch, capacity)");
-    mask_c = key_mask->contiguous();
-  }
+  const at::Tensor route3 = checked_route(route, q, batch, heads, n_new, op, "n_new");
+  const at::Tensor mask_c = checked_key_mask(key_mask, q, batch, capacity, op, "capacity");
   const at::Tensor q_c = last_dim_contiguous(q);
   at::Tensor out = at::empty(q.sizes(), q.options());
   if (out.numel() == 0) return out;
