@@ -4,6 +4,8 @@ law), Table 4 (ablations) and Table 2 (transfer to Copy and Associative recall).
 
     python -m experiments.srcd --size cpu      # this project's CPU run (1 core, 2-3 hours)
     python -m experiments.srcd --size paper    # the paper's setting: a GPU run
+    python -m experiments.srcd --size cpu --seeds 0 1 &   # the same plan on two cores,
+    python -m experiments.srcd --size cpu --seeds 2 3 4   # then once with --summarize-only
 
 Run from the repository root (the defaults write into its `results/` and `docs/`). Every
 (model, seed) run trains under `<runs>/<model>_s<seed>/` (log, checkpoint) and leaves a
@@ -226,6 +228,9 @@ def main(argv=None) -> dict:
                         help="a finding to list under Notes in RESULTS.md (repeatable)")
     parser.add_argument("--summarize-only", action="store_true",
                         help="train nothing: summarize the finished runs, list the others")
+    parser.add_argument("--seeds", type=int, nargs="+",
+                        help="train only these seeds (the other seeds' finished runs are "
+                             "summarized): to share a plan between processes")
     args = parser.parse_args(argv)
     plan = PLANS[args.size]
     models = list(dict.fromkeys(TABLE1_MODELS + ABLATIONS))
@@ -244,14 +249,15 @@ def main(argv=None) -> dict:
 
     missing = []
     for index, (task, model, seed) in enumerate(jobs):
+        read_only = args.summarize_only or (args.seeds is not None and seed not in args.seeds)
         if task == "srcd":
-            if args.summarize_only and not finished(model, seed):
+            if read_only and not finished(model, seed):
                 missing.append(names[index])
                 continue
             results[model].append(train_one(plan, args.runs, model, seed))
         else:
             tags = (f"{task}_scratch", f"{task}_transfer")
-            if args.summarize_only and not all(finished(tag, seed) for tag in tags):
+            if read_only and not all(finished(tag, seed) for tag in tags):
                 missing.append(names[index])
                 continue
             source = os.path.join(run_dir(args.runs, "cram", seed), "checkpoint.pt")
@@ -259,11 +265,10 @@ def main(argv=None) -> dict:
                 train_one(plan, args.runs, "cram", seed, task, tag=tags[0]))
             transfer[task]["transfer"].append(
                 train_one(plan, args.runs, "cram", seed, task, init_from=source, tag=tags[1]))
-        if not args.summarize_only:
-            summarize_and_write(args.size, plan, results, transfer, names[index + 1:],
-                                len(jobs), args)
-    return summarize_and_write(args.size, plan, results, transfer,
-                               missing if args.summarize_only else [], len(jobs), args)
+        if not read_only:
+            summarize_and_write(args.size, plan, results, transfer,
+                                missing + names[index + 1:], len(jobs), args)
+    return summarize_and_write(args.size, plan, results, transfer, missing, len(jobs), args)
 
 
 if __name__ == "__main__":
