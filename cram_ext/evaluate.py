@@ -55,32 +55,53 @@ def summary_lines(metrics: Dict[str, float]) -> List[str]:
 @torch.no_grad()
 def pattern_routing(trainer, n_batches: int) -> List[str]:
     """Per recurring pattern, most queried first: its test queries and, per routed layer,
-    P(attention) and the router's mean predicted loss of each path, as text lines."""
+    P(attention), the router's mean predicted loss of each path and the mean loss measured when
+    the pattern's queries take that path in that layer (the other tokens and layers as routed),
+    as text lines: which bindings have been consolidated, and whether the router knows."""
     model = trainer.model.eval()
     attended: Dict[int, List[torch.Tensor]] = {}   # pattern → (queries, layers) decisions
     predicted: Dict[int, List[torch.Tensor]] = {}  # pattern → (queries, layers, paths)
+    measured: Dict[int, List[torch.Tensor]] = {}   # pattern → (queries, layers, paths)
     for i in range(n_batches):
         batch = trainer.batch(i, trainer.config.data_seed + TEST_SEED_OFFSET)
-        routings = [r.routing for r in model(batch).layers if r.routing is not None]
+        output = model(batch)
+        routed = [index for index, r in enumerate(output.layers) if r.routing is not None]
+        routings = [output.layers[index].routing for index in routed]
         queries = token_kinds(batch)["recurring"]
         choice = torch.stack([r.choice[queries] == Path.EPISODIC for r in routings], -1)
         loss = torch.stack([r.predicted_loss[queries] for r in routings], 1)
+        taken = torch.stack([torch.stack([
+            model.token_losses(batch, model(batch, paths=forced_paths(output, index, queries,
+                                                                      path)))[queries]
+            for path in model.layers[index].router.paths], -1) for index in routed], 1)
         for row, pattern in enumerate(batch["pattern"][queries].tolist()):
             attended.setdefault(pattern, []).append(choice[row].float())
             predicted.setdefault(pattern, []).append(loss[row])
+            measured.setdefault(pattern, []).append(taken[row])
     if not attended:
         return ["no recurring query was routed"]
     paths = "/".join(p.name.lower() for p in model.layers[0].router.paths)
     n_layers = len(next(iter(attended.values()))[0])
-    lines = ["pattern  queries  " + "  ".join(f"L{l}: P(attention), predicted loss {paths}"
-                                              for l in range(n_layers))]
+    lines = ["pattern  queries  " + "  ".join(
+        f"L{l}: P(attention), predicted loss {paths}, measured loss {paths}"
+        for l in range(n_layers))]
     for pattern in sorted(attended, key=lambda p: -len(attended[p])):
         p_attention = torch.stack(attended[pattern]).mean(0)
-        mean_loss = torch.stack(predicted[pattern]).mean(0)
-        cells = [f"{p_attention[l]:.2f}, " + "/".join(f"{v:.2f}" for v in mean_loss[l].tolist())
+        mean_predicted = torch.stack(predicted[pattern]).mean(0)
+        mean_measured = torch.stack(measured[pattern]).mean(0)
+        cells = [f"{p_attention[l]:.2f}, " + "/".join(f"{v:.2f}" for v in mean_predicted[l])
+                 + ", " + "/".join(f"{v:.2f}" for v in mean_measured[l])
                  for l in range(n_layers)]
         lines.append(f"{pattern:<7}  {len(attended[pattern]):<7}  " + "  ".join(cells))
     return lines
+
+
+def forced_paths(output, layer: int, rows: torch.Tensor, path: Path) -> List[torch.Tensor]:
+    """Every routed layer's choices in `output`, with `rows` (batch, L) sent to `path` in layer
+    `layer`: the paths of a pass that changes only that."""
+    paths = [None if r.routing is None else r.routing.choice.clone() for r in output.layers]
+    paths[layer][rows] = int(path)
+    return paths
 
 
 def load_checkpoint(path: str, **model_overrides):

@@ -2,10 +2,10 @@
 training, transition, q before/after), Fig. 4 (P(episodic | pattern seen k times) and its power
 law), Table 4 (ablations) and Table 2 (transfer to Copy and Associative recall).
 
-    python -m experiments.srcd --size cpu      # this project's CPU run (1 core, 2-3 hours)
+    python -m experiments.srcd --size cpu      # this project's CPU run (1 core, about 2 hours)
     python -m experiments.srcd --size paper    # the paper's setting: a GPU run
-    python -m experiments.srcd --size cpu --seeds 0 1 &   # the same plan on two cores,
-    python -m experiments.srcd --size cpu --seeds 2 3 4   # then once with --summarize-only
+    python -m experiments.srcd --size cpu --seeds 0 1 &   # the same plan on two cores (under
+    python -m experiments.srcd --size cpu --seeds 2 3 4   # an hour), then --summarize-only
 
 Run from the repository root (the defaults write into its `results/` and `docs/`). Every
 (model, seed) run trains under `<runs>/<model>_s<seed>/` (log, checkpoint) and leaves a
@@ -53,8 +53,8 @@ class ExperimentPlan:
 
 PLANS = {
     # 2-core CPU: N=128 tokens, d=64, 2 layers, 400 steps (`cram_ext.train`'s cpu preset).
-    # Measured on a shared 2-core machine: 22-40 min per seed (10 SRCD runs + 4 transfer runs
-    # for the first two seeds, at 200 transfer steps), so 2-3 hours for the 50 + 8 runs.
+    # Measured on a 2-core machine (before the counterfactual probes, which add a forward per
+    # step): 35-70 s per routed run, about 50 min for the 45 + 12 runs in two processes.
     # Transfer runs last as long as the SRCD ones: with 200 steps a model trained from scratch
     # would end inside the preset's 200-step warm-up, its router never having chosen.
     "cpu": ExperimentPlan(run_size="cpu", seeds=5, steps=400, transfer_steps=400,

@@ -14,7 +14,8 @@ def test_evaluate_reports_routing_by_kind_on_the_test_stream(tmp_path, capsys):
                              "--json", str(tmp_path / "metrics.json"), "--by-pattern"])
     printed = capsys.readouterr().out
     assert "attention | recurring" in printed and "attention fraction" in printed
-    assert "predicted loss working/episodic/semantic" in printed
+    assert "predicted loss working/episodic/semantic, measured loss working/episodic/semantic" \
+        in printed
 
     # The same numbers by hand: inference routing on batches 0 and 1 of the test stream.
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
@@ -38,6 +39,13 @@ def test_evaluate_reports_routing_by_kind_on_the_test_stream(tmp_path, capsys):
     # --by-pattern: one line per recurring pattern, its query counts adding up to the total
     table = printed[printed.index("pattern  queries"):].splitlines()[1:]
     assert sum(int(line.split()[1]) for line in table) == counts[0, "recurring"][1]
+    # its measured losses come from passes that change one layer's recurring queries only
+    recurring = token_kinds(batch)["recurring"]
+    paths = evaluate.forced_paths(output, 1, recurring, Path.SEMANTIC)
+    assert (paths[1][recurring] == Path.SEMANTIC).all()
+    assert torch.equal(paths[1][~recurring], output.layers[1].routing.choice[~recurring])
+    assert torch.equal(paths[0], output.layers[0].routing.choice)
+    assert all(len(line.split(",")) == 1 + 2 * 2 for line in table)   # 2 layers: P, 2 triples
     # a stream neither training (data_seed) nor in-training evaluation reads
     assert evaluate.TEST_SEED_OFFSET != train.EVAL_SEED_OFFSET
 

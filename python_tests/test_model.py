@@ -209,7 +209,7 @@ def test_layer_measures_q_and_consolidation_error_by_the_formulas():
 
 
 def test_losses_match_a_hand_computation():
-    config = tiny("cram", gamma_consolidation=0.5)
+    config = tiny("cram", gamma_consolidation=0.5, counterfactual_probes=False)
     model = CRAMModel(config)
     batch = {"target_class": torch.tensor([[-100, 2, -100], [1, -100, -100]]),
              "dynamics_mask": torch.tensor([[True, False, True], [False, False, True]]),
@@ -258,6 +258,63 @@ def test_router_learns_from_measured_losses_only(batch):
     assert routing_grad is None or (routing_grad == 0).all()
 
 
+def test_a_pass_on_the_routers_own_choices_reproduces_the_forward(batch):
+    torch.manual_seed(6)
+    model = CRAMModel(tiny("cram")).train()
+    output = model(batch, step=500)            # exploring: the choices are partly random
+    again = model(batch, step=500, paths=[r.routing.choice for r in output.layers])
+    torch.testing.assert_close(again.value_logits, output.value_logits)
+    for first, second in zip(output.layers, again.layers):
+        assert torch.equal(first.routing.choice, second.routing.choice)
+
+
+@pytest.mark.parametrize("name", ["cram", "ablate_no_semantic"])
+def test_counterfactual_probes_regress_another_path_of_attended_tokens(name, batch):
+    model = CRAMModel(tiny(name, counterfactual_probes=True)).train()
+    torch.manual_seed(7)
+    output = model(batch, step=500)
+    state = torch.random.get_rng_state()
+    losses = model.losses(batch, output)
+    # by hand, with the same draws: every token that attended takes one of its layer's other
+    # paths, uniformly; the other tokens repeat their choices
+    torch.random.set_rng_state(state)
+    layer_drawn = torch.randint(2, output.next_value.shape)   # both layers are routed
+    swapped, paths = [], []
+    for k, (layer, record) in enumerate(zip(model.layers, output.layers)):
+        others = torch.tensor([p for p in layer.router.paths if p != Path.EPISODIC])
+        drawn = others[torch.randint(len(others), record.routing.choice.shape)]
+        swapped.append((record.routing.choice == Path.EPISODIC) & (layer_drawn == k))
+        paths.append(torch.where(swapped[-1], drawn, record.routing.choice))
+    assert all(s.any() and (~s).any() for s in swapped)
+    assert not (swapped[0] & swapped[1]).any()            # one layer per token
+    assert all((p[s] != Path.EPISODIC).all() for p, s in zip(paths, swapped))
+    if name == "cram":   # both other paths get measured
+        assert set(torch.cat([p[s] for p, s in zip(paths, swapped)]).tolist()) == {
+            Path.WORKING, Path.SEMANTIC}
+    with torch.no_grad():
+        counterfactual = model.token_losses(batch, model(batch, paths=paths))
+    expected = sum(((r.routing.predicted_loss.gather(-1, p[..., None]).squeeze(-1)
+                     - counterfactual).pow(2) * s).sum()
+                   for s, p, r in zip(swapped, paths, output.layers)) / counterfactual.numel()
+    value = {name: float(term.detach()) for name, term in losses.items()}
+    assert value["counterfactual"] == pytest.approx(float(expected.detach()), rel=1e-5)
+    assert value["total"] == pytest.approx(sum(
+        value[k] for k in ("retrieval", "dynamics", "routing", "counterfactual",
+                           "q_regression")) + model.config.gamma_consolidation
+        * value["consolidation"], rel=1e-5)
+    # it trains the router's predictions of the other paths only: no gradient reaches the
+    # network, nor the prediction for attention
+    weight = model.layers[0].router.predict_loss[-1].weight
+    grad = torch.autograd.grad(losses["counterfactual"], weight, retain_graph=True)[0]
+    assert grad[Path.WORKING].abs().sum() > 0 and (grad[Path.EPISODIC] == 0).all()
+    encoder = model.encoder.type_embedding.weight
+    assert torch.autograd.grad(losses["counterfactual"], encoder, allow_unused=True)[0] is None
+    # only when configured, and never in evaluation
+    off = CRAMModel(tiny(name, counterfactual_probes=False)).train()
+    assert not off.losses(batch, output)["counterfactual"]
+    assert not model.eval().losses(batch, output)["counterfactual"]
+
+
 def test_selective_scan_memory_is_the_scan_with_log_gap_steps():
     torch.manual_seed(5)
     wm = memory.SelectiveScanMemory(d_model=8, d_state=4, expand=2)
@@ -296,11 +353,13 @@ def test_schedules_and_parameter_groups():
     assert config.episodic_cost_weight(150) == pytest.approx(0.05)
     assert config.episodic_cost_weight(1000) == pytest.approx(0.1)
     model = CRAMModel(config)
-    groups = model.param_groups(lr=1e-3, weight_decay=0.01)
-    assert groups[-1]["lr"] == pytest.approx(1e-4)
-    semantic = {id(p) for layer in model.layers for p in layer.semantic.parameters()}
-    assert {id(p) for p in groups[-1]["params"]} == semantic
-    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    groups = {frozenset(id(p) for p in g["params"]): g
+              for g in model.param_groups(lr=1e-3, weight_decay=0.01)}
+    semantic = frozenset(id(p) for layer in model.layers for p in layer.semantic.parameters())
+    router = frozenset(id(p) for layer in model.layers for p in layer.router.parameters())
+    assert groups[semantic]["lr"] == pytest.approx(1e-4)
+    assert groups[router]["lr"] == pytest.approx(1e-2) and groups[router]["weight_decay"] == 0
+    assert sum(len(g) for g in groups) == len(list(model.parameters()))
     assert tiny("ablate_semantic_lr10").semantic_lr_mult == pytest.approx(1.0)
     assert tiny("ablate_no_cons_loss").gamma_consolidation == 0.0
     assert not tiny("ablate_no_q_router").layers[0].router_reads_q

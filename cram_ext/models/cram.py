@@ -15,7 +15,9 @@ length or depth:
   (`router.routing_loss`). The paper's cost terms λ_E·π_E and −λ_S·π_S·q̂ are the prices the
   router adds to those predictions when it chooses (`router.Router.forward`): attention is taken
   where it lowers the token's loss by more than λ_E nats. In training every token attends for
-  `episodic_cost_start` steps, then λ_E ramps up (`episodic_cost_weight`).
+  `episodic_cost_start` steps, then λ_E ramps up (`episodic_cost_weight`). With
+  `counterfactual_probes` the same regression also runs on the loss tokens that attended
+  would have had on another path (`counterfactual_routing_loss`).
 * L_cons = mean over the (token, layer) pairs that ran attention in a layer with a semantic path
   of ‖f_sem(x_t) − sg(r^E_t)‖² / d (squared error per feature).
 * L_q̂ = mean over the same pairs of (q̂_t − sg(q_t))², q_t = exp(−‖f_sem − r^E‖² / σ²) with
@@ -38,7 +40,8 @@ from .config import LayerSpec, ModelConfig
 from . import memory
 from .memory import (CTODEMemory, EpisodicAttention, QualityPredictor, SelectiveScanMemory,
                      SemanticAdapter)
-from .router import Path, Router, RoutingDecision, routing_loss
+from .router import (Path, Router, RoutingDecision, counterfactual_loss,
+                     routing_loss)
 from .streaming import LayerState, StreamState
 
 
@@ -82,11 +85,13 @@ class CRAMLayer(nn.Module):
                       and spec.router_reads_state)
 
     def forward(self, x: torch.Tensor, gap: torch.Tensor, key_mask: Optional[torch.Tensor],
-                prices: "RoutingPrices", state: Optional[LayerState] = None):
+                prices: "RoutingPrices", state: Optional[LayerState] = None,
+                path: Optional[torch.Tensor] = None):
         """Routes by `prices` (see `Router.forward`); `prices.explore_rate` > 0 only in
-        training. With `state` the tokens continue a stream (`CRAMModel.step`): the memories
-        start from it and update it, and `key_mask` is the new tokens' written flags."""
-        if self.fused and not self.training and state is None:
+        training; `path` (batch, L), if given, overrides the router's choice. With `state` the
+        tokens continue a stream (`CRAMModel.step`): the memories start from it and update it,
+        and `key_mask` is the new tokens' written flags."""
+        if self.fused and not self.training and state is None and path is None:
             mixed, record = self.fused_paths(x, gap, key_mask, prices)
             h = self.norm_mix(x + mixed)
             return self.norm_ffn(h + self.ffn(h)), record
@@ -102,7 +107,7 @@ class CRAMLayer(nn.Module):
             routing = self.router(x, gap, working_out,
                                   q_hat if q_hat is not None else x.new_zeros(x.shape[:2]),
                                   prices.episodic, prices.semantic if self.spec.router_reads_q
-                                  else 0.0, prices.explore_rate, prices.attend_all)
+                                  else 0.0, prices.explore_rate, prices.attend_all, path)
             rows = routing.choice == Path.EPISODIC
             retrieved = self._episodic(x, rows, key_mask, state)
             mixed = mixed + rows[..., None].to(x.dtype) * retrieved
@@ -266,15 +271,18 @@ class CRAMModel(nn.Module):
                              "call per layer cannot evict, so raise memory_size")
         return written
 
-    def forward(self, batch: Dict[str, torch.Tensor], step: int = 0) -> ModelOutput:
+    def forward(self, batch: Dict[str, torch.Tensor], step: int = 0,
+                paths: Optional[List[Optional[torch.Tensor]]] = None) -> ModelOutput:
         """Training mode explores (the rate and λ_E warm-up of `step`); eval mode takes every
-        router's lowest-priced path."""
+        router's lowest-priced path. `paths`, one (batch, L) tensor or None per layer, overrides
+        the routers' choices (the counterfactual pass of `losses`)."""
         prices = self.routing_prices(step)
         key_mask = self.key_mask(batch)
         x = self.encoder(batch)
         records = []
-        for layer in self.layers:
-            x, record = layer(x, batch["gap"], key_mask, prices)
+        for index, layer in enumerate(self.layers):
+            x, record = layer(x, batch["gap"], key_mask, prices,
+                              path=None if paths is None else paths[index])
             records.append(record)
         return ModelOutput(self.value_head(x), self.dynamics_head(x).squeeze(-1), records)
 
@@ -310,10 +318,48 @@ class CRAMModel(nn.Module):
                                for r in semantic) / n_measured
         else:
             consolidation = q_regression = zero
-        total = (retrieval + dynamics + routing + cfg.gamma_consolidation * consolidation
-                 + q_regression)
+        counterfactual = (self.counterfactual_routing_loss(batch, output) / positions
+                          if self.training and cfg.counterfactual_probes else zero)
+        total = (retrieval + dynamics + routing + counterfactual
+                 + cfg.gamma_consolidation * consolidation + q_regression)
         return {"total": total, "retrieval": retrieval, "dynamics": dynamics,
-                "routing": routing, "consolidation": consolidation, "q_regression": q_regression}
+                "routing": routing, "counterfactual": counterfactual,
+                "consolidation": consolidation, "q_regression": q_regression}
+
+    def counterfactual_routing_loss(self, batch: Dict[str, torch.Tensor],
+                                    output: ModelOutput) -> torch.Tensor:
+        """`router.counterfactual_loss` summed over the routed layers: a second forward, without
+        gradient, in which every token that attended in one routed layer (drawn per token)
+        takes another of that layer's paths instead (drawn uniformly) and keeps its other
+        choices. Without it a router learns what the other paths give a query only where it
+        took them (its exploration, a few percent): it keeps recurring queries on attention long
+        after semantic memory answers them, and once they leave, it takes the low loss they
+        have off attention for every query's, novel ones included. One layer per token, so that
+        a query whose retrieval one layer suffices for does not teach every layer it needs
+        attention."""
+        routed = [index for index, record in enumerate(output.layers) if record.routing is not None]
+        if not routed:
+            return output.next_value.new_zeros(())
+        shape = output.next_value.shape
+        layer_drawn = torch.randint(len(routed), shape, device=output.next_value.device)
+        paths, swaps = [None] * len(output.layers), {}
+        for k, index in enumerate(routed):
+            choice = output.layers[index].routing.choice
+            others = torch.tensor([p for p in self.layers[index].router.paths
+                                   if p != Path.EPISODIC], device=choice.device)
+            drawn = others[torch.randint(len(others), shape, device=choice.device)]
+            swapped = (choice == Path.EPISODIC) & (layer_drawn == k)
+            paths[index] = torch.where(swapped, drawn, choice)
+            swaps[index] = swapped
+        total = output.next_value.new_zeros(())
+        if not any(bool(swapped.any()) for swapped in swaps.values()):
+            return total
+        with torch.no_grad():   # every routed layer forced, so prices and exploration are moot
+            counterfactual = self.token_losses(batch, self(batch, paths=paths))
+        for index, swapped in swaps.items():
+            total = total + counterfactual_loss(output.layers[index].routing, swapped,
+                                                paths[index], counterfactual)
+        return total
 
     @staticmethod
     def token_losses(batch: Dict[str, torch.Tensor], output: ModelOutput) -> torch.Tensor:
@@ -330,14 +376,17 @@ class CRAMModel(nn.Module):
 
     def param_groups(self, lr: float, weight_decay: float) -> List[dict]:
         """AdamW groups: the semantic adapters at `semantic_lr_mult`·lr (the paper's
-        consolidation lr), everything else at lr; no weight decay on norms, biases, embeddings
-        and the scan's A_log, D, Δ bias."""
-        semantic, decay, no_decay = [], [], []
+        consolidation lr), the routers at `router_lr_mult`·lr without weight decay, everything
+        else at lr; no weight decay on norms, biases, embeddings and the scan's A_log, D, Δ
+        bias."""
+        semantic, decay, no_decay, router = [], [], [], []
         for name, param in self.named_parameters():
             if not param.requires_grad:
                 continue
             if ".semantic." in name:
                 semantic.append(param)
+            elif ".router." in name:
+                router.append(param)
             elif param.dim() < 2 or "embedding" in name or name.endswith(("A_log", "dt_bias")):
                 no_decay.append(param)
             else:
@@ -347,6 +396,9 @@ class CRAMModel(nn.Module):
         if semantic:
             groups.append({"params": semantic, "lr": lr * self.config.semantic_lr_mult,
                            "weight_decay": weight_decay})
+        if router:   # a regression on the other losses, which move as the network learns
+            groups.append({"params": router, "lr": lr * self.config.router_lr_mult,
+                           "weight_decay": 0.0})
         return groups
 
 

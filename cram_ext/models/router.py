@@ -24,6 +24,12 @@ loss per path has neither problem: it is regressed on finite outcomes (a novel q
 attention loses log(n_values)), whatever the current choice. The loss predicted is the token's
 own: a path's effect on other tokens (through later layers) is not credited.
 
+With `counterfactual_probes` (a `ModelConfig` setting) training also measures, for tokens that
+attended, the loss another path would have given them (`counterfactual_loss`, from a second
+forward without gradient, `CRAMModel.counterfactual_routing_loss`): otherwise the other paths'
+predictions for a query are measured only on the few that explore, and lag far behind what
+semantic memory actually answers.
+
 Inference takes the lowest-priced path and reads only what exists without running attention
 (x_t, the time gap, the working-memory readout, q̂_t).
 """
@@ -32,7 +38,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -90,12 +96,13 @@ class Router(nn.Module):
                           q_feature[..., None]], dim=-1).detach()
 
     def forward(self, x, gap, working_out, q_hat, episodic_price: float, semantic_reward: float,
-                explore_rate: float = 0.0, attend_all: bool = False) -> RoutingDecision:
+                explore_rate: float = 0.0, attend_all: bool = False,
+                path: Optional[torch.Tensor] = None) -> RoutingDecision:
         """Path of every token: the lowest predicted loss + price, where attention costs
         `episodic_price` and semantic memory earns `semantic_reward · q̂`; with `attend_all`,
         attention (the warm-up: attention learns to retrieve before the router may judge it).
         A fraction `explore_rate` of the tokens takes a uniformly drawn path instead
-        (training)."""
+        (training). `path` (batch, L), if given, is taken as it is (a counterfactual pass)."""
         predicted = self.predict_loss(self.features(x, gap, working_out, q_hat))
         price = torch.zeros_like(predicted)
         price[..., Path.EPISODIC] = episodic_price
@@ -104,7 +111,9 @@ class Router(nn.Module):
         scores = predicted.detach() + price
         choice = (torch.full_like(scores[..., 0], Path.EPISODIC, dtype=torch.long) if attend_all
                   else scores.argmin(-1))
-        if explore_rate > 0:
+        if path is not None:
+            choice = path
+        elif explore_rate > 0:
             explore = torch.rand(choice.shape, device=choice.device) < explore_rate
             drawn = torch.randint_like(choice, len(self.paths))
             choice = torch.where(explore, drawn, choice)
@@ -116,3 +125,12 @@ def routing_loss(decision: RoutingDecision, token_loss: torch.Tensor) -> torch.T
     tokens: the regression that teaches the router what each path is worth."""
     taken = decision.predicted_loss.gather(-1, decision.choice[..., None]).squeeze(-1)
     return (taken - token_loss.detach()).pow(2).sum()
+
+
+def counterfactual_loss(decision: RoutingDecision, swapped: torch.Tensor, path: torch.Tensor,
+                        counterfactual_loss: torch.Tensor) -> torch.Tensor:
+    """Σ over the `swapped` tokens of (the prediction for `path`, the path each took in a
+    counterfactual pass, − the task loss it had there)²: the tokens that attended also measure
+    what another path would have given them."""
+    predicted = decision.predicted_loss.gather(-1, path[..., None]).squeeze(-1)
+    return ((predicted - counterfactual_loss.detach()).pow(2) * swapped).sum()
