@@ -128,9 +128,9 @@ def routing_loss(decision: RoutingDecision, token_loss: torch.Tensor) -> torch.T
 
 
 def counterfactual_loss(decision: RoutingDecision, swapped: torch.Tensor, path: torch.Tensor,
-                        counterfactual_loss: torch.Tensor) -> torch.Tensor:
+                        measured: torch.Tensor) -> torch.Tensor:
     """Σ over the `swapped` tokens of (the prediction for `path`, the path each took in a
-    counterfactual pass, − the task loss it had there)²: the tokens that attended also measure
-    what another path would have given them."""
+    counterfactual pass, − `measured`, the task loss it had there)²: the tokens that attended
+    also measure what another path would have given them."""
     predicted = decision.predicted_loss.gather(-1, path[..., None]).squeeze(-1)
-    return ((predicted - counterfactual_loss.detach()).pow(2) * swapped).sum()
+    return ((predicted - measured.detach()).pow(2) * swapped).sum()
