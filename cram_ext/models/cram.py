@@ -40,8 +40,7 @@ from .config import LayerSpec, ModelConfig
 from . import memory
 from .memory import (CTODEMemory, EpisodicAttention, QualityPredictor, SelectiveScanMemory,
                      SemanticAdapter)
-from .router import (Path, Router, RoutingDecision, counterfactual_loss,
-                     routing_loss)
+from .router import Path, Router, RoutingDecision, routing_loss
 from .streaming import LayerState, StreamState
 
 
@@ -328,18 +327,19 @@ class CRAMModel(nn.Module):
 
     def counterfactual_routing_loss(self, batch: Dict[str, torch.Tensor],
                                     output: ModelOutput) -> torch.Tensor:
-        """`router.counterfactual_loss` summed over the routed layers: a second forward, without
-        gradient, in which every token that attended in one routed layer (drawn per token)
-        takes another of that layer's paths instead (drawn uniformly) and keeps its other
-        choices. Without it a router learns what the other paths give a query only where it
-        took them (its exploration, a few percent): it keeps recurring queries on attention long
-        after semantic memory answers them, and once they leave, it carries the low loss they
+        """`router.routing_loss` of the counterfactual probes, summed over the routed layers: a
+        second forward, without gradient, in which every token that attended in one routed layer
+        (drawn per token) takes another of that layer's paths instead (drawn uniformly) and keeps
+        its other choices. Without it a router learns what the other paths give a query only
+        where it took them (its exploration, a few percent): it keeps recurring queries on
+        attention long after semantic memory answers them, and once they leave, it carries the low loss they
         have off attention over to every query, novel ones included. One layer per token, so
         that a query for which one layer's retrieval suffices does not teach every layer that
         it needs attention."""
+        total = output.next_value.new_zeros(())
         routed = [index for index, record in enumerate(output.layers) if record.routing is not None]
         if not routed:
-            return output.next_value.new_zeros(())
+            return total
         shape = output.next_value.shape
         layer_drawn = torch.randint(len(routed), shape, device=output.next_value.device)
         paths, swaps = [None] * len(output.layers), {}
@@ -351,14 +351,13 @@ class CRAMModel(nn.Module):
             swapped = (choice == Path.EPISODIC) & (layer_drawn == k)
             paths[index] = torch.where(swapped, drawn, choice)
             swaps[index] = swapped
-        total = output.next_value.new_zeros(())
         if not any(bool(swapped.any()) for swapped in swaps.values()):
             return total
         with torch.no_grad():   # every routed layer forced, so prices and exploration are moot
             counterfactual = self.token_losses(batch, self(batch, paths=paths))
         for index, swapped in swaps.items():
-            total = total + counterfactual_loss(output.layers[index].routing, swapped,
-                                                paths[index], counterfactual)
+            total = total + routing_loss(output.layers[index].routing, counterfactual,
+                                         path=paths[index], rows=swapped)
         return total
 
     @staticmethod

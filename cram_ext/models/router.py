@@ -25,8 +25,8 @@ attention loses log(n_values)), whatever the current choice. The loss predicted 
 own: a path's effect on other tokens (through later layers) is not credited.
 
 With `counterfactual_probes` (a `ModelConfig` setting) training also measures, for tokens that
-attended, the loss another path would have given them (`counterfactual_loss`, from a second
-forward without gradient, `CRAMModel.counterfactual_routing_loss`): otherwise the other paths'
+attended, the loss another path would have given them (`routing_loss` on a second forward
+without gradient, `CRAMModel.counterfactual_routing_loss`): otherwise the other paths'
 predictions for a query are measured only on the few that explore, and lag far behind what
 semantic memory actually answers.
 
@@ -120,17 +120,15 @@ class Router(nn.Module):
         return RoutingDecision(choice, predicted, scores)
 
 
-def routing_loss(decision: RoutingDecision, token_loss: torch.Tensor) -> torch.Tensor:
-    """Σ_t (prediction for the taken path − the token's measured task loss)², over the layer's
-    tokens: the regression that teaches the router what each path is worth."""
-    taken = decision.predicted_loss.gather(-1, decision.choice[..., None]).squeeze(-1)
-    return (taken - token_loss.detach()).pow(2).sum()
-
-
-def counterfactual_loss(decision: RoutingDecision, swapped: torch.Tensor, path: torch.Tensor,
-                        measured: torch.Tensor) -> torch.Tensor:
-    """Σ over the `swapped` tokens of (the prediction for `path`, the path each took in a
-    counterfactual pass, − `measured`, the task loss it had there)²: the tokens that attended
-    also measure what another path would have given them."""
-    predicted = decision.predicted_loss.gather(-1, path[..., None]).squeeze(-1)
-    return ((predicted - measured.detach()).pow(2) * swapped).sum()
+def routing_loss(decision: RoutingDecision, token_loss: torch.Tensor,
+                 path: Optional[torch.Tensor] = None,
+                 rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Σ over the layer's tokens (or over `rows`) of (the prediction for the path taken, or for
+    `path`, − the token's measured task loss there)²: the regression that teaches the router
+    what each path is worth. With `path` and `rows`, the counterfactual probes' regression: the
+    tokens that attended measured another path in a second pass
+    (`CRAMModel.counterfactual_routing_loss`)."""
+    taken = decision.choice if path is None else path
+    predicted = decision.predicted_loss.gather(-1, taken[..., None]).squeeze(-1)
+    error = (predicted - token_loss.detach()).pow(2)
+    return (error if rows is None else error * rows).sum()
