@@ -332,10 +332,10 @@ class CRAMModel(nn.Module):
         (drawn per token) takes another of that layer's paths instead (drawn uniformly) and keeps
         its other choices. Without it a router learns what the other paths give a query only
         where it took them (its exploration, a few percent): it keeps recurring queries on
-        attention long after semantic memory answers them, and once they leave, it carries the low loss they
-        have off attention over to every query, novel ones included. One layer per token, so
-        that a query for which one layer's retrieval suffices does not teach every layer that
-        it needs attention."""
+        attention long after semantic memory answers them, and once they leave, it carries the
+        low loss they have off attention over to every query, novel ones included. One layer per
+        token, so that a query for which one layer's retrieval suffices does not teach every
+        layer that it needs attention."""
         total = output.next_value.new_zeros(())
         routed = [index for index, record in enumerate(output.layers) if record.routing is not None]
         if not routed:
