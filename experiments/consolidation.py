@@ -5,9 +5,11 @@ or evaluates on, with inference routing:
     python -m experiments.consolidation                          # 5 seeds × 400, 1200, 4000 steps
     python -m experiments.consolidation --seeds 0 1 --steps 400  # a part of it
     python -m experiments.consolidation --summarize-only         # tables from the finished runs
+    python -m experiments.consolidation --models cram_no_consolidation ablate_no_semantic \
+        --steps 1200                                             # what each part buys
 
-Per run (`<runs>/cram_<steps>_s<seed>/`: log, checkpoint, `result.json`; a finished run is not
-redone, an interrupted one resumes): retrieval accuracy on recurring and novel queries,
+Per run (`<runs>/<model>_<steps>_s<seed>/`: log, checkpoint, `result.json`; a finished run is
+not redone, an interrupted one resumes): retrieval accuracy on recurring and novel queries,
 P(attention | recurring query / novel query / other token) and P(semantic | kind) per layer,
 the attention fraction and the dynamics MSE. The summary (`results/consolidation_summary.json`,
 the section between `<!-- consolidation:begin -->` and `<!-- consolidation:end -->` of
@@ -15,6 +17,13 @@ docs/RESULTS.md, the figure docs/figures/consolidation_by_kind.png) gives mean �
 the targets of spec C beside what was measured, the step where recurring-query attention falls
 in each layer with mean q and q̂ there, and P(episodic | pattern seen k times) with its
 power-law fit in the layer that consolidates.
+
+CRAM without consolidation (γ = 0, no q̂ reward) and CRAM without a semantic path run at 3× and
+10× the preset (`VARIANT_STEPS`): whether the consolidation signal or the semantic path is what
+takes recurring queries off attention, or the rest of the network memorises their bindings too.
+Their table and figure (docs/figures/consolidation_variants.png, P(attention | recurring query)
+and the attention fraction against step) sit between `<!-- consolidation-variants:begin -->`
+and `<!-- consolidation-variants:end -->`.
 """
 from __future__ import annotations
 
@@ -40,27 +49,33 @@ from experiments.srcd_report import write_section  # noqa: E402
 
 PRESET_STEPS = 400
 STEP_COUNTS = (PRESET_STEPS, 3 * PRESET_STEPS, 10 * PRESET_STEPS)
+# CRAM's parts taken away one at a time, beside CRAM, where CRAM consolidates.
+VARIANTS = ("cram_no_consolidation", "ablate_no_semantic")
+VARIANT_STEPS = STEP_COUNTS[1:]
 SEEDS = (0, 1, 2, 3, 4)
 TEST_BATCHES = 16
 MARKERS = ("<!-- consolidation:begin -->", "<!-- consolidation:end -->")
+VARIANT_MARKERS = ("<!-- consolidation-variants:begin -->", "<!-- consolidation-variants:end -->")
+VARIANT_HEADING = "### CRAM without consolidation, CRAM without semantic memory"
 HEADING = "## Consolidation: recurring queries leave attention, novel ones keep it"
 # Spec C, for the target lines of the report.
 TARGETS = dict(accuracy_recurring=0.995, accuracy_novel=0.99, recurring_attention=0.05,
                novel_attention=0.95, attention_fraction=0.01)
 
 
-def run_name(steps: int, seed: int) -> str:
-    return f"cram_{steps}_s{seed}"
+def run_name(model: str, steps: int, seed: int) -> str:
+    return f"{model}_{steps}_s{seed}"
 
 
-def train_one(runs: str, steps: int, seed: int) -> dict:
-    """Train (or resume, or just read) CRAM for `steps` steps with `seed`; its result record."""
-    directory = os.path.join(runs, run_name(steps, seed))
+def train_one(runs: str, model: str, steps: int, seed: int) -> dict:
+    """Train (or resume, or just read) `model` for `steps` steps with `seed`; its result
+    record."""
+    directory = os.path.join(runs, run_name(model, steps, seed))
     result_path = os.path.join(directory, "result.json")
     if os.path.exists(result_path):
         with open(result_path) as f:
             return json.load(f)
-    config = run_config("cram", "cpu", steps=steps, seed=seed, data_seed=seed,
+    config = run_config(model, "cpu", steps=steps, seed=seed, data_seed=seed,
                         eval_every=max(25, steps // 40), checkpoint_every=100)
     started = time.time()
     trainer = Trainer(config, directory)
@@ -70,7 +85,8 @@ def train_one(runs: str, steps: int, seed: int) -> dict:
     with open(trainer.log_path) as f:
         log = [json.loads(line) for line in f]
     evals = [r for r in log if "eval" in r]
-    result = {"steps": steps, "seed": seed, "command": f"python -m experiments.consolidation "
+    result = {"model": model, "steps": steps, "seed": seed,
+              "command": f"python -m experiments.consolidation --models {model} "
               f"--steps {steps} --seeds {seed} --runs {runs}",
               "test": trainer.evaluate(TEST_BATCHES, seed_offset=TEST_SEED_OFFSET),
               "curve": {"steps": [r["step"] for r in evals],
@@ -237,15 +253,108 @@ def summarize(runs_by_steps: Dict[int, List[dict]], missing: List[str], args) ->
                             **consolidation.exposure_power_law(episodic, total)}
     os.makedirs(args.figures, exist_ok=True)
     plot_by_kind(runs, os.path.join(args.figures, "consolidation_by_kind.png"))
-    os.makedirs(os.path.dirname(args.summary), exist_ok=True)
-    with open(args.summary, "w") as f:
-        json.dump(summary, f, indent=1)
     write_section(args.results_md, markdown_section(summary), MARKERS, HEADING)
+    return summary
+
+
+def settled_below(run: dict, layer: int, level: float) -> Optional[int]:
+    """The first in-training evaluation step from which P(attention | recurring query) in
+    `layer` stays at most `level` to the end of the run (None: the last one is above)."""
+    curve = [record[f"attention/{layer}/recurring"] for record in run["curve"]["eval"]]
+    above = [i for i, value in enumerate(curve) if value > level]
+    start = above[-1] + 1 if above else 0
+    return run["curve"]["steps"][start] if start < len(curve) else None
+
+
+def plot_variants(variants: Dict[str, Dict[int, List[dict]]], path: str) -> None:
+    """Per step count, P(attention | recurring query) in layer 0 (solid) and the attention
+    fraction (dashed) against step on the in-training evaluation stream, mean over seeds, one
+    line per model."""
+    plt = pyplot()
+    step_counts = sorted({steps for by_steps in variants.values() for steps in by_steps})
+    fig, axes = plt.subplots(1, len(step_counts), figsize=(5 * len(step_counts), 3.6),
+                             squeeze=False)
+    for ax, steps in zip(axes[0], step_counts):
+        for color, (model, by_steps) in zip(("C0", "C1", "C2"), variants.items()):
+            runs = by_steps.get(steps)
+            if not runs:
+                continue
+            x = runs[0]["curve"]["steps"]
+            for key, style, label in (("attention/0/recurring", "-", "P(attn | recurring) L0"),
+                                      ("attention_fraction", "--", "attention fraction")):
+                y = np.mean([[e[key] for e in r["curve"]["eval"]] for r in runs], 0)
+                ax.plot(x, y, style, color=color, lw=1.6, label=f"{model}: {label}")
+        ax.set_yscale("symlog", linthresh=0.01)
+        ax.set_title(f"{steps} steps")
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("inference routing, eval stream")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def variants_section(table: Dict[str, Dict[str, dict]], early: Dict[str, Dict[str, list]],
+                     missing: List[str]) -> str:
+    lines = ["Generated by `python -m experiments.consolidation --models cram_no_consolidation "
+             "ablate_no_semantic` (cpu preset, nothing else changed; mean ± std over the seeds "
+             f"listed, {TEST_BATCHES} test batches, inference routing; CRAM's rows are the runs "
+             "above). \"P(attn | rec) ≤ 0.1 from\" is the in-training evaluation step from which "
+             "layer 0's P(attention | recurring query) stays at most 0.1 to the end, per seed "
+             "(– not at the end).", ""]
+    if missing:
+        lines += [f"**Partial**: not yet run: {', '.join(missing)}.", ""]
+    header = ("| model | steps | seeds | acc. recurring / novel | P(attn \\| recurring) L0 / L1 "
+              "| P(attn \\| novel) L0 / L1 | P(sem \\| recurring) L0 / L1 | attention fraction "
+              "| dyn. MSE | P(attn \\| rec) ≤ 0.1 from |")
+    lines += [header, separator(header)]
+    for model, by_steps in table.items():
+        for steps, row in by_steps.items():
+            layers = routed_layers({k: None for k in row})
+
+            def per_layer(kind: str, path: str = "attention") -> str:
+                values = [row.get(f"{path}/{l}/{kind}") for l in layers]
+                return " / ".join("–" if v is None else f"{v['mean']:.3f}" for v in values)
+
+            cells = [model, steps, ", ".join(map(str, row["seeds"])),
+                     f"{pct(row['accuracy_recurring'])} / {pct(row['accuracy_novel'])}",
+                     per_layer("recurring"), per_layer("novel"),
+                     per_layer("recurring", "semantic"),
+                     f"{100 * row['attention_fraction']['mean']:.2f} ± "
+                     f"{100 * row['attention_fraction']['std']:.2f}%",
+                     f"{row['dynamics_mse']['mean']:.4f} ± {row['dynamics_mse']['std']:.4f}",
+                     ", ".join("–" if s is None else str(s) for s in early[model][steps])]
+            lines.append("| " + " | ".join(map(str, cells)) + " |")
+    lines += ["", "![CRAM and its variants during training](figures/consolidation_variants.png)"]
+    return "\n".join([VARIANT_MARKERS[0], "", *lines, "", VARIANT_MARKERS[1]])
+
+
+def summarize_variants(variants: Dict[str, Dict[int, List[dict]]], missing: List[str],
+                       args) -> dict:
+    """CRAM beside its variants at `VARIANT_STEPS`: the table, the figure and their section."""
+    finished = {model: {steps: runs for steps, runs in by_steps.items() if runs}
+                for model, by_steps in variants.items()}
+    finished = {model: by_steps for model, by_steps in finished.items() if by_steps}
+    table = {model: {str(steps): aggregate(runs) for steps, runs in sorted(by_steps.items())}
+             for model, by_steps in finished.items()}
+    early = {model: {str(steps): [settled_below(r, 0, 0.1) for r in runs]
+                     for steps, runs in sorted(by_steps.items())}
+             for model, by_steps in finished.items()}
+    summary = {"missing": missing, "by_model": table,
+               "recurring_attention_settled_below_0.1": early}
+    if len(finished) > 1:
+        os.makedirs(args.figures, exist_ok=True)
+        plot_variants(finished, os.path.join(args.figures, "consolidation_variants.png"))
+        write_section(args.results_md, variants_section(table, early, missing), VARIANT_MARKERS,
+                      VARIANT_HEADING)
     return summary
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["cram"], choices=("cram",) + VARIANTS,
+                        help="train these (CRAM's variants run at 3x and 10x the preset)")
     parser.add_argument("--steps", type=int, nargs="+", default=list(STEP_COUNTS))
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--runs", default="runs/consolidation")
@@ -255,19 +364,33 @@ def main(argv=None) -> dict:
     parser.add_argument("--summarize-only", action="store_true",
                         help="train nothing: summarize every finished run of the full plan")
     args = parser.parse_args(argv)
-    plan = [(steps, seed) for steps in sorted(set(STEP_COUNTS) | set(args.steps))
-            for seed in SEEDS]
-    finished = lambda steps, seed: os.path.exists(  # noqa: E731
-        os.path.join(args.runs, run_name(steps, seed), "result.json"))
-    runs_by_steps: Dict[int, List[dict]] = {steps: [] for steps, _ in plan}
+
+    def step_counts(model: str) -> List[int]:
+        planned = set(STEP_COUNTS if model == "cram" else VARIANT_STEPS)
+        return sorted(planned | (set(args.steps) if model in args.models else set()))
+
+    # Step-major, CRAM first: every seed of the preset first, so the shortest plan finishes first.
+    plan = [(model, steps, seed) for model in ("cram",) + VARIANTS
+            for steps in step_counts(model) for seed in SEEDS]
+    os.makedirs(os.path.dirname(args.summary) or ".", exist_ok=True)
+    finished = lambda *run: os.path.exists(  # noqa: E731
+        os.path.join(args.runs, run_name(*run), "result.json"))
+    runs = {model: {steps: [] for steps in step_counts(model)} for model in ("cram",) + VARIANTS}
     summary: dict = {}
-    # Step-major: every seed of the preset first, so the shortest plan finishes first.
-    for steps, seed in plan:
-        selected = not args.summarize_only and steps in args.steps and seed in args.seeds
-        if finished(steps, seed) or selected:
-            runs_by_steps[steps].append(train_one(args.runs, steps, seed))
-            missing = [run_name(*run) for run in plan if not finished(*run)]
-            summary = summarize(runs_by_steps, missing, args)
+    for model, steps, seed in plan:
+        selected = (not args.summarize_only and model in args.models and steps in args.steps
+                    and seed in args.seeds)
+        if not (finished(model, steps, seed) or selected):
+            continue
+        runs[model][steps].append(train_one(args.runs, model, steps, seed))
+        missing = [run for run in plan if not finished(*run)]
+        summary = summarize(runs["cram"], [run_name(*r) for r in missing if r[0] == "cram"], args)
+        variants = {model: {steps: runs[model].get(steps, []) for steps in VARIANT_STEPS}
+                    for model in ("cram",) + VARIANTS}
+        summary["variants"] = summarize_variants(
+            variants, [run_name(*r) for r in missing if r[0] != "cram"], args)
+        with open(args.summary, "w") as f:
+            json.dump(summary, f, indent=1)
     return summary
 
 

@@ -38,3 +38,46 @@ def test_scripts_start_as_modules_and_as_files(script):
         result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr[-2000:]
         assert "usage:" in result.stdout
+
+
+def _variant_run(seed: int, recurring: list, semantic: bool = True) -> dict:
+    """A consolidation run record with an in-training curve of P(attention | recurring query)
+    in layer 0 and a test evaluation at its last value."""
+    def record(value: float) -> dict:
+        metrics = {"accuracy": 1.0, "accuracy_recurring": 1.0, "accuracy_novel": 0.99,
+                   "dynamics_mse": 0.012, "oracle_mse": 0.011, "attention_fraction": value / 10,
+                   "attention/0/recurring": value, "attention/0/novel": 1.0,
+                   "attention/0/other": 0.0}
+        if semantic:
+            metrics["semantic/0/recurring"] = 1.0 - value
+        return metrics
+    return {"seed": seed, "test": record(recurring[-1]),
+            "curve": {"steps": [100 * i for i in range(len(recurring))],
+                      "eval": [record(value) for value in recurring]}}
+
+
+def test_settled_below_is_where_the_curve_stays_under_the_level():
+    from experiments.consolidation import settled_below
+    assert settled_below(_variant_run(0, [0.5, 0.05, 0.3, 0.08, 0.02]), 0, 0.1) == 300
+    assert settled_below(_variant_run(0, [0.5, 0.05, 0.3]), 0, 0.1) is None
+    assert settled_below(_variant_run(0, [0.05, 0.02]), 0, 0.1) == 0
+
+
+def test_variants_section_has_a_row_per_model_and_step_count(tmp_path):
+    from argparse import Namespace
+    from experiments.consolidation import VARIANT_MARKERS, summarize_variants
+    args = Namespace(figures=str(tmp_path / "figures"), results_md=str(tmp_path / "RESULTS.md"))
+    variants = {"cram": {1200: [_variant_run(0, [0.5, 0.04]), _variant_run(1, [0.5, 0.08])]},
+                "ablate_no_semantic": {1200: [_variant_run(0, [0.5, 0.2, 0.3], semantic=False)]}}
+    summary = summarize_variants(variants, ["ablate_no_semantic_1200_s1"], args)
+    assert summary["by_model"]["cram"]["1200"]["attention/0/recurring"]["mean"] == (
+        pytest.approx(0.06))
+    assert summary["recurring_attention_settled_below_0.1"] == {
+        "cram": {"1200": [100, 100]}, "ablate_no_semantic": {"1200": [None]}}
+    text = (tmp_path / "RESULTS.md").read_text()
+    section = text[text.index(VARIANT_MARKERS[0]):text.index(VARIANT_MARKERS[1])]
+    row = "| cram | 1200 | 0, 1 | 100.0 ± 0.0% / 99.0 ± 0.0% | 0.060 | 1.000 | 0.940 |"
+    assert row in section
+    assert "| ablate_no_semantic | 1200 | 0 |" in section and "| – | " in section
+    assert "**Partial**: not yet run: ablate_no_semantic_1200_s1." in section
+    assert (tmp_path / "figures" / "consolidation_variants.png").exists()
