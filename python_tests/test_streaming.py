@@ -416,3 +416,55 @@ def test_written_buffer_evicts_oldest_entries():
     for b in range(2):
         last_written = written[b].nonzero()[-3:, 0]
         torch.testing.assert_close(cache.keys[b, :, :3], keys[b, :, last_written])
+
+
+def output_tensors(output):
+    """A ModelOutput's tensors by name, the records' (and their routing's) fields included."""
+    tensors = {"value_logits": output.value_logits, "next_value": output.next_value}
+    for index, record in enumerate(output.layers):
+        for part in (record, record.routing):
+            for field in dataclasses.fields(part) if part is not None else ():
+                value = getattr(part, field.name)
+                if isinstance(value, torch.Tensor):
+                    tensors[f"layers.{index}.{field.name}"] = value
+    return tensors
+
+
+@pytest.mark.parametrize("name, working", [("cram", None), ("seqboat", None),
+                                           ("transformer", None), ("jamba", None),
+                                           ("cram", "ctode")])
+@torch.no_grad()
+def test_step_equals_prefill_of_one_token(name, working):
+    """`step` reads a token on tensors without the length dimension (the scan's one-step
+    update, the attention's one-token view of q, k, v); `prefill` of that token reads it as a
+    chunk of length 1 (the scan from a state). Token by token from equal states, through
+    evictions from a buffer of 3 entries: the same outputs, every record field and the same
+    states."""
+    model = streaming_model(name, working)
+    model.config = dataclasses.replace(model.config, memory_size=3)
+    batch = batch_at(DATA, seed=1, step=0, batch_size=2)
+    assert int((batch["value"] != DATA.n_values).sum(-1).min()) > 3  # entries get evicted
+    stepped, prefilled = (model.init_state(2, capacity=DATA.seq_len) for _ in range(2))
+    attended = 0
+    for t in range(DATA.seq_len):
+        out, stepped = model.step({k: v[:, t] for k, v in batch.items()}, stepped)
+        ref, prefilled = model.prefill({k: v[:, t:t + 1] for k, v in batch.items()}, prefilled)
+        attended += sum(int(r.attention_rows.sum()) for r in out.layers
+                        if r.attention_rows is not None)
+        out, ref = output_tensors(out), output_tensors(ref)
+        assert out.keys() == ref.keys()
+        for field, value in out.items():
+            expected = ref[field][:, 0]
+            if value.is_floating_point():
+                torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-5, msg=field)
+            else:
+                assert torch.equal(value, expected), (t, field)
+    assert stepped.position == prefilled.position == DATA.seq_len
+    assert attended > 0
+    for streamed, read in zip(stepped.layers, prefilled.layers):
+        if streamed.working is not None:
+            torch.testing.assert_close(streamed.working, read.working, rtol=1e-5, atol=1e-5)
+        if streamed.attention is not None:
+            assert torch.equal(streamed.attention.lengths, read.attention.lengths)
+            torch.testing.assert_close(streamed.attention.keys, read.attention.keys)
+            torch.testing.assert_close(streamed.attention.values, read.attention.values)

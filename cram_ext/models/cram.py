@@ -88,8 +88,10 @@ class CRAMLayer(nn.Module):
                 path: Optional[torch.Tensor] = None):
         """Routes by `prices` (see `Router.forward`); `prices.explore_rate` > 0 only in
         training; `path` (batch, L), if given, overrides the router's choice. With `state` the
-        tokens continue a stream (`CRAMModel.step`): the memories start from it and update it,
-        and `key_mask` is the new tokens' written flags."""
+        tokens continue a stream (`CRAMModel.prefill`): the memories start from it and update
+        it, and `key_mask` is the new tokens' written flags; one token (`CRAMModel.step`) comes
+        without the length dimension, x (batch, d_model) and gap (batch,), and so does its
+        record."""
         if self.fused and not self.training and state is None and path is None:
             mixed, record = self.fused_paths(x, gap, key_mask, prices)
             h = self.norm_mix(x + mixed)
@@ -98,13 +100,13 @@ class CRAMLayer(nn.Module):
         working_out = self._working(x, gap, state) if self.spec.working else torch.zeros_like(x)
         mixed = working_out
         if self.spec.attention == "dense":
-            rows = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+            rows = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
             mixed = mixed + self._episodic(x, rows, key_mask, state)
             record.attention_rows = rows
         elif self.spec.attention == "routed":
             q_hat = self.q_predictor(x) if self.q_predictor is not None else None
             routing = self.router(x, gap, working_out,
-                                  q_hat if q_hat is not None else x.new_zeros(x.shape[:2]),
+                                  q_hat if q_hat is not None else x.new_zeros(x.shape[:-1]),
                                   prices.episodic, prices.semantic if self.spec.router_reads_q
                                   else 0.0, prices.explore_rate, prices.attend_all, path)
             rows = routing.choice == Path.EPISODIC
@@ -202,7 +204,8 @@ class InputEncoder(nn.Module):
         self.positional = config.positional_embedding
 
     def forward(self, batch: Dict[str, torch.Tensor], start: int = 0) -> torch.Tensor:
-        """`start`: the absolute position of the first token (streaming)."""
+        """`start`: the absolute position of the first token (streaming). The fields are
+        (batch, L), or (batch,) for one token (`CRAMModel.step`): x (batch, L, d) or (batch, d)."""
         gap = batch["gap"]
         phase = gap[..., None] * self.frequencies.to(gap.device)
         continuous = torch.cat([torch.log1p(gap)[..., None], phase.sin(), phase.cos(),
@@ -210,7 +213,7 @@ class InputEncoder(nn.Module):
         x = (self.type_embedding(batch["token_type"]) + self.key_embedding(batch["key"])
              + self.value_embedding(batch["value"]) + self.continuous(continuous))
         if self.positional:
-            x = x + sinusoidal_positions(gap.shape[1], x.shape[-1], x.device, start)
+            x = x + sinusoidal_positions(_tokens_per_stream(gap), x.shape[-1], x.device, start)
         return x
 
 
@@ -260,9 +263,9 @@ class CRAMModel(nn.Module):
         """The episodic buffer: every prefix token ("prefix"), or the entries written to memory,
         the tokens that carry a (key, value) binding. A query carries its key but no value; were
         it a key, it would match itself best and retrieve nothing."""
-        if self.config.episodic_keys == "prefix":
+        written = self._written(batch)
+        if written is None:
             return None
-        written = batch["value"] != self.config.n_values
         most = int(written.sum(-1).max()) if written.numel() else 0
         if most > self.config.memory_size:
             raise ValueError(f"a sequence writes {most} entries, more than the episodic buffer "
@@ -427,8 +430,7 @@ class CRAMModel(nn.Module):
         Once the written entries overflow the episodic buffer the tokens are read in chunks
         that each end at the token that evicts an entry, so prefill equals `step` token by token
         there too (where `forward` refuses the sequence)."""
-        written = (None if self.config.episodic_keys == "prefix"
-                   else batch["value"] != self.config.n_values)
+        written = self._written(batch)
         caches = [layer.attention for layer in state.layers if layer.attention is not None]
         if written is None or not caches:
             return self._read(batch, written, state)
@@ -439,16 +441,24 @@ class CRAMModel(nn.Module):
             outputs.append(output)
         return _cat_positions(outputs), state
 
+    def _written(self, batch: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+        """The tokens that carry a binding, which a "written" episodic buffer keeps (shaped
+        like the fields; `key_mask`), or None with "prefix" keys."""
+        if self.config.episodic_keys == "prefix":
+            return None
+        return batch["value"] != self.config.n_values
+
     def _read(self, batch: Dict[str, torch.Tensor], written: Optional[torch.Tensor],
               state: StreamState):
-        """`prefill` of one chunk the episodic buffers can take whole."""
+        """`prefill` of one chunk the episodic buffers can take whole, or `step` of one token
+        (fields (batch,), no length dimension)."""
         prices = self.routing_prices()
         x = self.encoder(batch, start=state.position)
         records = []
         for layer, layer_state in zip(self.layers, state.layers):
             x, record = layer(x, batch["gap"], written, prices, state=layer_state)
             records.append(record)
-        state.position += batch["gap"].shape[1]
+        state.position += _tokens_per_stream(batch["gap"])
         return ModelOutput(self.value_head(x), self.dynamics_head(x).squeeze(-1), records), state
 
     def step(self, inputs: Dict[str, torch.Tensor], state: StreamState):
@@ -456,10 +466,17 @@ class CRAMModel(nn.Module):
         Returns (that position's ModelOutput without the length dimension: value_logits
         (batch, n_values), next_value (batch,), per-layer records of (batch,) tensors; state),
         the state updated in place. A routed layer runs attention only for the streams whose
-        token its router sends there."""
-        output, state = self.prefill({name: value[:, None] for name, value in inputs.items()},
-                                     state)
-        return _squeeze_position(output), state
+        token its router sends there.
+
+        `prefill` of one token without its chunking: a single token never makes a row see
+        more than memory_size entries (the buffer's spare slot holds it, `AttentionCache`), so
+        the layers read it as it comes, on tensors without the length dimension."""
+        return self._read(inputs, self._written(inputs), state)
+
+
+def _tokens_per_stream(gap: torch.Tensor) -> int:
+    """L of a chunk's (batch, L) fields; 1 of a step's (batch,) fields."""
+    return gap.shape[1] if gap.dim() == 2 else 1
 
 
 def _buffer_chunks(written: torch.Tensor, held: torch.Tensor, memory_size: int):
@@ -492,14 +509,3 @@ def _cat_positions(outputs: List[ModelOutput]) -> ModelOutput:
 
     return ModelOutput(cat([o.value_logits for o in outputs]), cat([o.next_value for o in outputs]),
                        [cat([o.layers[i] for o in outputs]) for i in range(len(outputs[0].layers))])
-
-
-def _squeeze_position(output: ModelOutput) -> ModelOutput:
-    """A one-token ModelOutput without its length dimension."""
-    def squeeze(value):
-        if value is None or isinstance(value, torch.Tensor):
-            return value if value is None else value[:, 0]
-        return type(value)(**{f.name: squeeze(getattr(value, f.name)) for f in fields(value)})
-
-    return ModelOutput(output.value_logits[:, 0], output.next_value[:, 0],
-                       [squeeze(record) for record in output.layers])

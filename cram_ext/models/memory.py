@@ -3,7 +3,8 @@
 The kernels are reached through `scan_op`, `attention_op`, `fused_layer_op` and, when
 streaming, `state_update_op` and `cached_attention_op` only, so tests can wrap them (for example
 to count the rows that really ran attention). Each memory's `step` continues a stream from its
-state (`streaming.py`), updating that state in place.
+state (`streaming.py`), updating that state in place; it reads a chunk (batch, L, d_model) or one
+token without the length dimension, (batch, d_model) (`CRAMModel.step`).
 """
 from __future__ import annotations
 
@@ -103,18 +104,20 @@ class SelectiveScanMemory(nn.Module):
                            dtype=torch.float32)
 
     def step(self, x: torch.Tensor, gap: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        """`forward` for the next L tokens of a stream, x (batch, L, d_model), continuing from
-        `state`, which becomes the state after them (in place). One token is one
-        `selective_state_update`; more are a chunk of the scan started from the state."""
-        u, delta, A, B, C, D, z, delta_bias, dt_scale = self._scan_inputs(x, gap)
-        if x.shape[1] == 1:
-            y = state_update_op(state, u[..., 0], delta[..., 0], A, B[..., 0], C[..., 0], D,
-                                z[..., 0], delta_bias, dt_scale[:, 0])[..., None]
-        else:
-            y, last = scan_op(u, delta, A, B, C, D, z, delta_bias, dt_scale,
-                              initial_state=state, return_last_state=True)
+        """`forward` for the next tokens of a stream, continuing from `state`, which becomes
+        the state after them (in place): a chunk x (batch, L, d_model), gap (batch, L) is the
+        scan started from the state; one token, x (batch, d_model) and gap (batch,), is one
+        `selective_state_update` on tensors without the length dimension (no transposes)."""
+        if x.dim() == 3:
+            y, last = scan_op(*self._scan_inputs(x, gap), initial_state=state,
+                              return_last_state=True)
             state.copy_(last)
-        return self.out_proj(y.transpose(1, 2))
+            return self.out_proj(y.transpose(1, 2))
+        u, z = self.in_proj(x).chunk(2, dim=-1)                         # (batch, d_inner)
+        dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        y = state_update_op(state, u, self.dt_proj(dt), -torch.exp(self.A_log), B, C, self.D, z,
+                            self.dt_bias, gap_scale(gap).to(torch.float32))
+        return self.out_proj(y)
 
 
 class CTODEMemory(nn.Module):
@@ -156,7 +159,10 @@ class CTODEMemory(nn.Module):
         return torch.zeros(batch_size, self.W_o.in_features, device=device)
 
     def step(self, x: torch.Tensor, gap: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        """`forward` for the next L tokens of a stream from `state` (updated in place)."""
+        """`forward` for the next tokens of a stream from `state` (updated in place): x
+        (batch, L, d_model), or one token without the length dimension, x (batch, d_model)."""
+        if x.dim() == 2:
+            return self.step(x[:, None], gap[:, None], state)[:, 0]
         out, last = self._integrate(x, gap, state)
         state.copy_(last)
         return out
@@ -208,8 +214,17 @@ class EpisodicAttention(nn.Module):
         values join `cache` and the routed rows attend over it. `written` (batch, L) says which
         tokens enter a "written" buffer (None: every token, prefix keys). Of more than
         `cache.memory_size` written entries the oldest are evicted (the full `forward` instead
-        refuses a sequence that writes more)."""
-        return self._merge(_attend_with_cache(*self._heads(x), route, written, cache))
+        refuses a sequence that writes more). One token comes without the length dimension:
+        x (batch, d_model), route and written (batch,)."""
+        if x.dim() == 3:
+            return self._merge(_attend_with_cache(*self._heads(x), route, written, cache))
+        batch = x.shape[0]
+        # (batch, 3·d_model) is q, k, v, each (heads, head_dim): a view as three
+        # (batch, heads, 1, head_dim) tensors, no transpose needed for one position.
+        q, k, v = self.qkv(x).view(batch, 3, self.n_heads, 1, -1).unbind(1)
+        out = _attend_with_cache(q, k, v, route[:, None],
+                                 None if written is None else written[:, None], cache)
+        return self.out_proj(out.view(batch, -1))
 
 
 def _attend_with_cache(q, k, v, route, written, cache: AttentionCache) -> torch.Tensor:
@@ -229,27 +244,26 @@ def _attend_with_cache(q, k, v, route, written, cache: AttentionCache) -> torch.
                          f"(memory_size={cache.memory_size}) before its last token; read it in "
                          f"shorter chunks (CRAMModel.prefill does)")
     keys, values = cache.keys, cache.values
-    if n > 1:  # room for the whole chunk until it is compacted
+    # Slot j holds an entry if it is below the old length, or a new entry that was written.
+    if n == 1:
+        count = cache.lengths + written[:, 0]
+        key_mask = cache.slots < count[:, None]
+    else:
+        # Room for the whole chunk until it is compacted.
         pad = keys.new_zeros(*keys.shape[:2], n, keys.shape[3])
         keys, values = torch.cat([keys, pad], 2), torch.cat([values, pad], 2)
-    # Slot j holds an entry if it is below the old length, or a new entry that was written.
-    slots = torch.arange(keys.shape[2], device=q.device)
-    if n == 1:
-        key_mask = slots < (cache.lengths + written[:, 0])[:, None]
-    else:
-        offset = slots - cache.lengths[:, None].long()
+        offset = torch.arange(keys.shape[2], device=q.device) - cache.lengths[:, None].long()
         fresh = (offset >= 0) & (offset < n)
         key_mask = (offset < 0) | (fresh & written.gather(1, offset.clamp(0, n - 1)))
+        count = cache.lengths + written.sum(1, dtype=torch.int32)
     out = cached_attention_op(q, keys, values, k, v, cache.lengths, route, key_mask)
-    count = cache.lengths + written.sum(1, dtype=torch.int32)
     # One read of the (batch,) lengths per call decides whether the cache must be compacted.
     if n == 1 and not bool((count > cache.memory_size).any()):
         cache.lengths.copy_(count)  # an entry not written is overwritten by the next one
         return out
     drop = (count - cache.memory_size).clamp_min(0)
     order = torch.argsort((~key_mask).to(torch.int8), dim=1, stable=True)  # entries first
-    take = (torch.arange(cache.capacity, device=q.device) + drop[:, None]).clamp_max(
-        keys.shape[2] - 1)
+    take = (cache.slots + drop[:, None]).clamp_max(keys.shape[2] - 1)
     index = order.gather(1, take)[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
     cache.keys.copy_(keys.gather(2, index))
     cache.values.copy_(values.gather(2, index))

@@ -7,6 +7,7 @@ modules update these tensors in place.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -43,6 +44,12 @@ class AttentionCache:
     @property
     def capacity(self) -> int:
         return self.keys.shape[2]
+
+    @functools.cached_property
+    def slots(self) -> torch.Tensor:
+        """The slot indices 0..capacity-1 (int64, on the cache's device), made once: the key
+        mask of every decoding step compares them with the lengths."""
+        return torch.arange(self.capacity, device=self.keys.device)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.lengths))
