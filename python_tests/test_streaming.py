@@ -439,7 +439,7 @@ def test_step_equals_prefill_of_one_token(name, working):
     update, the attention's one-token view of q, k, v); `prefill` of that token reads it as a
     chunk of length 1 (the scan from a state). Token by token from equal states, through
     evictions from a buffer of 3 entries: the same outputs, every record field and the same
-    states."""
+    states (scan states, and the entries the buffers hold)."""
     model = streaming_model(name, working)
     model.config = dataclasses.replace(model.config, memory_size=3)
     batch = batch_at(DATA, seed=1, step=0, batch_size=2)
@@ -464,7 +464,9 @@ def test_step_equals_prefill_of_one_token(name, working):
     for streamed, read in zip(stepped.layers, prefilled.layers):
         if streamed.working is not None:
             torch.testing.assert_close(streamed.working, read.working, rtol=1e-5, atol=1e-5)
-        if streamed.attention is not None:
+        if streamed.attention is not None:  # the entries held (the slots past them are free)
             assert torch.equal(streamed.attention.lengths, read.attention.lengths)
-            torch.testing.assert_close(streamed.attention.keys, read.attention.keys)
-            torch.testing.assert_close(streamed.attention.values, read.attention.values)
+            for b, length in enumerate(read.attention.lengths.tolist()):
+                for cache in ("keys", "values"):
+                    torch.testing.assert_close(getattr(streamed.attention, cache)[b, :, :length],
+                                               getattr(read.attention, cache)[b, :, :length])

@@ -215,9 +215,13 @@ class EpisodicAttention(nn.Module):
         tokens enter a "written" buffer (None: every token, prefix keys). Of more than
         `cache.memory_size` written entries the oldest are evicted (the full `forward` instead
         refuses a sequence that writes more). One token comes without the length dimension:
-        x (batch, d_model), route and written (batch,)."""
+        x (batch, d_model), route and written (batch,); if no stream's token attends or writes,
+        the step runs nothing (one read of the flags) and outputs 0."""
         if x.dim() == 3:
             return self._merge(_attend_with_cache(*self._heads(x), route, written, cache))
+        if written is not None and not bool((route | written).any()):
+            # Most decoding steps: nothing reads the buffer, and an entry not written is not kept.
+            return torch.zeros_like(x)
         batch = x.shape[0]
         # (batch, 3·d_model) is q, k, v, each (heads, head_dim): a view as three
         # (batch, heads, 1, head_dim) tensors, no transpose needed for one position.

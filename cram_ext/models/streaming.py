@@ -22,9 +22,10 @@ class AttentionCache:
     With `memory_size` set (the "written" episodic buffer) the cache keeps only the entries of
     tokens that wrote a binding, the most recent `memory_size` of them: each call appends every
     new token's entry, masks out those that wrote nothing, and then compacts (a one-token step
-    needs no compaction: its entry is simply overwritten next time unless it was written). One
-    spare slot beyond `memory_size` holds the newest entry before the oldest is evicted, so a
-    written token attends over the buffer and itself. Without `memory_size` ("prefix" keys, the
+    needs no compaction: its entry is simply overwritten next time unless it was written; and
+    a step in which no stream writes or attends leaves the cache as it is). One spare slot
+    beyond `memory_size` holds the newest entry before the oldest is evicted, so a written
+    token attends over the buffer and itself. Without `memory_size` ("prefix" keys, the
     dense layers) every token's entry is kept, up to `capacity`.
     """
 
