@@ -342,20 +342,23 @@ class KVCacheRowCounter:
 def test_prefill_and_steps_equal_forward(name, working, split, monkeypatch):
     """A prefix through `prefill`, the rest token by token through `step`: the same outputs
     (fp32 tolerance), the same routing decisions and the same number of attention rows as the
-    full forward."""
+    full forward; the same consolidation errors, and q 0 wherever attention did not run (q
+    itself differs: its σ² is the spread of the attention outputs of the call's rows)."""
     model = streaming_model(name, working)
     batch = batch_at(DATA, seed=0, step=0, batch_size=3)
     L = DATA.seq_len
     counter = KVCacheRowCounter(monkeypatch)
     full = model(batch)
     state = model.init_state(3, capacity=L)
-    logits, next_value, choices, rows = [], [], [], []
+    logits, next_value, choices, rows, errors, qs = [], [], [], [], [], []
     if split:
         out, state = model.prefill({k: v[:, :split] for k, v in batch.items()}, state)
         logits.append(out.value_logits)
         next_value.append(out.next_value)
         choices.append([r.routing.choice if r.routing else None for r in out.layers])
         rows.append([r.attention_rows for r in out.layers])
+        errors.append([r.consolidation_error for r in out.layers])
+        qs.append([r.q for r in out.layers])
     for t in range(split, L):
         out, state = model.step({k: v[:, t] for k, v in batch.items()}, state)
         logits.append(out.value_logits[:, None])
@@ -363,12 +366,19 @@ def test_prefill_and_steps_equal_forward(name, working, split, monkeypatch):
         choices.append([r.routing.choice[:, None] if r.routing else None for r in out.layers])
         rows.append([None if r.attention_rows is None else r.attention_rows[:, None]
                      for r in out.layers])
+        errors.append([None if r.q is None else r.consolidation_error[:, None]
+                       for r in out.layers])
+        qs.append([None if r.q is None else r.q[:, None] for r in out.layers])
     assert state.position == L
     for i, record in enumerate(full.layers):
         if record.routing is not None:
             assert torch.equal(torch.cat([c[i] for c in choices], 1), record.routing.choice)
         if record.attention_rows is not None:
             assert torch.equal(torch.cat([r[i] for r in rows], 1), record.attention_rows)
+        if record.q is not None:
+            torch.testing.assert_close(torch.cat([e[i] for e in errors], 1),
+                                       record.consolidation_error, rtol=1e-4, atol=1e-5)
+            assert (torch.cat([q[i] for q in qs], 1)[~record.attention_rows] == 0).all()
     assert counter.rows["stream"] == counter.rows["full"]
     assert counter.rows["full"] > 0 or name == "mamba"
     torch.testing.assert_close(torch.cat(logits, 1), full.value_logits, rtol=1e-4, atol=1e-4)

@@ -110,11 +110,12 @@ class CRAMLayer(nn.Module):
                                   prices.episodic, prices.semantic if self.spec.router_reads_q
                                   else 0.0, prices.explore_rate, prices.attend_all, path)
             rows = routing.choice == Path.EPISODIC
+            # Exactly 0, with zero gradient, on the rows that did not attend (`routed_attention`).
             retrieved = self._episodic(x, rows, key_mask, state)
-            mixed = mixed + rows[..., None].to(x.dtype) * retrieved
+            mixed = mixed + retrieved
             if self.semantic is not None:
                 recalled = self.semantic(x)
-                mixed = mixed + (routing.choice == Path.SEMANTIC)[..., None].to(x.dtype) * recalled
+                mixed = mixed + recalled * (routing.choice == Path.SEMANTIC)[..., None]
                 self._record_consolidation(record, recalled[rows], retrieved.detach()[rows], rows)
                 record.q_hat = q_hat
             record.routing, record.attention_rows = routing, rows
@@ -141,9 +142,12 @@ class CRAMLayer(nn.Module):
         """The record's L_cons and q terms (module docstring) from f_sem and the detached
         attention output on the rows that ran attention, (n, d) each; 0 on the other tokens of
         `rows` (batch, L)."""
+        zeros = torch.zeros(rows.shape, dtype=recalled.dtype, device=rows.device)
+        if recalled.shape[0] == 0:  # no row attended, as in most decoding steps: all 0
+            record.consolidation_error, record.q = zeros, torch.zeros_like(zeros)
+            return
         squared_error = (recalled - target).pow(2).sum(-1)
         q = torch.exp(-squared_error.detach() / (self.q_sigma ** 2 * retrieval_spread(target)))
-        zeros = torch.zeros(rows.shape, dtype=recalled.dtype, device=rows.device)
         record.consolidation_error = zeros.masked_scatter(rows, squared_error / recalled.shape[-1])
         record.q = zeros.masked_scatter(rows, q)
 

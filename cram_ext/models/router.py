@@ -90,7 +90,7 @@ class Router(nn.Module):
     def features(self, x, gap, working_out, q_hat):
         if not self.reads_state:
             return x.detach()
-        state_norm = working_out.norm(dim=-1) / math.sqrt(x.shape[-1])
+        state_norm = torch.linalg.vector_norm(working_out, dim=-1) / math.sqrt(x.shape[-1])
         q_feature = q_hat if self.reads_q else torch.zeros_like(q_hat)
         return torch.cat([x, torch.log1p(gap)[..., None], state_norm[..., None],
                           q_feature[..., None]], dim=-1).detach()
