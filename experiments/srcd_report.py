@@ -3,6 +3,7 @@ Tables 1, 2 and 4 beside the paper's numbers, the spec's targets, the figures an
 `write_section` replaces only the text between the section's markers."""
 from __future__ import annotations
 
+import math
 import os
 from typing import Dict, List, Optional, Tuple
 
@@ -40,9 +41,12 @@ def by_layer(row: dict) -> str:
 
 def by_kind(row: dict) -> str:
     """P(attention | recurring query) / P(attention | novel query) per routed layer, as
-    "L0 a / b · L1 c / d", or "–" for a model without a router."""
-    return " · ".join(f"L{l} {row[f'attention/{l}/recurring']['mean']:.2f} / "
-                      f"{row[f'attention/{l}/novel']['mean']:.2f}" for l in routed_layers(row)) or "–"
+    "L0 a / b · L1 c / d" ("–" for a kind the task has no query of), or "–" for a model
+    without a router."""
+    def share(stat: dict) -> str:
+        return "–" if math.isnan(stat["mean"]) else f"{stat['mean']:.2f}"
+    return " · ".join(f"L{l} {share(row[f'attention/{l}/recurring'])} / "
+                      f"{share(row[f'attention/{l}/novel'])}" for l in routed_layers(row)) or "–"
 
 
 def targets(table: Dict[str, dict], noise_floor: float) -> List[str]:
