@@ -269,8 +269,9 @@ def settled_below(run: dict, layer: int, level: float) -> Optional[int]:
 def plot_variants(variants: Dict[str, Dict[int, List[dict]]], path: str) -> None:
     """Per step count, P(attention | recurring query) in layer 0 (solid) and the attention
     fraction (dashed) against step on the in-training evaluation stream, mean over seeds, one
-    line per model."""
+    colour per model; the warm-up (every token attends in training) shaded."""
     plt = pyplot()
+    warm_up = run_config("cram", "cpu").model_config().episodic_cost_start
     step_counts = sorted({steps for by_steps in variants.values() for steps in by_steps})
     fig, axes = plt.subplots(1, len(step_counts), figsize=(5 * len(step_counts), 3.6),
                              squeeze=False)
@@ -284,12 +285,13 @@ def plot_variants(variants: Dict[str, Dict[int, List[dict]]], path: str) -> None
                                       ("attention_fraction", "--", "attention fraction")):
                 y = np.mean([[e[key] for e in r["curve"]["eval"]] for r in runs], 0)
                 ax.plot(x, y, style, color=color, lw=1.6, label=f"{model}: {label}")
+        ax.axvspan(0, warm_up, color="0.92", zorder=0)
         ax.set_yscale("symlog", linthresh=0.01)
         ax.set_title(f"{steps} steps")
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     axes[0][0].set_ylabel("inference routing, eval stream")
-    axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -313,13 +315,14 @@ def variants_section(table: Dict[str, Dict[str, dict]], early: Dict[str, Dict[st
         for steps, row in by_steps.items():
             layers = routed_layers({k: None for k in row})
 
-            def per_layer(kind: str, path: str = "attention") -> str:
+            def per_layer(kind: str, path: str = "attention", spread: bool = False) -> str:
                 values = [row.get(f"{path}/{l}/{kind}") for l in layers]
-                return " / ".join("–" if v is None else f"{v['mean']:.3f}" for v in values)
+                return " / ".join("–" if v is None else f"{v['mean']:.3f}"
+                                  + (f" ± {v['std']:.3f}" if spread else "") for v in values)
 
             cells = [model, steps, ", ".join(map(str, row["seeds"])),
                      f"{pct(row['accuracy_recurring'])} / {pct(row['accuracy_novel'])}",
-                     per_layer("recurring"), per_layer("novel"),
+                     per_layer("recurring", spread=True), per_layer("novel"),
                      per_layer("recurring", "semantic"),
                      f"{100 * row['attention_fraction']['mean']:.2f} ± "
                      f"{100 * row['attention_fraction']['std']:.2f}%",

@@ -76,7 +76,7 @@ def test_variants_section_has_a_row_per_model_and_step_count(tmp_path):
         "cram": {"1200": [100, 100]}, "ablate_no_semantic": {"1200": [None]}}
     text = (tmp_path / "RESULTS.md").read_text()
     section = text[text.index(VARIANT_MARKERS[0]):text.index(VARIANT_MARKERS[1])]
-    row = "| cram | 1200 | 0, 1 | 100.0 ± 0.0% / 99.0 ± 0.0% | 0.060 | 1.000 | 0.940 |"
+    row = "| cram | 1200 | 0, 1 | 100.0 ± 0.0% / 99.0 ± 0.0% | 0.060 ± 0.028 | 1.000 | 0.940 |"
     assert row in section
     assert "| ablate_no_semantic | 1200 | 0 |" in section and "| – | " in section
     assert "**Partial**: not yet run: ablate_no_semantic_1200_s1." in section
