@@ -145,7 +145,40 @@ CRAM_INLINE F exp_approx(F x) {
   return underflow ? zero : (overflow ? zero + INFINITY : y);
 }
 
+// e^x for x <= 0, the softmax weights' case, in about half exp_approx's operations: no
+// overflow path, and results below 2^-126 (x below about -87.3) flush to 0, so the power of two
+// needs no split. x is clamped where k reaches -127, whose 2^k built from exponent bits 0 is 0.
+template <typename F>
+CRAM_INLINE F exp_nonpositive(F x) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+  constexpr float kRoundShift = 12582912.0f;  // 1.5 · 2^23: adding it rounds to an integer
+  constexpr float kFlushBelow = -88.0f;       // rounds to k = -127
+  const F zero{};
+  const F floor = zero + kFlushBelow;
+  const F xc = floor > x ? floor : x;  // NaN passes through unchanged (and -inf becomes 0)
+  const F shifted = xc * kLog2e + kRoundShift;
+  const F k = shifted - kRoundShift;
+  const F r = (xc - k * kLn2Hi) - k * kLn2Lo;
+  F p = zero + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return p * bits_float((float_bits(shifted) - float_bits(kRoundShift) + 127) << 23);
+}
+
 }  // namespace detail
+
+CRAM_INLINE float exp_nonpositive(float x) { return detail::exp_nonpositive(x); }
+CRAM_INLINE Vec<float> exp_nonpositive(Vec<float> x) { return detail::exp_nonpositive(x); }
+CRAM_INLINE double exp_nonpositive(double x) { return std::exp(x); }
+CRAM_INLINE Vec<double> exp_nonpositive(Vec<double> x) {
+  for (int i = 0; i < Simd<double>::lanes; ++i) x[i] = std::exp(x[i]);
+  return x;
+}
 
 CRAM_INLINE float exp_approx(float x) { return detail::exp_approx(x); }
 CRAM_INLINE Vec<float> exp_approx(Vec<float> x) { return detail::exp_approx(x); }

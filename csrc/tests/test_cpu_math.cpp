@@ -65,6 +65,27 @@ void test_exp_approx() {
   CRAM_EXPECT(exp_approx(0.0f) == 1.0f, "exp(0)");
 }
 
+void test_exp_nonpositive() {
+  double worst_ulp = 0;
+  for (float x = -110.f; x <= 0.f; x += 0.0137f) {
+    const float got = exp_nonpositive(x);
+    const double want = std::exp(double(x));
+    if (want < std::numeric_limits<float>::min()) {  // flushed to 0 or a normal float near 2^-126
+      CRAM_EXPECT(got == 0.0f || std::fabs(got - want) <= want * 1e-6, "exp(%g) = %g, want %g", x, got, want);
+      continue;
+    }
+    const double ulp = std::fabs(got - want) / (std::nextafter(float(want), INFINITY) - float(want));
+    worst_ulp = std::max(worst_ulp, ulp);
+    CRAM_EXPECT(got == exp_approx(x), "exp_nonpositive(%g) = %g differs from exp_approx's %g", x, got, exp_approx(x));
+  }
+  CRAM_EXPECT(worst_ulp <= 2.0, "exp_nonpositive worst error %.2f ulp", worst_ulp);
+  CRAM_EXPECT(std::isnan(exp_nonpositive(std::numeric_limits<float>::quiet_NaN())), "nan");
+  CRAM_EXPECT(exp_nonpositive(-INFINITY) == 0.0f, "exp(-inf)");
+  CRAM_EXPECT(exp_nonpositive(0.0f) == 1.0f, "exp(0)");
+  const Vec<float> lanes = exp_nonpositive(splat(-1.5f));
+  for (int i = 0; i < Simd<float>::lanes; ++i) CRAM_EXPECT(lanes[i] == exp_nonpositive(-1.5f), "vector lane %d", i);
+}
+
 void test_softplus_and_sigmoid() {
   double worst_softplus = 0, worst_sigmoid = 0;
   for (float x = -40.f; x < 30.f; x += 0.00731f) {
@@ -87,5 +108,6 @@ int main() {
   test_16bit_round_trip();
   test_16bit_rounding();
   test_exp_approx();
+  test_exp_nonpositive();
   return cram_test::report("test_cpu_math");
 }
