@@ -12,7 +12,7 @@
 // streaming stores: at sparse routing they are most of the output). Tiles of a head are
 // processed in small groups that share each key/value block, and workers pull groups, longest
 // first, from a shared counter (causal tiles differ widely in cost). The next key/value block is
-// prefetched while a group computes the current one.
+// requested from memory a few rows per scores step while the first tiles compute on the current one.
 //
 // Within a group the forward takes its tiles two at a time wherever both see the same keys of a
 // block (everywhere but where the first one's keys end), so every broadcast key or value element
@@ -61,6 +61,35 @@ struct RowsView {
   const T* row(int j) const { return data + j * stride; }
 };
 
+constexpr int kCacheLineBytes = 64;
+
+// Rows [0, n) of the next key and value block, as stored, requested from memory a scores step at
+// a time while the first tiles to visit the current block compute on it. At sparse routing a
+// head's keys and values are read once per call, mostly from memory; spread over the work the
+// requests overlap it without stalling on the cache's miss buffers, which the whole block asked
+// for at once (512 lines) did. n = 0: nothing to request.
+struct RowsAhead {
+  const char* keys = nullptr;
+  const char* values = nullptr;
+  int64_t key_stride = 0, value_stride = 0;  // bytes
+  int n = 0, row_bytes = 0;
+};
+
+// Requests rows j0, ..., j0 + kRows - 1 (those below ahead.n) of the block ahead. A free
+// function forced inline into the steps: GCC 12 deleted the same loop as a member function.
+template <int kRows>
+CRAM_INLINE void request_rows_ahead(const RowsAhead& ahead, int j0) {
+  for (int r = 0; r < kRows; ++r) {
+    if (j0 + r >= ahead.n) break;
+    const char* key = ahead.keys + (j0 + r) * ahead.key_stride;
+    const char* value = ahead.values + (j0 + r) * ahead.value_stride;
+    for (int byte = 0; byte < ahead.row_bytes; byte += kCacheLineBytes) {
+      __builtin_prefetch(key + byte, 0, 2);
+      __builtin_prefetch(value + byte, 0, 2);
+    }
+  }
+}
+
 // Accumulator vectors of one scores or P·V step, shared by the kTiles tiles of the step: with
 // the kTiles tile vectors of the step and a broadcast they fill the vector registers.
 constexpr int kStepAccumulators = kVectorRegisters - 4;
@@ -69,9 +98,12 @@ constexpr int kOuterRows = 4;                          // key rows per dK/dV ste
 constexpr int kOuterVectors = kVectorRegisters / 8;    // head-dim vectors per dK/dV step
 
 // Scores of keys [j0, j0 + kRows) against kTiles tiles; key rows past n repeat row n - 1 and
-// their scores are dropped. Each broadcast key element feeds kTiles FMAs.
+// their scores are dropped. Each broadcast key element feeds kTiles FMAs. Requests the same rows
+// of the block ahead.
 template <int kTiles, int kRows, typename T>
-void scores_step(RowsView<T> rows, int j0, int n, const Vec<T>* tiles_t, int d, Vec<T>* out, int out_stride) {
+void scores_step(RowsView<T> rows, int j0, int n, const Vec<T>* tiles_t, int d, Vec<T>* out, int out_stride,
+                 const RowsAhead& ahead) {
+  request_rows_ahead<kRows>(ahead, j0);
   const T* row[kRows];
   for (int r = 0; r < kRows; ++r) row[r] = rows.row(std::min(j0 + r, n - 1));
   Vec<T> acc[kTiles][kRows] = {};
@@ -90,11 +122,13 @@ void scores_step(RowsView<T> rows, int j0, int n, const Vec<T>* tiles_t, int d, 
 // out[t · out_stride + j] = Σ_c rows[j][c] · tile t's column c, for j < n and kTiles tiles
 // stored one after the other (d columns each): the scores of n keys against every lane.
 template <int kTiles, typename T>
-void rows_dot_tiles(RowsView<T> rows, int n, const Vec<T>* tiles_t, int d, Vec<T>* out, int out_stride) {
+void rows_dot_tiles(RowsView<T> rows, int n, const Vec<T>* tiles_t, int d, Vec<T>* out, int out_stride,
+                    const RowsAhead& ahead = {}) {
   constexpr int kRows = kStepAccumulators / kTiles;
   int j0 = 0;
-  for (; j0 + kRows <= n; j0 += kRows) scores_step<kTiles, kRows>(rows, j0, n, tiles_t, d, out, out_stride);
-  for (; j0 < n; j0 += kTailStep) scores_step<kTiles, kTailStep>(rows, j0, n, tiles_t, d, out, out_stride);
+  for (; j0 + kRows <= n; j0 += kRows) scores_step<kTiles, kRows>(rows, j0, n, tiles_t, d, out, out_stride, ahead);
+  for (; j0 < n; j0 += kTailStep) scores_step<kTiles, kTailStep>(rows, j0, n, tiles_t, d, out, out_stride, ahead);
+  for (; j0 < ahead.n; j0 += kTailStep) request_rows_ahead<kTailStep>(ahead, j0);  // past this block's n
 }
 
 template <int kTiles, int kColumns, typename T>
@@ -321,18 +355,6 @@ RowsView<acc_t> rows_as_acc(const scalar_t* first, int64_t stride, int n, int d,
   }
 }
 
-constexpr int kCacheLineBytes = 64;
-
-// Asks for n rows of a key or value head ahead of their use. The walk below requests the next
-// block while the current one is computed, so the first tile to read a block does not wait on
-// memory (a head's keys and values are mostly out of cache at sparse routing: each is read once).
-template <typename scalar_t>
-void prefetch_rows(const scalar_t* first, int64_t stride, int n, int d) {
-  constexpr int kLineElements = kCacheLineBytes / sizeof(scalar_t);
-  for (int j = 0; j < n; ++j)
-    for (int c = 0; c < d; c += kLineElements) __builtin_prefetch(first + j * stride + c, 0, 2);
-}
-
 // Lane positions of a tile as a vector; padding lanes repeat the last row, so they never widen
 // the keys a tile visits.
 template <typename scalar_t, typename acc_t = typename AccType<scalar_t>::type>
@@ -417,9 +439,10 @@ int group_key_end(const Problem<scalar_t>& pb, const TileGroup& g) {
 
 // The walk the forward and the dQ backward share: every block of keys some tile of the group can
 // see, its keys and values widened once for the whole group, then visit(i, count, keys, values,
-// j0, n) for runs of up to kMaxTilesPerVisit consecutive tiles i, ..., i + count - 1 of the group
-// that all see the same n > 0 keys of the block starting at key j0 (a run ends where a tile's
-// keys end inside the block: tiles are in position order, so n only grows along the group).
+// j0, n, ahead) for runs of up to kMaxTilesPerVisit consecutive tiles i, ..., i + count - 1 of
+// the group that all see the same n > 0 keys of the block starting at key j0 (a run ends where a
+// tile's keys end inside the block: tiles are in position order, so n only grows along the
+// group). The first visit of a block gets the next block's rows to request, the others none.
 template <int kMaxTilesPerVisit, typename scalar_t, typename acc_t, typename Visit>
 void for_each_visible_key_block(const Problem<scalar_t>& pb, const TileGroup& g, std::vector<acc_t>& k_buffer,
                                 std::vector<acc_t>& v_buffer, Visit visit) {
@@ -430,10 +453,13 @@ void for_each_visible_key_block(const Problem<scalar_t>& pb, const TileGroup& g,
   auto keys_seen = [&](int i, int j0, int block) { return std::min(block, pb.key_end(tiles[i]) - j0); };
   for (int j0 = 0; j0 < key_end; j0 += kKeyBlock) {
     const int block = std::min(kKeyBlock, key_end - j0);
-    const int next_block = std::min(kKeyBlock, key_end - j0 - kKeyBlock);
-    if (next_block > 0) {
-      prefetch_rows(pb.k_row(b, kvh, j0 + kKeyBlock), p.k_row_stride, next_block, d);
-      prefetch_rows(pb.v_row(b, kvh, j0 + kKeyBlock), p.v_row_stride, next_block, d);
+    RowsAhead ahead;
+    if (j0 + kKeyBlock < key_end) {
+      ahead = {reinterpret_cast<const char*>(pb.k_row(b, kvh, j0 + kKeyBlock)),
+               reinterpret_cast<const char*>(pb.v_row(b, kvh, j0 + kKeyBlock)),
+               static_cast<int64_t>(p.k_row_stride * sizeof(scalar_t)),
+               static_cast<int64_t>(p.v_row_stride * sizeof(scalar_t)),
+               std::min(kKeyBlock, key_end - j0 - kKeyBlock), static_cast<int>(d * sizeof(scalar_t))};
     }
     const auto keys = rows_as_acc(pb.k_row(b, kvh, j0), p.k_row_stride, block, d, k_buffer);
     const auto values = rows_as_acc(pb.v_row(b, kvh, j0), p.v_row_stride, block, d, v_buffer);
@@ -443,7 +469,8 @@ void for_each_visible_key_block(const Problem<scalar_t>& pb, const TileGroup& g,
       const int n = keys_seen(i, j0, block);
       int count = 1;
       while (count < kMaxTilesPerVisit && i + count < g.count && keys_seen(i + count, j0, block) == n) ++count;
-      visit(i, count, keys, values, j0, n);
+      visit(i, count, keys, values, j0, n, ahead);
+      ahead.n = 0;
       i += count;
     }
   }
@@ -524,10 +551,11 @@ void finish_tile(const Problem<scalar_t>& pb, const Tile& t, const ForwardTileSt
 // One key block against kTiles consecutive tiles of a group that see the same n keys of it.
 template <int kTiles, typename scalar_t, typename acc_t = typename AccType<scalar_t>::type>
 void forward_step(const Problem<scalar_t>& pb, const Tile* tiles, ForwardTileState<acc_t>* states,
-                  RowsView<acc_t> keys, RowsView<acc_t> values, int j0, int n, Vec<acc_t>* scores) {
+                  RowsView<acc_t> keys, RowsView<acc_t> values, int j0, int n, const RowsAhead& ahead,
+                  Vec<acc_t>* scores) {
   const int d = pb.head_dim();
   // The tiles' q_t and out_t columns lie one tile after the other (ForwardScratch).
-  rows_dot_tiles<kTiles>(keys, n, states[0].q_t, d, scores, kKeyBlock);
+  rows_dot_tiles<kTiles>(keys, n, states[0].q_t, d, scores, kKeyBlock, ahead);
   for (int t = 0; t < kTiles; ++t) {
     mask_scores(pb, tiles[t], states[t].positions, j0, n, scores + t * kKeyBlock);
     softmax_update(scores + t * kKeyBlock, n, states[t], d);
@@ -540,9 +568,13 @@ void forward_group(const Problem<scalar_t>& pb, const TileGroup& g, ForwardScrat
   const Tile* tiles = &pb.tiles()[g.first_tile];
   for (int i = 0; i < g.count; ++i) start_tile(pb, tiles[i], s.tiles[i]);
   for_each_visible_key_block<kTilesPerStep>(pb, g, s.k_buffer, s.v_buffer,
-                                            [&](int i, int count, const auto& keys, const auto& values, int j0, int n) {
-    if (count == kTilesPerStep) forward_step<kTilesPerStep>(pb, tiles + i, &s.tiles[i], keys, values, j0, n, s.scores.data());
-    else forward_step<1>(pb, tiles + i, &s.tiles[i], keys, values, j0, n, s.scores.data());
+                                            [&](int i, int count, const auto& keys, const auto& values, int j0, int n,
+                                                const RowsAhead& ahead) {
+    if (count == kTilesPerStep) {
+      forward_step<kTilesPerStep>(pb, tiles + i, &s.tiles[i], keys, values, j0, n, ahead, s.scores.data());
+    } else {
+      forward_step<1>(pb, tiles + i, &s.tiles[i], keys, values, j0, n, ahead, s.scores.data());
+    }
   });
   for (int i = 0; i < g.count; ++i) finish_tile(pb, tiles[i], s.tiles[i]);
 }
@@ -657,9 +689,9 @@ struct BackwardScratch {
 template <typename scalar_t, typename acc_t = typename AccType<scalar_t>::type>
 void probabilities_and_score_grads(const Problem<scalar_t>& pb, const Tile& t, const TileOperands<acc_t>& op,
                                    RowsView<acc_t> keys, RowsView<acc_t> values, int j0, int n,
-                                   BackwardScratch<acc_t>& s) {
+                                   BackwardScratch<acc_t>& s, const RowsAhead& ahead = {}) {
   const int d = pb.head_dim();
-  rows_dot_tiles<1>(keys, n, op.q_t, d, s.probs.data(), kKeyBlock);
+  rows_dot_tiles<1>(keys, n, op.q_t, d, s.probs.data(), kKeyBlock, ahead);
   mask_scores(pb, t, *op.positions, j0, n, s.probs.data());
   for (int j = 0; j < n; ++j) s.probs[j] = exp_approx(s.probs[j] - *op.lse);
   rows_dot_tiles<1>(values, n, op.dout_t, d, s.dprobs.data(), kKeyBlock);
@@ -675,8 +707,9 @@ void backward_dq_group(const Problem<scalar_t>& pb, const BackwardOperands<scala
   const int d = p.head_dim;
   std::fill(s.grad_t.begin(), s.grad_t.end(), Vec<acc_t>{});
   for_each_visible_key_block<1>(pb, g, s.k_buffer, s.v_buffer,
-                                [&](int i, int, const auto& keys, const auto& values, int j0, int n) {
-    probabilities_and_score_grads(pb, tiles[i], ops.tile(g.first_tile + i), keys, values, j0, n, s);
+                                [&](int i, int, const auto& keys, const auto& values, int j0, int n,
+                                    const RowsAhead& ahead) {
+    probabilities_and_score_grads(pb, tiles[i], ops.tile(g.first_tile + i), keys, values, j0, n, s, ahead);
     accumulate_weighted_rows<1>(keys, n, s.dprobs.data(), kKeyBlock, d, &s.grad_t[i * d]);
   });
   for (int i = 0; i < g.count; ++i) {
