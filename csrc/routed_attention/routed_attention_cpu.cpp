@@ -11,14 +11,15 @@
 // a causal row costs about its position and unrouted rows cost only their zeros (written with
 // streaming stores: at sparse routing they are most of the output). Tiles of a head are
 // processed in small groups that share each key/value block, and workers pull groups, longest
-// first, from a shared counter (causal tiles differ widely in cost). The next key/value block is
-// requested from memory a few rows per scores step while the first tiles compute on the current one.
+// first, from a shared counter (causal tiles differ widely in cost). The forward requests the next
+// key/value block from memory a few rows per scores step while the first tiles compute on the
+// current one.
 //
 // Within a group the forward takes its tiles two at a time wherever both see the same keys of a
 // block (everywhere but where the first one's keys end), so every broadcast key or value element
 // feeds two FMAs, one per tile: a scores step is 2 tiles x 6 keys and a P·V step 2 tiles x 6
 // head-dim columns, 12 accumulators plus the 2 tile vectors and a broadcast in the 16 AVX2
-// registers. A tile left without a partner (and every tile of the backward) runs 1 x 12 steps.
+// registers. A tile left without a partner (and every tile of the backward) runs 1 x 8 steps.
 // The softmax weights use exp_nonpositive, an exp for arguments <= 0 at about half the cost.
 //
 // The backward recomputes P from the saved lse. dQ runs over tile groups like the forward; dK and
@@ -90,9 +91,14 @@ CRAM_INLINE void request_rows_ahead(const RowsAhead& ahead, int j0) {
   }
 }
 
-// Accumulator vectors of one scores or P·V step, shared by the kTiles tiles of the step: with
-// the kTiles tile vectors of the step and a broadcast they fill the vector registers.
-constexpr int kStepAccumulators = kVectorRegisters - 4;
+// Steps of one tile: key rows per scores step, head-dim columns per P·V step (both divide the
+// 64-key blocks and d = 64, so no remainder step, whose few accumulators run latency-bound:
+// 1 x 12 steps with a tail of 4 made the backward about 5% slower).
+constexpr int kRowsPerStep = 8;
+constexpr int kColumnsPerStep = kVectorRegisters / 2;
+// Accumulator vectors of a step of several tiles: with the tile vectors of the step and a
+// broadcast they fill the vector registers (2 tiles x 6 on AVX2).
+constexpr int kSharedStepAccumulators = kVectorRegisters - 4;
 constexpr int kTailStep = 4;                           // keys or columns per step of a remainder
 constexpr int kOuterRows = 4;                          // key rows per dK/dV step
 constexpr int kOuterVectors = kVectorRegisters / 8;    // head-dim vectors per dK/dV step
@@ -124,7 +130,7 @@ void scores_step(RowsView<T> rows, int j0, int n, const Vec<T>* tiles_t, int d, 
 template <int kTiles, typename T>
 void rows_dot_tiles(RowsView<T> rows, int n, const Vec<T>* tiles_t, int d, Vec<T>* out, int out_stride,
                     const RowsAhead& ahead = {}) {
-  constexpr int kRows = kStepAccumulators / kTiles;
+  constexpr int kRows = kTiles == 1 ? kRowsPerStep : kSharedStepAccumulators / kTiles;
   int j0 = 0;
   for (; j0 + kRows <= n; j0 += kRows) scores_step<kTiles, kRows>(rows, j0, n, tiles_t, d, out, out_stride, ahead);
   for (; j0 < n; j0 += kTailStep) scores_step<kTiles, kTailStep>(rows, j0, n, tiles_t, d, out, out_stride, ahead);
@@ -155,7 +161,7 @@ void accumulate_column_block(RowsView<T> rows, int n, const Vec<T>* weights, int
 template <int kTiles, typename T>
 void accumulate_weighted_rows(RowsView<T> rows, int n, const Vec<T>* weights, int weights_stride, int d,
                               Vec<T>* tiles_t) {
-  constexpr int kColumns = kStepAccumulators / kTiles;
+  constexpr int kColumns = kTiles == 1 ? kColumnsPerStep : kSharedStepAccumulators / kTiles;
   int c = 0;
   for (; c + kColumns <= d; c += kColumns)
     accumulate_column_block<kTiles, kColumns>(rows, n, weights, weights_stride, c, d, tiles_t);
@@ -689,9 +695,9 @@ struct BackwardScratch {
 template <typename scalar_t, typename acc_t = typename AccType<scalar_t>::type>
 void probabilities_and_score_grads(const Problem<scalar_t>& pb, const Tile& t, const TileOperands<acc_t>& op,
                                    RowsView<acc_t> keys, RowsView<acc_t> values, int j0, int n,
-                                   BackwardScratch<acc_t>& s, const RowsAhead& ahead = {}) {
+                                   BackwardScratch<acc_t>& s) {
   const int d = pb.head_dim();
-  rows_dot_tiles<1>(keys, n, op.q_t, d, s.probs.data(), kKeyBlock, ahead);
+  rows_dot_tiles<1>(keys, n, op.q_t, d, s.probs.data(), kKeyBlock);
   mask_scores(pb, t, *op.positions, j0, n, s.probs.data());
   for (int j = 0; j < n; ++j) s.probs[j] = exp_approx(s.probs[j] - *op.lse);
   rows_dot_tiles<1>(values, n, op.dout_t, d, s.dprobs.data(), kKeyBlock);
@@ -708,8 +714,10 @@ void backward_dq_group(const Problem<scalar_t>& pb, const BackwardOperands<scala
   std::fill(s.grad_t.begin(), s.grad_t.end(), Vec<acc_t>{});
   for_each_visible_key_block<1>(pb, g, s.k_buffer, s.v_buffer,
                                 [&](int i, int, const auto& keys, const auto& values, int j0, int n,
-                                    const RowsAhead& ahead) {
-    probabilities_and_score_grads(pb, tiles[i], ops.tile(g.first_tile + i), keys, values, j0, n, s, ahead);
+                                    const RowsAhead&) {
+    // No requests ahead: the backward reads each block many times, mostly from cache, and the
+    // requests made it about 5% slower.
+    probabilities_and_score_grads(pb, tiles[i], ops.tile(g.first_tile + i), keys, values, j0, n, s);
     accumulate_weighted_rows<1>(keys, n, s.dprobs.data(), kKeyBlock, d, &s.grad_t[i * d]);
   });
   for (int i = 0; i < g.count; ++i) {
