@@ -313,7 +313,7 @@ def variants_section(table: Dict[str, Dict[str, dict]], early: Dict[str, Dict[st
     lines += [header, separator(header)]
     for model, by_steps in table.items():
         for steps, row in by_steps.items():
-            layers = routed_layers({k: None for k in row})
+            layers = routed_layers(row)
 
             def per_layer(kind: str, path: str = "attention", spread: bool = False) -> str:
                 values = [row.get(f"{path}/{l}/{kind}") for l in layers]
