@@ -117,19 +117,23 @@ CRAM_INLINE float bits_float(int32_t i) {
 }
 CRAM_INLINE Vec<float> bits_float(VecI32 i) { return reinterpret_cast<Vec<float>>(i); }
 
-// F is float or Vec<float>: the same operations, lane-wise for vectors.
+constexpr float kExpRoundShift = 12582912.0f;  // 1.5 · 2^23: adding it rounds to an integer
+
+// e^x = p · 2^k for a finite x: k = round(x · log2 e) sits in the low mantissa bits of
+// `shifted` (read by exp_power_k), and p = e^(x - k·ln 2) comes from a polynomial on the
+// Cody-Waite reduced argument. F is float or Vec<float>: the same operations, lane-wise.
 template <typename F>
-CRAM_INLINE F exp_approx(F x) {
+struct ExpSplit {
+  F p, shifted;
+};
+template <typename F>
+CRAM_INLINE ExpSplit<F> exp_split(F x) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
-  constexpr float kRoundShift = 12582912.0f;  // 1.5 · 2^23: adding it rounds to an integer
   const F zero{};
-  const auto underflow = x < -103.0f;  // e^-103 is below the smallest float subnormal
-  const auto overflow = x > 88.7228f;
-  const F xc = underflow ? zero : (overflow ? zero : x);  // NaN passes through unchanged
-  const F shifted = xc * kLog2e + kRoundShift;
-  const F k = shifted - kRoundShift;
-  const F r = (xc - k * kLn2Hi) - k * kLn2Lo;
+  const F shifted = x * kLog2e + kExpRoundShift;
+  const F k = shifted - kExpRoundShift;
+  const F r = (x - k * kLn2Hi) - k * kLn2Lo;
   F p = zero + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
@@ -137,11 +141,25 @@ CRAM_INLINE F exp_approx(F x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  // 2^k in two halves so that k down to -149 (subnormal results) stays representable. The
-  // integer k comes from the shifted value's low mantissa bits (NaN there only reaches p).
-  const auto ki = float_bits(shifted) - float_bits(kRoundShift);
+  return {p, shifted};
+}
+// The integer k of exp_split (NaN in `shifted` only reaches p).
+template <typename F>
+CRAM_INLINE auto exp_power_k(F shifted) {
+  return float_bits(shifted) - float_bits(kExpRoundShift);
+}
+
+template <typename F>
+CRAM_INLINE F exp_approx(F x) {
+  const F zero{};
+  const auto underflow = x < -103.0f;  // e^-103 is below the smallest float subnormal
+  const auto overflow = x > 88.7228f;
+  const F xc = underflow ? zero : (overflow ? zero : x);  // NaN passes through unchanged
+  const ExpSplit<F> e = exp_split(xc);
+  // 2^k in two halves so that k down to -149 (subnormal results) stays representable.
+  const auto ki = exp_power_k(e.shifted);
   const auto k1 = ki >> 1, k2 = ki - k1;
-  const F y = p * bits_float((k1 + 127) << 23) * bits_float((k2 + 127) << 23);
+  const F y = e.p * bits_float((k1 + 127) << 23) * bits_float((k2 + 127) << 23);
   return underflow ? zero : (overflow ? zero + INFINITY : y);
 }
 
@@ -150,35 +168,14 @@ CRAM_INLINE F exp_approx(F x) {
 // needs no split. x is clamped where k reaches -127, whose 2^k built from exponent bits 0 is 0.
 template <typename F>
 CRAM_INLINE F exp_nonpositive(F x) {
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
-  constexpr float kRoundShift = 12582912.0f;  // 1.5 · 2^23: adding it rounds to an integer
-  constexpr float kFlushBelow = -88.0f;       // rounds to k = -127
-  const F zero{};
-  const F floor = zero + kFlushBelow;
+  constexpr float kFlushBelow = -88.0f;  // rounds to k = -127
+  const F floor = F{} + kFlushBelow;
   const F xc = floor > x ? floor : x;  // NaN passes through unchanged (and -inf becomes 0)
-  const F shifted = xc * kLog2e + kRoundShift;
-  const F k = shifted - kRoundShift;
-  const F r = (xc - k * kLn2Hi) - k * kLn2Lo;
-  F p = zero + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  return p * bits_float((float_bits(shifted) - float_bits(kRoundShift) + 127) << 23);
+  const ExpSplit<F> e = exp_split(xc);
+  return e.p * bits_float((exp_power_k(e.shifted) + 127) << 23);
 }
 
 }  // namespace detail
-
-CRAM_INLINE float exp_nonpositive(float x) { return detail::exp_nonpositive(x); }
-CRAM_INLINE Vec<float> exp_nonpositive(Vec<float> x) { return detail::exp_nonpositive(x); }
-CRAM_INLINE double exp_nonpositive(double x) { return std::exp(x); }
-CRAM_INLINE Vec<double> exp_nonpositive(Vec<double> x) {
-  for (int i = 0; i < Simd<double>::lanes; ++i) x[i] = std::exp(x[i]);
-  return x;
-}
 
 CRAM_INLINE float exp_approx(float x) { return detail::exp_approx(x); }
 CRAM_INLINE Vec<float> exp_approx(Vec<float> x) { return detail::exp_approx(x); }
@@ -188,6 +185,11 @@ CRAM_INLINE Vec<double> exp_approx(Vec<double> x) {
   for (int i = 0; i < Simd<double>::lanes; ++i) x[i] = std::exp(x[i]);
   return x;
 }
+
+CRAM_INLINE float exp_nonpositive(float x) { return detail::exp_nonpositive(x); }
+CRAM_INLINE Vec<float> exp_nonpositive(Vec<float> x) { return detail::exp_nonpositive(x); }
+CRAM_INLINE double exp_nonpositive(double x) { return exp_approx(x); }
+CRAM_INLINE Vec<double> exp_nonpositive(Vec<double> x) { return exp_approx(x); }
 
 // Natural log of a positive normal float: x = 2^e · m with m in [√½, √2), log m by a
 // polynomial in m - 1 (about 1 ulp).
