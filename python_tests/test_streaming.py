@@ -1,6 +1,7 @@
 """Streaming inference: the ops (`selective_state_update`, `selective_scan` with an initial state,
 `routed_attention_with_kvcache`) against their references and the full-sequence ops, and
 `CRAMModel.prefill`/`step` against the full forward. Accuracy rule and builders: cases.py."""
+import copy
 import dataclasses
 
 import pytest
@@ -411,8 +412,8 @@ def test_written_buffer_evicts_oldest_entries():
                                atol=1e-4)
     for streamed, read in zip(state.layers, chunked.layers):
         assert torch.equal(streamed.attention.lengths, read.attention.lengths)
-        torch.testing.assert_close(streamed.attention.keys[:, :, :3],
-                                   read.attention.keys[:, :, :3])
+        torch.testing.assert_close(streamed.attention.in_order()[0][:, :, :3],
+                                   read.attention.in_order()[0][:, :, :3])
     # A single chunk that overflows the buffer before its last token is refused.
     layer = model.layers[0]
     with pytest.raises(ValueError, match=r"memory_size=3\) before its last token"):
@@ -425,7 +426,36 @@ def test_written_buffer_evicts_oldest_entries():
     keys = keys.view(2, DATA.seq_len, episodic.n_heads, -1).transpose(1, 2)
     for b in range(2):
         last_written = written[b].nonzero()[-3:, 0]
-        torch.testing.assert_close(cache.keys[b, :, :3], keys[b, :, last_written])
+        torch.testing.assert_close(cache.in_order()[0][b, :, :3], keys[b, :, last_written])
+
+
+@torch.no_grad()
+def test_chunk_after_the_ring_wrapped_equals_steps():
+    """A chunk of several tokens read after one-token steps have wrapped the buffer's ring
+    (entries no longer oldest first in their slots) gives what stepping through it gives:
+    the same outputs and, oldest first, the same entries."""
+    model = streaming_model("cram")
+    model.config = dataclasses.replace(model.config, memory_size=4)
+    batch = batch_at(DATA, seed=2, step=0, batch_size=2)
+    state = model.init_state(2, capacity=DATA.seq_len)
+    # Just after the first sequence's fifth write its ring starts at slot 1.
+    split = int((batch["value"][0] != DATA.n_values).nonzero()[4, 0]) + 1
+    for t in range(split):
+        _, state = model.step({k: v[:, t] for k, v in batch.items()}, state)
+    assert all(layer.attention.start[0] == 1 for layer in state.layers if layer.attention)
+    chunked = copy.deepcopy(state)
+    logits = []
+    for t in range(split, DATA.seq_len):
+        out, state = model.step({k: v[:, t] for k, v in batch.items()}, state)
+        logits.append(out.value_logits)
+    read, chunked = model.prefill({k: v[:, split:] for k, v in batch.items()}, chunked)
+    torch.testing.assert_close(read.value_logits, torch.stack(logits, 1), rtol=1e-4, atol=1e-4)
+    for streamed, prefilled in zip(state.layers, chunked.layers):
+        if streamed.attention is None:
+            continue
+        assert torch.equal(streamed.attention.lengths, prefilled.attention.lengths)
+        for ours, theirs in zip(streamed.attention.in_order(), prefilled.attention.in_order()):
+            torch.testing.assert_close(ours[:, :, :4], theirs[:, :, :4])
 
 
 def output_tensors(output):
@@ -477,6 +507,6 @@ def test_step_equals_prefill_of_one_token(name, working):
         if streamed.attention is not None:  # the entries held (the slots past them are free)
             assert torch.equal(streamed.attention.lengths, read.attention.lengths)
             for b, length in enumerate(read.attention.lengths.tolist()):
-                for cache in ("keys", "values"):
-                    torch.testing.assert_close(getattr(streamed.attention, cache)[b, :, :length],
-                                               getattr(read.attention, cache)[b, :, :length])
+                for ours, theirs in zip(streamed.attention.in_order(),
+                                        read.attention.in_order()):
+                    torch.testing.assert_close(ours[b, :, :length], theirs[b, :, :length])

@@ -253,6 +253,7 @@ def _attend_with_cache(q, k, v, route, written, cache: AttentionCache) -> torch.
         count = cache.lengths + written[:, 0]
         key_mask = cache.slots < count[:, None]
     else:
+        cache.unroll()
         # Room for the whole chunk until it is compacted.
         pad = keys.new_zeros(*keys.shape[:2], n, keys.shape[3])
         keys, values = torch.cat([keys, pad], 2), torch.cat([values, pad], 2)
@@ -261,10 +262,13 @@ def _attend_with_cache(q, k, v, route, written, cache: AttentionCache) -> torch.
         key_mask = (offset < 0) | (fresh & written.gather(1, offset.clamp(0, n - 1)))
         count = cache.lengths + written.sum(1, dtype=torch.int32)
     out = cached_attention_op(q, keys, values, k, v, cache.lengths, route, key_mask)
-    # One read of the (batch,) lengths per call decides whether the cache must be compacted.
-    if n == 1 and not bool((count > cache.memory_size).any()):
-        cache.lengths.copy_(count)  # an entry not written is overwritten by the next one
-        return out
+    if n == 1:
+        # One read of the (batch,) lengths per step decides whether an entry is evicted.
+        overflow = count > cache.memory_size
+        if bool(overflow.any()):
+            _evict_into_ring(cache, overflow)
+        cache.lengths.copy_(count - overflow.to(count.dtype))  # an entry not written is
+        return out                                              # overwritten by the next one
     drop = (count - cache.memory_size).clamp_min(0)
     order = torch.argsort((~key_mask).to(torch.int8), dim=1, stable=True)  # entries first
     take = (cache.slots + drop[:, None]).clamp_max(keys.shape[2] - 1)
@@ -273,6 +277,20 @@ def _attend_with_cache(q, k, v, route, written, cache: AttentionCache) -> torch.
     cache.values.copy_(values.gather(2, index))
     cache.lengths.copy_(count - drop)
     return out
+
+
+def _evict_into_ring(cache: AttentionCache, overflow: torch.Tensor):
+    """After a one-token step: in the sequences where `overflow` (a full buffer took a written
+    entry into its spare slot), that entry replaces the oldest one, at `cache.start`, which
+    moves on by one; the other sequences' slots stay as they are."""
+    size = cache.memory_size
+    index = cache.start[:, None, None, None].expand(-1, cache.keys.shape[1], 1,
+                                                    cache.keys.shape[3])
+    take = overflow[:, None, None, None]
+    for slots in (cache.keys, cache.values):
+        slots.scatter_(2, index, torch.where(take, slots[:, :, size:size + 1],
+                                             slots.gather(2, index)))
+    cache.start.copy_(torch.where(overflow, (cache.start + 1) % size, cache.start))
 
 
 class SemanticAdapter(nn.Module):

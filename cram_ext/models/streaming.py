@@ -25,7 +25,11 @@ class AttentionCache:
     needs no compaction: its entry is simply overwritten next time unless it was written; and
     a step in which no stream writes or attends leaves the cache as it is). One spare slot
     beyond `memory_size` holds the newest entry before the oldest is evicted, so a written
-    token attends over the buffer and itself. Without `memory_size` ("prefix" keys, the
+    token attends over the buffer and itself. Once the buffer is full it is a ring: a
+    one-token step that writes moves its entry from the spare slot into the oldest entry's
+    slot, `start` (int64 (batch,)), and advances `start`, so eviction costs one entry's write,
+    not a pass over the buffer (attention does not depend on the order of its keys);
+    `in_order` gives the entries oldest first. Without `memory_size` ("prefix" keys, the
     dense layers) every token's entry is kept, up to `capacity`.
     """
 
@@ -33,14 +37,17 @@ class AttentionCache:
     values: torch.Tensor
     lengths: torch.Tensor
     memory_size: Optional[int] = None
+    start: Optional[torch.Tensor] = None
 
     @classmethod
     def empty(cls, batch: int, heads: int, capacity: int, head_dim: int,
               memory_size: Optional[int], device=None, dtype=torch.float32) -> "AttentionCache":
         slots = capacity if memory_size is None else min(capacity, memory_size) + 1
         keys = torch.zeros(batch, heads, slots, head_dim, device=device, dtype=dtype)
+        start = (None if memory_size is None
+                 else torch.zeros(batch, dtype=torch.int64, device=device))
         return cls(keys, torch.zeros_like(keys),
-                   torch.zeros(batch, dtype=torch.int32, device=device), memory_size)
+                   torch.zeros(batch, dtype=torch.int32, device=device), memory_size, start)
 
     @property
     def capacity(self) -> int:
@@ -52,8 +59,34 @@ class AttentionCache:
         mask of every decoding step compares them with the lengths."""
         return torch.arange(self.capacity, device=self.keys.device)
 
+    def in_order(self):
+        """(keys, values) with each sequence's entries oldest first in slots [0, lengths)."""
+        if self.start is None:
+            return self.keys, self.values
+        index = self._oldest_first()
+        return self.keys.gather(2, index), self.values.gather(2, index)
+
+    def unroll(self):
+        """Puts the entries oldest first in place and `start` at 0: what a chunk of several
+        tokens expects (`memory._attend_with_cache` compacts it in order)."""
+        if self.start is not None and bool(self.start.any()):
+            index = self._oldest_first()
+            self.keys.copy_(self.keys.gather(2, index))
+            self.values.copy_(self.values.gather(2, index))
+            self.start.zero_()
+
+    def _oldest_first(self) -> torch.Tensor:
+        """The gather index (batch, heads, slots, head_dim) that rotates each ring of
+        memory_size slots to start at its oldest entry (the spare slot stays where it is)."""
+        ring = min(self.memory_size, self.capacity - 1)
+        slots = self.slots[None, :]
+        rotated = torch.where(slots < ring, (slots + self.start[:, None]) % ring, slots)
+        return rotated[:, None, :, None].expand(-1, self.keys.shape[1], -1, self.keys.shape[3])
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.lengths))
+        tensors = (self.keys, self.values, self.lengths) + (() if self.start is None
+                                                             else (self.start,))
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @dataclass
