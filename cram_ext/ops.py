@@ -554,3 +554,54 @@ def _cram_forward_backward(ctx, grad_out, *_grad_rest):
 
 torch.library.register_autograd("cram_ext::cram_forward_fwd", _cram_forward_backward,
                                 setup_context=_cram_forward_setup_context)
+
+
+class CramStepOutput(NamedTuple):
+    """What `cram_step` returns: `CramForwardOutput` for one token per stream, without the
+    length dimension (out and attention_out (batch, d_model), path (batch,), predicted_loss and
+    scores (batch, paths))."""
+
+    out: torch.Tensor
+    path: torch.Tensor
+    predicted_loss: torch.Tensor
+    scores: torch.Tensor
+    attention_out: torch.Tensor
+
+
+def cram_step(x, gap, state, k_cache, v_cache, cache_seqlens, in_proj_weight, x_proj_weight,
+              dt_proj_weight, A, D, dt_bias, out_proj_weight, router_w1, router_b1, router_w2,
+              router_b2, qkv_weight, attn_out_weight, semantic_down_weight=None,
+              semantic_down_bias=None, semantic_up_weight=None, semantic_up_bias=None, *, n_heads,
+              episodic_price, semantic_reward=0.0, q_hat=None, key_mask=None):
+    """`cram_forward` for the next token of each stream, continuing from a state: the decoding
+    step of a CRAM layer in one op (streaming inference; no autograd).
+
+    The scan advances `state` (batch, d_inner, N) in place, as `selective_state_update` does;
+    every stream's new key and value are written into `k_cache`, `v_cache` (batch, kv_heads,
+    capacity, head_dim) at slot `cache_seqlens` (int32 (batch,)), and the rows the router sends
+    to attention attend over the cache's slots up to there, the new entry included, where
+    `key_mask` (bool (batch, capacity)) allows, as `routed_attention_with_kvcache` does. As
+    with FlashAttention's cache the caller advances `cache_seqlens` (and its key_mask).
+
+    x: (batch, d_model) the token of each stream; gap, q_hat: (batch,); the weights and prices
+    as for `cram_forward`. Returns a `CramStepOutput`. On the CPU attention and the q
+    projection run only for the routed rows; no step synchronises with the host on a CUDA
+    device. Reference: `cram_ext.reference.cram_step_ref`.
+    """
+    return CramStepOutput(*_ops.cram_step(
+        x, gap, state, k_cache, v_cache, cache_seqlens, in_proj_weight, x_proj_weight,
+        dt_proj_weight, A, D, dt_bias, out_proj_weight, router_w1, router_b1, router_w2,
+        router_b2, qkv_weight, attn_out_weight, semantic_down_weight, semantic_down_bias,
+        semantic_up_weight, semantic_up_bias, q_hat, key_mask, int(n_heads),
+        float(episodic_price), float(semantic_reward)))
+
+
+@torch.library.register_fake("cram_ext::cram_step")
+def _(x, gap, state, k_cache, v_cache, cache_seqlens, in_proj_weight, x_proj_weight,
+      dt_proj_weight, A, D, dt_bias, out_proj_weight, router_w1, router_b1, router_w2, router_b2,
+      qkv_weight, attn_out_weight, semantic_down_weight, semantic_down_bias, semantic_up_weight,
+      semantic_up_bias, q_hat, key_mask, n_heads, episodic_price, semantic_reward):
+    batch, d = x.shape
+    paths = router_w2.shape[0]
+    return (x.new_empty(batch, d), x.new_empty(batch, dtype=torch.long),
+            x.new_empty(batch, paths), x.new_empty(batch, paths), x.new_empty(batch, d))

@@ -204,8 +204,66 @@ def cram_forward_ref(x, gap, in_proj_weight, x_proj_weight, dt_proj_weight, A, D
     y = selective_scan_ref(u, delta, A, B.transpose(1, 2), C.transpose(1, 2), D, z, dt_bias,
                            delta_softplus=True, dt_scale=torch.log1p(gap).to(acc))
     working_out = y.transpose(1, 2) @ out_proj_weight.t()
+    head_dim = d // n_heads
+    kv_dim = (qkv_weight.shape[0] - d) // 2
+    q, k, v = (t.reshape(batch, L, -1, head_dim).transpose(1, 2)
+               for t in (x @ qkv_weight.t()).split([d, kv_dim, kv_dim], dim=-1))
 
-    q_hat = x.new_zeros(batch, L) if q_hat is None else q_hat
+    def attend(route):
+        attention = routed_attention_ref(q, k, v, is_causal=True, enable_gqa=True, route=route,
+                                         key_mask=key_mask)
+        return attention.transpose(1, 2).reshape(batch, L, d)
+
+    out, path, predicted, scores, attention_out = _route_and_mix(
+        x, gap, working_out, attend, router_w1, router_b1, router_w2, router_b2, attn_out_weight,
+        semantic_down_weight, semantic_down_bias, semantic_up_weight, semantic_up_bias,
+        episodic_price, semantic_reward, q_hat, forced_path)
+    return out, path, (path == 1).sum(), predicted, scores, attention_out
+
+
+def cram_step_ref(x, gap, state, k_cache, v_cache, cache_seqlens, in_proj_weight, x_proj_weight,
+                  dt_proj_weight, A, D, dt_bias, out_proj_weight, router_w1, router_b1, router_w2,
+                  router_b2, qkv_weight, attn_out_weight, semantic_down_weight=None,
+                  semantic_down_bias=None, semantic_up_weight=None, semantic_up_bias=None, *,
+                  n_heads, episodic_price, semantic_reward=0.0, q_hat=None, key_mask=None,
+                  forced_path=None):
+    """One token per stream of `cram_forward_ref` from a state (`cram_ext.cram_step`, same
+    arguments): `selective_state_update_ref` and `routed_attention_with_kvcache_ref`, the
+    state and caches updated in place. `forced_path` (batch,) routes as given where it is not
+    -1, as in `cram_forward_ref` (the op has no such argument: tests route a float64 reference
+    as the op routed). Returns (out, path, predicted_loss, scores, attention_out) as the op
+    does."""
+    batch, d = x.shape
+    d_inner, dt_rank, N = out_proj_weight.shape[1], dt_proj_weight.shape[1], A.shape[1]
+    u, z = (x @ in_proj_weight.t()).split(d_inner, dim=-1)
+    dt, B, C = (u @ x_proj_weight.t()).split([dt_rank, N, N], dim=-1)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = selective_state_update_ref(state, u, dt @ dt_proj_weight.t(), A, B, C, D, z, dt_bias,
+                                   dt_softplus=True, dt_scale=torch.log1p(gap).to(acc))
+    head_dim = d // n_heads
+    kv_dim = (qkv_weight.shape[0] - d) // 2
+    q, k, v = (t.reshape(batch, -1, 1, head_dim)
+               for t in (x @ qkv_weight.t()).split([d, kv_dim, kv_dim], dim=-1))
+
+    def attend(route):
+        attention = routed_attention_with_kvcache_ref(q, k_cache, v_cache, k, v, cache_seqlens,
+                                                      route=route[:, None], key_mask=key_mask)
+        return attention.reshape(batch, d)
+
+    return _route_and_mix(x, gap, y @ out_proj_weight.t(), attend, router_w1, router_b1,
+                          router_w2, router_b2, attn_out_weight, semantic_down_weight,
+                          semantic_down_bias, semantic_up_weight, semantic_up_bias,
+                          episodic_price, semantic_reward, q_hat, forced_path)
+
+
+def _route_and_mix(x, gap, working_out, attend, router_w1, router_b1, router_w2, router_b2,
+                   attn_out_weight, semantic_down_weight, semantic_down_bias, semantic_up_weight,
+                   semantic_up_bias, episodic_price, semantic_reward, q_hat, forced_path):
+    """The router's decision on tokens x (..., d_model) with their working-memory output, and
+    the mixed output: `attend(route)` gives the attention output (..., d_model), 0 off the
+    route. Returns (out, path, predicted_loss, scores, attention_out)."""
+    d = x.shape[-1]
+    q_hat = x.new_zeros(x.shape[:-1]) if q_hat is None else q_hat
     features = torch.cat([x, torch.log1p(gap)[..., None],
                           (working_out.norm(dim=-1) / math.sqrt(d))[..., None], q_hat[..., None]],
                          dim=-1)
@@ -218,18 +276,11 @@ def cram_forward_ref(x, gap, in_proj_weight, x_proj_weight, dt_proj_weight, A, D
     path = scores.argmin(-1)
     if forced_path is not None:
         path = torch.where(forced_path >= 0, forced_path, path)
-
-    head_dim = d // n_heads
-    kv_dim = (qkv_weight.shape[0] - d) // 2
-    q, k, v = (t.reshape(batch, L, -1, head_dim).transpose(1, 2)
-               for t in (x @ qkv_weight.t()).split([d, kv_dim, kv_dim], dim=-1))
     route = path == 1
-    attention = routed_attention_ref(q, k, v, is_causal=True, enable_gqa=True, route=route,
-                                     key_mask=key_mask)
-    attention_out = attention.transpose(1, 2).reshape(batch, L, d)
+    attention_out = attend(route)
     out = working_out + route[..., None].to(x.dtype) * (attention_out @ attn_out_weight.t())
     if semantic_down_weight is not None:
         recalled = F.linear(F.relu(F.linear(x, semantic_down_weight, semantic_down_bias)),
                             semantic_up_weight, semantic_up_bias)
         out = out + (path == 2)[..., None].to(x.dtype) * recalled
-    return out, path, route.sum(), predicted, scores, attention_out
+    return out, path, predicted, scores, attention_out

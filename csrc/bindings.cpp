@@ -792,12 +792,205 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 namespace cram {
 namespace {
 
-void check_weight(const at::Tensor& t, at::IntArrayRef expected, const at::Tensor& x, const char* name,
-                  const char* layout) {
-  const char* op = "cram_forward";
+void check_weight(const at::Tensor& t, at::IntArrayRef expected, const at::Tensor& x, const char* op,
+                  const char* name, const char* layout) {
   check_same_device(t, x, op, name, "x");
   check_dtype(t, x.scalar_type(), op, name, "the dtype of x");
   check_shape(t, expected, op, name, layout);
+}
+
+// A CRAM layer's weights, as the fused forward and its one-token step take them.
+struct CramLayerWeights {
+  const at::Tensor &in_proj, &x_proj, &dt_proj, &A, &D, &dt_bias, &out_proj;
+  const at::Tensor &router_w1, &router_b1, &router_w2, &router_b2, &qkv, &attn_out;
+  const c10::optional<at::Tensor> &semantic_down, &semantic_down_bias, &semantic_up, &semantic_up_bias;
+};
+
+// The sizes the weights imply, each weight checked against x (device, dtype) and the others.
+struct CramLayerSizes {
+  int64_t d, d_inner, dt_rank, N, hidden, n_paths, n_heads, head_dim, kv_heads, kv_dim;
+  bool semantic;
+};
+
+CramLayerSizes check_layer_weights(const CramLayerWeights& w, const at::Tensor& x, int64_t d,
+                                   int64_t n_heads, const char* op) {
+  CramLayerSizes s{};
+  s.d = d;
+  const auto acc = accumulation_type(x.scalar_type());
+  const char* acc_why = x.scalar_type() == at::kDouble ? "float64 like x" : "float32 parameters";
+  TORCH_CHECK(w.in_proj.dim() == 2 && w.in_proj.size(0) % 2 == 0, op,
+              ": in_proj_weight must have shape (2 * d_inner, d_model), got ", w.in_proj.sizes());
+  s.d_inner = w.in_proj.size(0) / 2;
+  check_weight(w.in_proj, {2 * s.d_inner, d}, x, op, "in_proj_weight", "(2 * d_inner, d_model)");
+  TORCH_CHECK(w.dt_proj.dim() == 2, op, ": dt_proj_weight must have shape (d_inner, dt_rank), got ",
+              w.dt_proj.sizes());
+  s.dt_rank = w.dt_proj.size(1);
+  check_weight(w.dt_proj, {s.d_inner, s.dt_rank}, x, op, "dt_proj_weight", "(d_inner, dt_rank)");
+  TORCH_CHECK(w.A.dim() == 2 && w.A.size(0) == s.d_inner, op, ": A must have shape (d_inner, N) = (",
+              s.d_inner, ", N), got ", w.A.sizes());
+  s.N = w.A.size(1);
+  check_weight(w.x_proj, {s.dt_rank + 2 * s.N, s.d_inner}, x, op, "x_proj_weight",
+               "(dt_rank + 2 * N, d_inner)");
+  check_weight(w.out_proj, {d, s.d_inner}, x, op, "out_proj_weight", "(d_model, d_inner)");
+  const std::pair<const at::Tensor*, const char*> per_channel[] = {{&w.D, "D"}, {&w.dt_bias, "dt_bias"}};
+  for (const auto& [t, name] : per_channel) {
+    check_same_device(*t, x, op, name, "x");
+    check_dtype(*t, acc, op, name, acc_why);
+    check_shape(*t, {s.d_inner}, op, name, "(d_inner,)");
+  }
+
+  TORCH_CHECK(w.router_w1.dim() == 2, op, ": router_w1 must have shape (hidden, d_model + 3), got ",
+              w.router_w1.sizes());
+  s.hidden = w.router_w1.size(0);
+  check_weight(w.router_w1, {s.hidden, d + 3}, x, op, "router_w1", "(hidden, d_model + 3)");
+  check_weight(w.router_b1, {s.hidden}, x, op, "router_b1", "(hidden,)");
+  TORCH_CHECK(w.router_w2.dim() == 2 && (w.router_w2.size(0) == 2 || w.router_w2.size(0) == 3), op,
+              ": router_w2 must have shape (paths, hidden) with 2 or 3 paths, got ", w.router_w2.sizes());
+  s.n_paths = w.router_w2.size(0);
+  check_weight(w.router_w2, {s.n_paths, s.hidden}, x, op, "router_w2", "(paths, hidden)");
+  check_weight(w.router_b2, {s.n_paths}, x, op, "router_b2", "(paths,)");
+
+  TORCH_CHECK(n_heads >= 1 && d % n_heads == 0, op, ": n_heads (", n_heads,
+              ") must be positive and divide d_model (", d, ")");
+  s.n_heads = n_heads;
+  s.head_dim = d / n_heads;
+  TORCH_CHECK(s.head_dim <= kAttentionMaxHeadDim, op, ": head_dim = d_model / n_heads must be at most ",
+              kAttentionMaxHeadDim, ", got ", s.head_dim);
+  TORCH_CHECK(w.qkv.dim() == 2 && w.qkv.size(0) > d && (w.qkv.size(0) - d) % (2 * s.head_dim) == 0,
+              op, ": qkv_weight must have shape (d_model + 2 * kv_heads * head_dim, d_model), got ",
+              w.qkv.sizes());
+  s.kv_heads = (w.qkv.size(0) - d) / (2 * s.head_dim);
+  s.kv_dim = s.kv_heads * s.head_dim;
+  TORCH_CHECK(n_heads % s.kv_heads == 0, op, ": the number of key/value heads (", s.kv_heads,
+              ") must divide n_heads (", n_heads, ")");
+  check_weight(w.qkv, {d + 2 * s.kv_dim, d}, x, op, "qkv_weight",
+               "(d_model + 2 * kv_heads * head_dim, d_model)");
+  check_weight(w.attn_out, {d, d}, x, op, "attn_out_weight", "(d_model, d_model)");
+
+  s.semantic = s.n_paths == 3;
+  const std::pair<const c10::optional<at::Tensor>*, const char*> adapter[] = {
+      {&w.semantic_down, "semantic_down_weight"}, {&w.semantic_down_bias, "semantic_down_bias"},
+      {&w.semantic_up, "semantic_up_weight"}, {&w.semantic_up_bias, "semantic_up_bias"}};
+  for (const auto& [t, name] : adapter)
+    TORCH_CHECK(t->has_value() == s.semantic, op, ": ", name,
+                s.semantic ? " is required: the router has a semantic path (3 paths)"
+                           : " must be None: the router has no semantic path (2 paths)");
+  if (s.semantic) {
+    TORCH_CHECK(w.semantic_down->dim() == 2, op,
+                ": semantic_down_weight must have shape (rank, d_model), got ", w.semantic_down->sizes());
+    const int64_t rank = w.semantic_down->size(0);
+    check_weight(*w.semantic_down, {rank, d}, x, op, "semantic_down_weight", "(rank, d_model)");
+    check_weight(*w.semantic_down_bias, {rank}, x, op, "semantic_down_bias", "(rank,)");
+    check_weight(*w.semantic_up, {d, rank}, x, op, "semantic_up_weight", "(d_model, rank)");
+    check_weight(*w.semantic_up_bias, {d}, x, op, "semantic_up_bias", "(d_model,)");
+  }
+  return s;
+}
+
+// The router's decision for a (batch, L) grid of tokens (cram_forward.h), and the rows of each path.
+struct Routing {
+  at::Tensor predicted, scores, path, route, episodic_rows, episodic_count, semantic_rows, semantic_count;
+};
+
+// x_flat (batch·L, d_model); working_out (batch, L, d_model) with a unit last stride; gap, q_hat
+// and forced_path (batch, L).
+Routing route_tokens(const CramLayerWeights& w, const CramLayerSizes& s, const at::Tensor& x_flat,
+                     const at::Tensor& working_out, const at::Tensor& gap,
+                     const c10::optional<at::Tensor>& q_hat, const c10::optional<at::Tensor>& forced_path,
+                     int64_t batch, int64_t L, double episodic_price, double semantic_reward,
+                     const char* op) {
+  const int64_t n_tokens = batch * L, d = s.d;
+  const at::Tensor hidden_x = at::addmm(w.router_b1, x_flat, w.router_w1.narrow(1, 0, d).t());
+  const at::Tensor w_state = w.router_w1.narrow(1, d, 3).t().contiguous();   // (3, hidden)
+  const at::Tensor gap_c = gap.contiguous(), w2 = w.router_w2.contiguous(), b2 = w.router_b2.contiguous();
+  const at::Tensor q_hat_c = q_hat ? q_hat->contiguous() : at::Tensor();
+  const at::Tensor forced_c = forced_path ? forced_path->contiguous() : at::Tensor();
+  const auto options = x_flat.options();
+  Routing r;
+  r.predicted = at::empty({batch, L, s.n_paths}, options);
+  r.scores = at::empty({batch, L, s.n_paths}, options);
+  r.path = at::empty({batch, L}, options.dtype(at::kLong));
+  r.route = at::empty({batch, L}, options.dtype(at::kBool));
+  r.episodic_rows = at::empty({n_tokens}, options.dtype(at::kLong));
+  r.semantic_rows = at::empty({n_tokens}, options.dtype(at::kLong));
+  r.episodic_count = at::zeros({}, options.dtype(at::kLong));
+  r.semantic_count = at::zeros({}, options.dtype(at::kLong));
+  CramRouterParams p;
+  p.dtype = to_dtype(x_flat, op, "x");
+  p.batch = batch;
+  p.seqlen = L;
+  p.d_model = d;
+  p.hidden = s.hidden;
+  p.n_paths = s.n_paths;
+  p.episodic_price = episodic_price;
+  p.semantic_reward = semantic_reward;
+  p.hidden_x_batch_stride = L * hidden_x.stride(0);
+  p.hidden_x_row_stride = hidden_x.stride(0);
+  p.working_out_batch_stride = working_out.stride(0);
+  p.working_out_row_stride = working_out.stride(1);
+  p.hidden_x = hidden_x.const_data_ptr();
+  p.working_out = working_out.const_data_ptr();
+  p.gap = gap_c.const_data_ptr();
+  p.q_hat = q_hat_c.defined() ? q_hat_c.const_data_ptr() : nullptr;
+  p.w_state = w_state.const_data_ptr();
+  p.w_out = w2.const_data_ptr();
+  p.b_out = b2.const_data_ptr();
+  p.forced_path = forced_c.defined() ? forced_c.const_data_ptr<int64_t>() : nullptr;
+  p.predicted = r.predicted.data_ptr();
+  p.scores = r.scores.data_ptr();
+  p.path = r.path.data_ptr<int64_t>();
+  p.route = reinterpret_cast<uint8_t*>(r.route.data_ptr<bool>());
+  p.episodic_rows = r.episodic_rows.data_ptr<int64_t>();
+  p.episodic_count = r.episodic_count.data_ptr<int64_t>();
+  p.semantic_rows = r.semantic_rows.data_ptr<int64_t>();
+  p.semantic_count = r.semantic_count.data_ptr<int64_t>();
+  if (n_tokens > 0)
+    launch(x_flat, p, cram_router_cpu,
+           [](const auto& params, void* stream) { cram_router_cuda(params, stream); });
+  return r;
+}
+
+// Rows of a path, for the stages that run only on them. On the CPU the counts the router just
+// wrote are ordinary host memory, so the GEMMs gather exactly those rows. On a CUDA device
+// reading them would stall the host; there the q projection and the two small output GEMMs run
+// over every row (attention_out is 0 off the route, the adapter's output is masked), so the
+// whole op stays asynchronous. Attention itself runs only for the routed rows on both.
+at::Tensor rows_of(const at::Tensor& rows, const at::Tensor& count) {
+  return rows.narrow(0, 0, *count.const_data_ptr<int64_t>());
+}
+
+// The queries (batch·L, d_model) of the episodic rows (0 elsewhere on the CPU).
+at::Tensor episodic_queries(const CramLayerWeights& w, const CramLayerSizes& s, const at::Tensor& x_flat,
+                            const Routing& r) {
+  const at::Tensor w_q = w.qkv.narrow(0, 0, s.d);
+  if (!x_flat.is_cpu()) return at::matmul(x_flat, w_q.t());
+  const at::Tensor attended = rows_of(r.episodic_rows, r.episodic_count);
+  at::Tensor q_flat = at::zeros({x_flat.size(0), s.d}, x_flat.options());
+  q_flat.index_copy_(0, attended, at::matmul(x_flat.index_select(0, attended), w_q.t()));
+  return q_flat;
+}
+
+// out_flat += 1[episodic]·W_o attention + 1[semantic]·f_sem(x), each over its path's rows.
+void add_taken_paths(const CramLayerWeights& w, const CramLayerSizes& s, at::Tensor& out_flat,
+                     const at::Tensor& x_flat, const at::Tensor& attention_flat, const Routing& r) {
+  const bool gather_rows = x_flat.is_cpu();
+  if (gather_rows) {
+    const at::Tensor attended = rows_of(r.episodic_rows, r.episodic_count);
+    out_flat.index_add_(0, attended, at::matmul(attention_flat.index_select(0, attended), w.attn_out.t()));
+  } else {
+    out_flat.addmm_(attention_flat, w.attn_out.t());
+  }
+  if (!s.semantic) return;
+  if (gather_rows) {
+    const at::Tensor recalled = rows_of(r.semantic_rows, r.semantic_count);
+    const at::Tensor h = at::relu(at::addmm(*w.semantic_down_bias, x_flat.index_select(0, recalled),
+                                            w.semantic_down->t()));
+    out_flat.index_add_(0, recalled, at::addmm(*w.semantic_up_bias, h, w.semantic_up->t()));
+  } else {
+    const at::Tensor h = at::relu(at::addmm(*w.semantic_down_bias, x_flat, w.semantic_down->t()));
+    const at::Tensor f_sem = at::addmm(*w.semantic_up_bias, h, w.semantic_up->t());
+    out_flat.add_(f_sem * r.path.view({out_flat.size(0), 1}).eq(kPathSemantic).to(x_flat.scalar_type()));
+  }
 }
 
 // One CRAM layer's mixed path output, out_t = W_out·scan(x)_t + 1[episodic]·attention_t +
@@ -826,74 +1019,14 @@ cram_forward_fwd(const at::Tensor& x, const at::Tensor& gap, const at::Tensor& i
   const int64_t batch = x.size(0), L = x.size(1), d = x.size(2), n_tokens = batch * L;
   to_dtype(x, op, "x");
   const auto acc = accumulation_type(x.scalar_type());
-  const char* acc_why = x.scalar_type() == at::kDouble ? "float64 like x" : "float32 parameters";
-  check_weight(gap, {batch, L}, x, "gap", "(batch, L)");
-
-  TORCH_CHECK(in_proj_weight.dim() == 2 && in_proj_weight.size(0) % 2 == 0, op,
-              ": in_proj_weight must have shape (2 * d_inner, d_model), got ", in_proj_weight.sizes());
-  const int64_t d_inner = in_proj_weight.size(0) / 2;
-  check_weight(in_proj_weight, {2 * d_inner, d}, x, "in_proj_weight", "(2 * d_inner, d_model)");
-  TORCH_CHECK(dt_proj_weight.dim() == 2, op, ": dt_proj_weight must have shape (d_inner, dt_rank), got ",
-              dt_proj_weight.sizes());
-  const int64_t dt_rank = dt_proj_weight.size(1);
-  check_weight(dt_proj_weight, {d_inner, dt_rank}, x, "dt_proj_weight", "(d_inner, dt_rank)");
-  TORCH_CHECK(A.dim() == 2 && A.size(0) == d_inner, op, ": A must have shape (d_inner, N) = (",
-              d_inner, ", N), got ", A.sizes());
-  const int64_t N = A.size(1);
-  check_weight(x_proj_weight, {dt_rank + 2 * N, d_inner}, x, "x_proj_weight",
-               "(dt_rank + 2 * N, d_inner)");
-  check_weight(out_proj_weight, {d, d_inner}, x, "out_proj_weight", "(d_model, d_inner)");
-  const std::pair<const at::Tensor*, const char*> per_channel[] = {{&D, "D"}, {&dt_bias, "dt_bias"}};
-  for (const auto& [t, name] : per_channel) {
-    check_same_device(*t, x, op, name, "x");
-    check_dtype(*t, acc, op, name, acc_why);
-    check_shape(*t, {d_inner}, op, name, "(d_inner,)");
-  }
-
-  TORCH_CHECK(router_w1.dim() == 2, op, ": router_w1 must have shape (hidden, d_model + 3), got ",
-              router_w1.sizes());
-  const int64_t hidden = router_w1.size(0);
-  check_weight(router_w1, {hidden, d + 3}, x, "router_w1", "(hidden, d_model + 3)");
-  check_weight(router_b1, {hidden}, x, "router_b1", "(hidden,)");
-  TORCH_CHECK(router_w2.dim() == 2 && (router_w2.size(0) == 2 || router_w2.size(0) == 3), op,
-              ": router_w2 must have shape (paths, hidden) with 2 or 3 paths, got ", router_w2.sizes());
-  const int64_t n_paths = router_w2.size(0);
-  check_weight(router_w2, {n_paths, hidden}, x, "router_w2", "(paths, hidden)");
-  check_weight(router_b2, {n_paths}, x, "router_b2", "(paths,)");
-
-  TORCH_CHECK(n_heads >= 1 && d % n_heads == 0, op, ": n_heads (", n_heads,
-              ") must be positive and divide d_model (", d, ")");
-  const int64_t head_dim = d / n_heads;
-  TORCH_CHECK(head_dim <= kAttentionMaxHeadDim, op, ": head_dim = d_model / n_heads must be at most ",
-              kAttentionMaxHeadDim, ", got ", head_dim);
-  TORCH_CHECK(qkv_weight.dim() == 2 && qkv_weight.size(0) > d && (qkv_weight.size(0) - d) % (2 * head_dim) == 0,
-              op, ": qkv_weight must have shape (d_model + 2 * kv_heads * head_dim, d_model), got ",
-              qkv_weight.sizes());
-  const int64_t kv_heads = (qkv_weight.size(0) - d) / (2 * head_dim), kv_dim = kv_heads * head_dim;
-  TORCH_CHECK(n_heads % kv_heads == 0, op, ": the number of key/value heads (", kv_heads,
-              ") must divide n_heads (", n_heads, ")");
-  check_weight(qkv_weight, {d + 2 * kv_dim, d}, x, "qkv_weight", "(d_model + 2 * kv_heads * head_dim, d_model)");
-  check_weight(attn_out_weight, {d, d}, x, "attn_out_weight", "(d_model, d_model)");
-
-  const bool semantic = n_paths == 3;
-  const std::pair<const c10::optional<at::Tensor>*, const char*> adapter[] = {
-      {&semantic_down_weight, "semantic_down_weight"}, {&semantic_down_bias, "semantic_down_bias"},
-      {&semantic_up_weight, "semantic_up_weight"}, {&semantic_up_bias, "semantic_up_bias"}};
-  for (const auto& [t, name] : adapter)
-    TORCH_CHECK(t->has_value() == semantic, op, ": ", name,
-                semantic ? " is required: the router has a semantic path (3 paths)"
-                         : " must be None: the router has no semantic path (2 paths)");
-  int64_t rank = 0;
-  if (semantic) {
-    TORCH_CHECK(semantic_down_weight->dim() == 2, op,
-                ": semantic_down_weight must have shape (rank, d_model), got ", semantic_down_weight->sizes());
-    rank = semantic_down_weight->size(0);
-    check_weight(*semantic_down_weight, {rank, d}, x, "semantic_down_weight", "(rank, d_model)");
-    check_weight(*semantic_down_bias, {rank}, x, "semantic_down_bias", "(rank,)");
-    check_weight(*semantic_up_weight, {d, rank}, x, "semantic_up_weight", "(d_model, rank)");
-    check_weight(*semantic_up_bias, {d}, x, "semantic_up_bias", "(d_model,)");
-  }
-  if (q_hat) check_weight(*q_hat, {batch, L}, x, "q_hat", "(batch, L)");
+  check_weight(gap, {batch, L}, x, op, "gap", "(batch, L)");
+  const CramLayerWeights w{in_proj_weight, x_proj_weight, dt_proj_weight, A, D, dt_bias,
+                           out_proj_weight, router_w1, router_b1, router_w2, router_b2, qkv_weight,
+                           attn_out_weight, semantic_down_weight, semantic_down_bias,
+                           semantic_up_weight, semantic_up_bias};
+  const CramLayerSizes s = check_layer_weights(w, x, d, n_heads, op);
+  const int64_t d_inner = s.d_inner, dt_rank = s.dt_rank, N = s.N;
+  if (q_hat) check_weight(*q_hat, {batch, L}, x, op, "q_hat", "(batch, L)");
   if (key_mask) {
     check_same_device(*key_mask, x, op, "key_mask", "x");
     check_dtype(*key_mask, at::kBool, op, "key_mask", "the keys that exist");
@@ -904,8 +1037,8 @@ cram_forward_fwd(const at::Tensor& x, const at::Tensor& gap, const at::Tensor& i
     check_dtype(*forced_path, at::kLong, op, "forced_path", "a path index per token, -1 where not forced");
     check_shape(*forced_path, {batch, L}, op, "forced_path", "(batch, L)");
     // Values are checked where that costs no device synchronisation.
-    TORCH_CHECK(!forced_path->is_cpu() || (forced_path->lt(-1) | forced_path->ge(n_paths)).any().item<bool>() == false,
-                op, ": forced_path entries must be -1 (not forced) or a path index in [0, ", n_paths, ")");
+    TORCH_CHECK(!forced_path->is_cpu() || (forced_path->lt(-1) | forced_path->ge(s.n_paths)).any().item<bool>() == false,
+                op, ": forced_path entries must be -1 (not forced) or a path index in [0, ", s.n_paths, ")");
   }
   TORCH_CHECK(std::isfinite(episodic_price) && std::isfinite(semantic_reward), op,
               ": episodic_price and semantic_reward must be finite, got ", episodic_price, " and ",
@@ -942,108 +1075,104 @@ cram_forward_fwd(const at::Tensor& x, const at::Tensor& gap, const at::Tensor& i
   // (one kernel over the GEMM's output rows, which then accumulate the other paths in place).
   at::Tensor out = at::mm(scan_channels.t(), out_proj_weight.t()).view({batch, L, d});
   at::Tensor out_flat = out.view({n_tokens, d});
-  const at::Tensor hidden_x = at::addmm(router_b1, x_flat, router_w1.narrow(1, 0, d).t());
-  const at::Tensor w_state = router_w1.narrow(1, d, 3).t().contiguous();   // (3, hidden)
-  const at::Tensor gap_c = gap.contiguous(), w2 = router_w2.contiguous(), b2 = router_b2.contiguous();
-  const at::Tensor q_hat_c = q_hat ? q_hat->contiguous() : at::Tensor();
-  const at::Tensor forced_c = forced_path ? forced_path->contiguous() : at::Tensor();
-  at::Tensor predicted = at::empty({batch, L, n_paths}, x.options());
-  at::Tensor scores = at::empty({batch, L, n_paths}, x.options());
-  at::Tensor path = at::empty({batch, L}, x.options().dtype(at::kLong));
-  at::Tensor route = at::empty({batch, L}, x.options().dtype(at::kBool));
-  at::Tensor episodic_rows = at::empty({n_tokens}, x.options().dtype(at::kLong));
-  at::Tensor semantic_rows = at::empty({n_tokens}, x.options().dtype(at::kLong));
-  at::Tensor episodic_count = at::zeros({}, x.options().dtype(at::kLong));
-  at::Tensor semantic_count = at::zeros({}, x.options().dtype(at::kLong));
-  {
-    CramRouterParams p;
-    p.dtype = to_dtype(x, op, "x");
-    p.batch = batch;
-    p.seqlen = L;
-    p.d_model = d;
-    p.hidden = hidden;
-    p.n_paths = n_paths;
-    p.episodic_price = episodic_price;
-    p.semantic_reward = semantic_reward;
-    p.hidden_x_batch_stride = L * hidden_x.stride(0);
-    p.hidden_x_row_stride = hidden_x.stride(0);
-    p.working_out_batch_stride = out.stride(0);
-    p.working_out_row_stride = out.stride(1);
-    p.hidden_x = hidden_x.const_data_ptr();
-    p.working_out = out.const_data_ptr();
-    p.gap = gap_c.const_data_ptr();
-    p.q_hat = q_hat_c.defined() ? q_hat_c.const_data_ptr() : nullptr;
-    p.w_state = w_state.const_data_ptr();
-    p.w_out = w2.const_data_ptr();
-    p.b_out = b2.const_data_ptr();
-    p.forced_path = forced_c.defined() ? forced_c.const_data_ptr<int64_t>() : nullptr;
-    p.predicted = predicted.data_ptr();
-    p.scores = scores.data_ptr();
-    p.path = path.data_ptr<int64_t>();
-    p.route = reinterpret_cast<uint8_t*>(route.data_ptr<bool>());
-    p.episodic_rows = episodic_rows.data_ptr<int64_t>();
-    p.episodic_count = episodic_count.data_ptr<int64_t>();
-    p.semantic_rows = semantic_rows.data_ptr<int64_t>();
-    p.semantic_count = semantic_count.data_ptr<int64_t>();
-    if (n_tokens > 0)
-      launch(x, p, cram_router_cpu,
-             [](const auto& params, void* stream) { cram_router_cuda(params, stream); });
-  }
+  const Routing r = route_tokens(w, s, x_flat, out, gap, q_hat, forced_path, batch, L,
+                                 episodic_price, semantic_reward, op);
 
-  // Rows of a path, for the stages that run only on them. On the CPU the counts the router just
-  // wrote are ordinary host memory, so the GEMMs gather exactly those rows. On a CUDA device
-  // reading them would stall the host; there the q projection and the two small output GEMMs run
-  // over every row (attention_out is 0 off the route, the adapter's output is masked), so the
-  // whole op stays asynchronous. Attention itself runs only for the routed rows on both.
-  const bool gather_rows = x.is_cpu();
-  auto rows_of = [](const at::Tensor& rows, const at::Tensor& count) {
-    return rows.narrow(0, 0, *count.const_data_ptr<int64_t>());
-  };
-  const at::Tensor w_q = qkv_weight.narrow(0, 0, d);
-  const at::Tensor kv = at::matmul(x_flat, qkv_weight.narrow(0, d, 2 * kv_dim).t());  // (tokens, 2·kv_dim)
-  const at::Tensor k = kv.narrow(1, 0, kv_dim).view({batch, L, kv_heads, head_dim}).transpose(1, 2);
-  const at::Tensor v = kv.narrow(1, kv_dim, kv_dim).view({batch, L, kv_heads, head_dim}).transpose(1, 2);
-  at::Tensor q_flat;
-  const at::Tensor attended = gather_rows ? rows_of(episodic_rows, episodic_count) : at::Tensor();
-  if (gather_rows) {
-    q_flat = at::zeros({n_tokens, d}, x.options());
-    q_flat.index_copy_(0, attended, at::matmul(x_flat.index_select(0, attended), w_q.t()));
-  } else {
-    q_flat = at::matmul(x_flat, w_q.t());
-  }
-  const at::Tensor q = q_flat.view({batch, L, n_heads, head_dim}).transpose(1, 2);
+  const at::Tensor kv = at::matmul(x_flat, qkv_weight.narrow(0, d, 2 * s.kv_dim).t());  // (tokens, 2·kv_dim)
+  const at::Tensor k = kv.narrow(1, 0, s.kv_dim).view({batch, L, s.kv_heads, s.head_dim}).transpose(1, 2);
+  const at::Tensor v = kv.narrow(1, s.kv_dim, s.kv_dim).view({batch, L, s.kv_heads, s.head_dim}).transpose(1, 2);
+  const at::Tensor q = episodic_queries(w, s, x_flat, r).view({batch, L, n_heads, s.head_dim}).transpose(1, 2);
   at::Tensor attention_out = at::empty({batch, L, d}, x.options());
   at::Tensor lse = at::empty({batch, n_heads, L}, x.options().dtype(acc));
-  const at::Tensor attention_heads = attention_out.view({batch, L, n_heads, head_dim}).transpose(1, 2);
-  const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
+  const at::Tensor attention_heads = attention_out.view({batch, L, n_heads, s.head_dim}).transpose(1, 2);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(s.head_dim));
   if (n_tokens > 0) {
-    AttentionInputs in = check_attention_inputs(q, k, v, route, key_mask, scale);
+    AttentionInputs in = check_attention_inputs(q, k, v, r.route, key_mask, scale);
     RoutedAttentionParams p;
     fill_attention_params(p, in, /*is_causal=*/true, scale, attention_heads, lse);
     launch(x, p, routed_attention_fwd_cpu, [&x](const auto& params, void* stream) {
       routed_attention_fwd_cuda(params, attention_cuda_workspace(x, params).data_ptr(), stream);
     });
   }
-  const at::Tensor attention_flat = attention_out.view({n_tokens, d});
-  if (gather_rows) {
-    out_flat.index_add_(0, attended, at::matmul(attention_flat.index_select(0, attended), attn_out_weight.t()));
-  } else {
-    out_flat.addmm_(attention_flat, attn_out_weight.t());
-  }
+  add_taken_paths(w, s, out_flat, x_flat, attention_out.view({n_tokens, d}), r);
+  return {out, r.path, r.episodic_count, r.predicted, r.scores, scan_out, chunk_states, attention_out,
+          lse, r.route};
+}
 
-  if (semantic) {
-    if (gather_rows) {
-      const at::Tensor recalled = rows_of(semantic_rows, semantic_count);
-      const at::Tensor h = at::relu(at::addmm(*semantic_down_bias, x_flat.index_select(0, recalled),
-                                              semantic_down_weight->t()));
-      out_flat.index_add_(0, recalled, at::addmm(*semantic_up_bias, h, semantic_up_weight->t()));
-    } else {
-      const at::Tensor h = at::relu(at::addmm(*semantic_down_bias, x_flat, semantic_down_weight->t()));
-      const at::Tensor f_sem = at::addmm(*semantic_up_bias, h, semantic_up_weight->t());
-      out_flat.add_(f_sem * path.view({n_tokens, 1}).eq(kPathSemantic).to(x.scalar_type()));
-    }
+// One token per stream of `cram_forward`, continuing the streams: the scan advances `state`
+// (selective_state_update) and the routed rows attend over the key/value cache, into which
+// every stream's new key and value are written at cache_seqlens (routed_attention_kvcache).
+// The caller keeps the cache's lengths and key_mask, as for routed_attention_with_kvcache.
+// Returns (out, path, predicted_loss, scores, attention_out), each without the length dimension.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+cram_step(const at::Tensor& x, const at::Tensor& gap, const at::Tensor& state,
+          const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+          const at::Tensor& in_proj_weight, const at::Tensor& x_proj_weight,
+          const at::Tensor& dt_proj_weight, const at::Tensor& A, const at::Tensor& D,
+          const at::Tensor& dt_bias, const at::Tensor& out_proj_weight, const at::Tensor& router_w1,
+          const at::Tensor& router_b1, const at::Tensor& router_w2, const at::Tensor& router_b2,
+          const at::Tensor& qkv_weight, const at::Tensor& attn_out_weight,
+          const c10::optional<at::Tensor>& semantic_down_weight,
+          const c10::optional<at::Tensor>& semantic_down_bias,
+          const c10::optional<at::Tensor>& semantic_up_weight,
+          const c10::optional<at::Tensor>& semantic_up_bias, const c10::optional<at::Tensor>& q_hat,
+          const c10::optional<at::Tensor>& key_mask, int64_t n_heads, double episodic_price,
+          double semantic_reward) {
+  const char* op = "cram_step";
+  check_device_supported(x, op);
+  TORCH_CHECK(x.dim() == 2, op, ": x must have shape (batch, d_model) (one token per stream), got ",
+              x.sizes());
+  const int64_t batch = x.size(0), d = x.size(1);
+  to_dtype(x, op, "x");
+  check_weight(gap, {batch}, x, op, "gap", "(batch,)");
+  const CramLayerWeights w{in_proj_weight, x_proj_weight, dt_proj_weight, A, D, dt_bias,
+                           out_proj_weight, router_w1, router_b1, router_w2, router_b2, qkv_weight,
+                           attn_out_weight, semantic_down_weight, semantic_down_bias,
+                           semantic_up_weight, semantic_up_bias};
+  const CramLayerSizes s = check_layer_weights(w, x, d, n_heads, op);
+  if (q_hat) check_weight(*q_hat, {batch}, x, op, "q_hat", "(batch,)");
+  check_shape(state, {batch, s.d_inner, s.N}, op, "state", "(batch, d_inner, N)");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) == batch && k_cache.size(1) == s.kv_heads &&
+                  k_cache.size(3) == s.head_dim,
+              op, ": k_cache must have shape (batch=", batch, ", kv_heads=", s.kv_heads,
+              ", capacity, head_dim=", s.head_dim, "), got ", k_cache.sizes());
+  const int64_t capacity = k_cache.size(2);
+  check_shape(v_cache, k_cache.sizes(), op, "v_cache", "k_cache's shape (batch, kv_heads, capacity, head_dim)");
+  check_same_device(cache_seqlens, x, op, "cache_seqlens", "x");
+  check_dtype(cache_seqlens, at::kInt, op, "cache_seqlens", "as in flash_attn_with_kvcache");
+  check_shape(cache_seqlens, {batch}, op, "cache_seqlens", "(batch,)");
+  if (key_mask) {
+    check_same_device(*key_mask, x, op, "key_mask", "x");
+    check_dtype(*key_mask, at::kBool, op, "key_mask", "the cache slots that are keys");
+    check_shape(*key_mask, {batch, capacity}, op, "key_mask", "(batch, capacity)");
   }
-  return {out, path, episodic_count, predicted, scores, scan_out, chunk_states, attention_out, lse, route};
+  TORCH_CHECK(std::isfinite(episodic_price) && std::isfinite(semantic_reward), op,
+              ": episodic_price and semantic_reward must be finite, got ", episodic_price, " and ",
+              semantic_reward);
+
+  const at::Tensor x_c = x.contiguous();
+  const at::Tensor xz = at::mm(x_c, in_proj_weight.t());                     // (batch, 2·d_inner)
+  const at::Tensor x_dbl = at::mm(xz.narrow(1, 0, s.d_inner), x_proj_weight.t());  // (batch, R + 2N)
+  const at::Tensor y = selective_state_update(
+      state, xz.narrow(1, 0, s.d_inner), at::mm(x_dbl.narrow(1, 0, s.dt_rank), dt_proj_weight.t()), A,
+      x_dbl.narrow(1, s.dt_rank, s.N), x_dbl.narrow(1, s.dt_rank + s.N, s.N), D,
+      xz.narrow(1, s.d_inner, s.d_inner), dt_bias, at::log1p(gap).to(accumulation_type(x.scalar_type())),
+      /*dt_softplus=*/true);
+  at::Tensor out = at::mm(y, out_proj_weight.t());                          // (batch, d_model)
+  const Routing r = route_tokens(w, s, x_c, out.view({batch, 1, d}), gap.view({batch, 1}),
+                                 q_hat ? c10::optional<at::Tensor>(q_hat->view({batch, 1})) : c10::nullopt,
+                                 c10::nullopt, batch, 1, episodic_price, semantic_reward, op);
+
+  const at::Tensor kv = at::mm(x_c, qkv_weight.narrow(0, d, 2 * s.kv_dim).t());  // (batch, 2·kv_dim)
+  const at::Tensor attention = routed_attention_kvcache(
+      episodic_queries(w, s, x_c, r).view({batch, n_heads, 1, s.head_dim}), k_cache, v_cache,
+      kv.narrow(1, 0, s.kv_dim).view({batch, s.kv_heads, 1, s.head_dim}),
+      kv.narrow(1, s.kv_dim, s.kv_dim).view({batch, s.kv_heads, 1, s.head_dim}), cache_seqlens,
+      r.route, key_mask, 1.0 / std::sqrt(static_cast<double>(s.head_dim)));
+  const at::Tensor attention_out = attention.view({batch, d});
+  add_taken_paths(w, s, out, x_c, attention_out, r);
+  return {out, r.path.view({batch}), r.predicted.view({batch, s.n_paths}),
+          r.scores.view({batch, s.n_paths}), attention_out};
 }
 
 }  // namespace
@@ -1059,7 +1188,23 @@ TORCH_LIBRARY_FRAGMENT(cram_ext, m) {
         "-> (Tensor out, Tensor path, Tensor attention_rows, Tensor predicted_loss, Tensor scores, "
         "Tensor scan_out, Tensor chunk_states, Tensor attention_out, Tensor lse, Tensor route)");
 }
-TORCH_LIBRARY_IMPL(cram_ext, CPU, m) { m.impl("cram_forward_fwd", &cram::cram_forward_fwd); }
+TORCH_LIBRARY_FRAGMENT(cram_ext, m) {
+  m.def("cram_step(Tensor x, Tensor gap, Tensor(a!) state, Tensor(b!) k_cache, Tensor(c!) v_cache, "
+        "Tensor cache_seqlens, Tensor in_proj_weight, Tensor x_proj_weight, Tensor dt_proj_weight, "
+        "Tensor A, Tensor D, Tensor dt_bias, Tensor out_proj_weight, Tensor router_w1, "
+        "Tensor router_b1, Tensor router_w2, Tensor router_b2, Tensor qkv_weight, "
+        "Tensor attn_out_weight, Tensor? semantic_down_weight, Tensor? semantic_down_bias, "
+        "Tensor? semantic_up_weight, Tensor? semantic_up_bias, Tensor? q_hat, Tensor? key_mask, "
+        "int n_heads, float episodic_price, float semantic_reward) "
+        "-> (Tensor out, Tensor path, Tensor predicted_loss, Tensor scores, Tensor attention_out)");
+}
+namespace {
+void register_fused_kernels(torch::Library& m) {
+  m.impl("cram_forward_fwd", &cram::cram_forward_fwd);
+  m.impl("cram_step", &cram::cram_step);
+}
+}  // namespace
+TORCH_LIBRARY_IMPL(cram_ext, CPU, m) { register_fused_kernels(m); }
 #ifdef CRAM_WITH_CUDA
-TORCH_LIBRARY_IMPL(cram_ext, CUDA, m) { m.impl("cram_forward_fwd", &cram::cram_forward_fwd); }
+TORCH_LIBRARY_IMPL(cram_ext, CUDA, m) { register_fused_kernels(m); }
 #endif

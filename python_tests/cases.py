@@ -442,3 +442,53 @@ def check_cram_forward(seed, args, kwargs, *, backward=True):
                 assert_matches_reference(a.grad, r.grad, s.grad, what=f"d{name}", seed=seed,
                                          factor=BACKWARD_FACTOR)
     return got
+
+
+def cram_step_inputs(seed, *, batch=16, d=16, n_heads=2, kv_heads=None, d_state=4, capacity=12,
+                     semantic=True, key_mask=True, dtype=torch.float32, device="cpu"):
+    """Random inputs of `cram_step`: (args, kwargs), `cram_forward_inputs`' weights and prices
+    for one token per stream (enough streams that every path is taken), a random scan state and
+    caches holding 0 to capacity - 1 entries; 80% of the slots are keys, the new entry always."""
+    args, kwargs = cram_forward_inputs(seed, batch=batch, L=1, d=d, n_heads=n_heads,
+                                       kv_heads=kv_heads, d_state=d_state, semantic=semantic,
+                                       key_mask=False, dtype=dtype, device=device)
+    g = generator(seed + 7, device)
+    kv_heads = kv_heads or n_heads
+    head_dim, d_inner = d // n_heads, args[2].shape[0] // 2
+    state = randn(g, (batch, d_inner, d_state), accumulation_dtype(dtype), device)
+    k_cache, v_cache = (randn(g, (batch, kv_heads, capacity, head_dim), dtype, device)
+                        for _ in range(2))
+    lengths = torch.randint(0, capacity, (batch,), generator=g, device=device, dtype=torch.int32)
+    kwargs = dict(kwargs, q_hat=kwargs["q_hat"][:, 0])
+    del kwargs["forced_path"]
+    if key_mask:
+        mask = torch.rand(batch, capacity, generator=g, device=device) < 0.8
+        kwargs["key_mask"] = mask | (torch.arange(capacity, device=device) == lengths[:, None])
+    return [args[0][:, 0], args[1][:, 0], state, k_cache, v_cache, lengths, *args[2:]], kwargs
+
+
+def check_cram_step(seed, args, kwargs):
+    """`cram_step` against `cram_step_ref`: exactly the paths of the reference in the inputs'
+    dtype, then the outputs and the updated state and caches by the accuracy rule against the
+    float64 reference routed the same way. Returns the op's result."""
+    from cram_ext import cram_step
+    from cram_ext.reference import cram_step_ref
+
+    def fresh(dtype=None):  # the op and each reference update their own state and caches
+        return [None if t is None else t.clone().to(dtype or t.dtype) if t.is_floating_point()
+                else t.clone() for t in args]
+
+    got_args, same_args, ref_args = fresh(), fresh(), fresh(torch.float64)
+    got = cram_step(*got_args, **kwargs)
+    same = cram_step_ref(*same_args, **kwargs)
+    assert torch.equal(got.path, same[1]), f"paths differ from the reference's [seed {seed}]"
+    assert got.path.dtype == torch.long and got.path.shape == args[0].shape[:1]
+    assert (got.attention_out[got.path != 1] == 0).all(), "attention_out is not 0 off the route"
+    q_hat = kwargs["q_hat"]
+    ref = cram_step_ref(*ref_args, **dict(kwargs, forced_path=got.path,
+                                          q_hat=None if q_hat is None else q_hat.double()))
+    for i, name in ((0, "out"), (2, "predicted_loss"), (3, "scores"), (4, "attention_out")):
+        assert_matches_reference(got[i], ref[i], same[i], what=name, seed=seed)
+    for i, name in ((2, "state"), (3, "k_cache"), (4, "v_cache")):
+        assert_matches_reference(got_args[i], ref_args[i], same_args[i], what=name, seed=seed)
+    return got

@@ -14,6 +14,7 @@ from cases import (ALL_DTYPES, DEVICES, accumulation_dtype, assert_matches_refer
                    kvcache_inputs, position, randn, random_route, scan_inputs)
 from cram_ext.models import CRAMModel, model_config
 from cram_ext.models import memory
+from cram_ext.models.router import Path
 from cram_ext.reference import (routed_attention_with_kvcache_ref, selective_scan_ref,
                                 selective_state_update_ref)
 from cram_ext.srcd import SRCDConfig, batch_at
@@ -318,6 +319,7 @@ class KVCacheRowCounter:
     def __init__(self, monkeypatch):
         self.rows = {"stream": 0, "full": 0}
         cached, full, fused = memory.cached_attention_op, memory.attention_op, memory.fused_layer_op
+        fused_step = memory.fused_step_op
 
         def counted_cached(q, k_cache, v_cache, k, v, cache_seqlens, route, key_mask):
             self.rows["stream"] += int(route.sum())
@@ -330,7 +332,13 @@ class KVCacheRowCounter:
             result = fused(*args, **kwargs)
             self.rows["full"] += int(result.attention_rows)
             return result
+
+        def counted_fused_step(*args, **kwargs):  # its step
+            result = fused_step(*args, **kwargs)
+            self.rows["stream"] += int((result.path == Path.EPISODIC).sum())
+            return result
         monkeypatch.setattr(memory, "cached_attention_op", counted_cached)
+        monkeypatch.setattr(memory, "fused_step_op", counted_fused_step)
         monkeypatch.setattr(memory, "attention_op", counted_full)
         monkeypatch.setattr(memory, "fused_layer_op", counted_fused)
 

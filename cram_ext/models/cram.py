@@ -92,8 +92,9 @@ class CRAMLayer(nn.Module):
         it, and `key_mask` is the new tokens' written flags; one token (`CRAMModel.step`) comes
         without the length dimension, x (batch, d_model) and gap (batch,), and so does its
         record."""
-        if self.fused and not self.training and state is None and path is None:
-            mixed, record = self.fused_paths(x, gap, key_mask, prices)
+        if self.fused and not self.training and path is None and (state is None or x.dim() == 2):
+            mixed, record = (self.fused_paths(x, gap, key_mask, prices) if state is None
+                             else self.fused_step(x, gap, key_mask, prices, state))
             h = self.norm_mix(x + mixed)
             return self.norm_ffn(h + self.ffn(h)), record
         record = LayerRecord()
@@ -137,13 +138,13 @@ class CRAMLayer(nn.Module):
             self.episodic.init_state(batch_size, capacity, memory_size, device)
             if self.episodic is not None else None)
 
-    def _record_consolidation(self, record: LayerRecord, recalled: torch.Tensor,
-                              target: torch.Tensor, rows: torch.Tensor):
+    def _record_consolidation(self, record: LayerRecord, recalled: Optional[torch.Tensor],
+                              target: Optional[torch.Tensor], rows: torch.Tensor):
         """The record's L_cons and q terms (module docstring) from f_sem and the detached
-        attention output on the rows that ran attention, (n, d) each; 0 on the other tokens of
-        `rows` (batch, L)."""
-        zeros = torch.zeros(rows.shape, dtype=recalled.dtype, device=rows.device)
-        if recalled.shape[0] == 0:  # no row attended, as in most decoding steps: all 0
+        attention output on the rows that ran attention, (n, d) each (None: no row); 0 on the
+        other tokens of `rows` (batch, L)."""
+        zeros = torch.zeros(rows.shape, dtype=self.norm_mix.weight.dtype, device=rows.device)
+        if recalled is None or recalled.shape[0] == 0:  # no row attended: all 0
             record.consolidation_error, record.q = zeros, torch.zeros_like(zeros)
             return
         squared_error = (recalled - target).pow(2).sum(-1)
@@ -156,27 +157,55 @@ class CRAMLayer(nn.Module):
         """The paths of a routed scan layer as one `cram_forward` call, in evaluation (no
         exploration, no warm-up): the same routing, mixed output and record as the composed
         ops."""
-        working, attention, router = self.working, self.episodic, self.router
         q_hat = self.q_predictor(x) if self.q_predictor is not None else None
+        result = memory.fused_layer_op(x, gap.to(x.dtype), *self._fused_weights(),
+                                       **self._fused_options(prices, q_hat), key_mask=key_mask)
+        return result.out, self._fused_record(x, result, q_hat)
+
+    def fused_step(self, x: torch.Tensor, gap: torch.Tensor, written: Optional[torch.Tensor],
+                   prices: "RoutingPrices", state: LayerState):
+        """`fused_paths` for one token per stream (`CRAMModel.step`; x (batch, d_model)) as one
+        `cram_step` call, which advances the scan state and appends every stream's key and value
+        to the cache; the cache's bookkeeping (which entries it keeps, eviction) is the composed
+        step's."""
+        cache = state.attention
+        q_hat = self.q_predictor(x) if self.q_predictor is not None else None
+        result = memory.fused_step_op(
+            x, gap.to(x.dtype), state.working, cache.keys, cache.values, cache.lengths,
+            *self._fused_weights(), **self._fused_options(prices, q_hat),
+            key_mask=memory.step_key_mask(cache, written))
+        memory.advance_cache(cache, written)
+        return result.out, self._fused_record(x, result, q_hat)
+
+    def _fused_weights(self):
+        """The layer's weights in the order `cram_forward` and `cram_step` take them."""
+        working, attention, router = self.working, self.episodic, self.router
         adapter = ((self.semantic.down.weight, self.semantic.down.bias, self.semantic.up.weight,
                     self.semantic.up.bias) if self.semantic is not None else (None,) * 4)
         first, last = router.predict_loss[0], router.predict_loss[-1]
-        result = memory.fused_layer_op(
-            x, gap.to(x.dtype), working.in_proj.weight, working.x_proj.weight,
-            working.dt_proj.weight, -torch.exp(working.A_log), working.D, working.dt_bias,
-            working.out_proj.weight, first.weight, first.bias, last.weight, last.bias,
-            attention.qkv.weight, attention.out_proj.weight, *adapter, n_heads=attention.n_heads,
-            episodic_price=prices.episodic,
-            semantic_reward=prices.semantic if self.spec.router_reads_q else 0.0,
-            q_hat=q_hat if router.reads_q else None, key_mask=key_mask)
+        return (working.in_proj.weight, working.x_proj.weight, working.dt_proj.weight,
+                -torch.exp(working.A_log), working.D, working.dt_bias, working.out_proj.weight,
+                first.weight, first.bias, last.weight, last.bias, attention.qkv.weight,
+                attention.out_proj.weight, *adapter)
+
+    def _fused_options(self, prices: "RoutingPrices", q_hat: Optional[torch.Tensor]):
+        return dict(n_heads=self.episodic.n_heads, episodic_price=prices.episodic,
+                    semantic_reward=prices.semantic if self.spec.router_reads_q else 0.0,
+                    q_hat=q_hat if self.router.reads_q else None)
+
+    def _fused_record(self, x: torch.Tensor, result, q_hat: Optional[torch.Tensor]) -> LayerRecord:
+        """The composed layer's record from a fused op's result."""
         rows = result.path == Path.EPISODIC
         record = LayerRecord(attention_rows=rows, routing=RoutingDecision(
             result.path, result.predicted_loss, result.scores))
         if self.semantic is not None:
-            target = attention.out_proj(result.attention_out[rows]).detach()
-            self._record_consolidation(record, self.semantic(x[rows]), target, rows)
+            if bool(rows.any()):
+                target = self.episodic.out_proj(result.attention_out[rows]).detach()
+                self._record_consolidation(record, self.semantic(x[rows]), target, rows)
+            else:  # as in most decoding steps: nothing to measure q on, no row to gather
+                self._record_consolidation(record, None, None, rows)
             record.q_hat = q_hat
-        return result.out, record
+        return record
 
 
 def retrieval_spread(selected: torch.Tensor) -> torch.Tensor:

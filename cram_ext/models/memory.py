@@ -1,10 +1,11 @@
 """The three memories of a CRAM layer (the router that chooses between them: `router.py`).
 
 The kernels are reached through `scan_op`, `attention_op`, `fused_layer_op` and, when
-streaming, `state_update_op` and `cached_attention_op` only, so tests can wrap them (for example
-to count the rows that really ran attention). Each memory's `step` continues a stream from its
-state (`streaming.py`), updating that state in place; it reads a chunk (batch, L, d_model) or one
-token without the length dimension, (batch, d_model) (`CRAMModel.step`).
+streaming, `state_update_op`, `cached_attention_op` and `fused_step_op` only, so tests can wrap
+them (for example to count the rows that really ran attention). Each memory's `step` continues
+a stream from its state (`streaming.py`), updating that state in place; it reads a chunk
+(batch, L, d_model) or one token without the length dimension, (batch, d_model)
+(`CRAMModel.step`).
 """
 from __future__ import annotations
 
@@ -49,6 +50,12 @@ def attention_op(q, k, v, route, key_mask):
 def fused_layer_op(*args, **kwargs):
     """`cram_ext.cram_forward`: a layer's scan, routing, routed attention and adapter in one op."""
     return cram_ext.cram_forward(*args, **kwargs)
+
+
+def fused_step_op(*args, **kwargs):
+    """`cram_ext.cram_step`: `fused_layer_op` for one token per stream, from a scan state and a
+    key/value cache."""
+    return cram_ext.cram_step(*args, **kwargs)
 
 
 def gap_scale(gap: torch.Tensor) -> torch.Tensor:
@@ -235,6 +242,12 @@ def _attend_with_cache(q, k, v, route, written, cache: AttentionCache) -> torch.
     """Appends the new keys/values (batch, heads, n, head_dim) to `cache`, runs the routed rows
     against it, and keeps the cache's invariant (see `AttentionCache`)."""
     n = q.shape[2]
+    if n == 1:
+        token_writes = None if written is None else written[:, 0]
+        out = cached_attention_op(q, cache.keys, cache.values, k, v, cache.lengths, route,
+                                  step_key_mask(cache, token_writes))
+        advance_cache(cache, token_writes)
+        return out
     if written is None:
         out = cached_attention_op(q, cache.keys, cache.values, k, v, cache.lengths, route, None)
         cache.lengths += n
@@ -242,33 +255,21 @@ def _attend_with_cache(q, k, v, route, written, cache: AttentionCache) -> torch.
     # Each row of a chunk sees every entry written before it in the chunk, so the chunk is what
     # `step` would do only while those fit; its last token may overflow the buffer by one (the
     # oldest entry is then evicted, as step does). `CRAMModel.prefill` cuts its chunks so.
-    if n > 1 and bool((cache.lengths + written[:, :-1].sum(1, dtype=torch.int32)
-                       > cache.memory_size).any()):
+    if bool((cache.lengths + written[:, :-1].sum(1, dtype=torch.int32)
+             > cache.memory_size).any()):
         raise ValueError(f"the chunk writes more entries than the episodic buffer holds "
                          f"(memory_size={cache.memory_size}) before its last token; read it in "
                          f"shorter chunks (CRAMModel.prefill does)")
-    keys, values = cache.keys, cache.values
-    # Slot j holds an entry if it is below the old length, or a new entry that was written.
-    if n == 1:
-        count = cache.lengths + written[:, 0]
-        key_mask = cache.slots < count[:, None]
-    else:
-        cache.unroll()
-        # Room for the whole chunk until it is compacted.
-        pad = keys.new_zeros(*keys.shape[:2], n, keys.shape[3])
-        keys, values = torch.cat([keys, pad], 2), torch.cat([values, pad], 2)
-        offset = torch.arange(keys.shape[2], device=q.device) - cache.lengths[:, None].long()
-        fresh = (offset >= 0) & (offset < n)
-        key_mask = (offset < 0) | (fresh & written.gather(1, offset.clamp(0, n - 1)))
-        count = cache.lengths + written.sum(1, dtype=torch.int32)
+    cache.unroll()
+    # Room for the whole chunk until it is compacted. Slot j holds an entry if it is below the
+    # old length, or a new entry that was written.
+    pad = cache.keys.new_zeros(*cache.keys.shape[:2], n, cache.keys.shape[3])
+    keys, values = torch.cat([cache.keys, pad], 2), torch.cat([cache.values, pad], 2)
+    offset = torch.arange(keys.shape[2], device=q.device) - cache.lengths[:, None].long()
+    fresh = (offset >= 0) & (offset < n)
+    key_mask = (offset < 0) | (fresh & written.gather(1, offset.clamp(0, n - 1)))
+    count = cache.lengths + written.sum(1, dtype=torch.int32)
     out = cached_attention_op(q, keys, values, k, v, cache.lengths, route, key_mask)
-    if n == 1:
-        # One read of the (batch,) lengths per step decides whether an entry is evicted.
-        overflow = count > cache.memory_size
-        if bool(overflow.any()):
-            _evict_into_ring(cache, overflow)
-        cache.lengths.copy_(count - overflow.to(count.dtype))  # an entry not written is
-        return out                                              # overwritten by the next one
     drop = (count - cache.memory_size).clamp_min(0)
     order = torch.argsort((~key_mask).to(torch.int8), dim=1, stable=True)  # entries first
     take = (cache.slots + drop[:, None]).clamp_max(keys.shape[2] - 1)
@@ -277,6 +278,29 @@ def _attend_with_cache(q, k, v, route, written, cache: AttentionCache) -> torch.
     cache.values.copy_(values.gather(2, index))
     cache.lengths.copy_(count - drop)
     return out
+
+
+def step_key_mask(cache: AttentionCache, written: Optional[torch.Tensor]):
+    """The slots a one-token step's rows see (its new entry goes to slot `cache.lengths`): the
+    entries held and, where the token writes (`written` (batch,)), its own; None (every slot up
+    to the new entry) with prefix keys."""
+    if written is None:
+        return None
+    return cache.slots < (cache.lengths + written)[:, None]
+
+
+def advance_cache(cache: AttentionCache, written: Optional[torch.Tensor]):
+    """After a one-token step appended each stream's entry at `cache.lengths`: keeps the written
+    ones (every one with prefix keys, `written` None), evicting the oldest entry where a full
+    buffer took one more. One read of the (batch,) flags per step decides the eviction."""
+    if written is None:
+        cache.lengths += 1
+        return
+    count = cache.lengths + written
+    overflow = count > cache.memory_size
+    if bool(overflow.any()):
+        _evict_into_ring(cache, overflow)
+    cache.lengths.copy_(count - overflow.to(count.dtype))  # an entry not written is overwritten
 
 
 def _evict_into_ring(cache: AttentionCache, overflow: torch.Tensor):
