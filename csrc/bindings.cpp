@@ -966,7 +966,8 @@ at::Tensor episodic_queries(const CramLayerWeights& w, const CramLayerSizes& s, 
   if (!x_flat.is_cpu()) return at::matmul(x_flat, w_q.t());
   const at::Tensor attended = rows_of(r.episodic_rows, r.episodic_count);
   at::Tensor q_flat = at::zeros({x_flat.size(0), s.d}, x_flat.options());
-  q_flat.index_copy_(0, attended, at::matmul(x_flat.index_select(0, attended), w_q.t()));
+  if (attended.numel() > 0)  // most decoding steps: no row attends
+    q_flat.index_copy_(0, attended, at::matmul(x_flat.index_select(0, attended), w_q.t()));
   return q_flat;
 }
 
@@ -976,13 +977,15 @@ void add_taken_paths(const CramLayerWeights& w, const CramLayerSizes& s, at::Ten
   const bool gather_rows = x_flat.is_cpu();
   if (gather_rows) {
     const at::Tensor attended = rows_of(r.episodic_rows, r.episodic_count);
-    out_flat.index_add_(0, attended, at::matmul(attention_flat.index_select(0, attended), w.attn_out.t()));
+    if (attended.numel() > 0)
+      out_flat.index_add_(0, attended, at::matmul(attention_flat.index_select(0, attended), w.attn_out.t()));
   } else {
     out_flat.addmm_(attention_flat, w.attn_out.t());
   }
   if (!s.semantic) return;
   if (gather_rows) {
     const at::Tensor recalled = rows_of(r.semantic_rows, r.semantic_count);
+    if (recalled.numel() == 0) return;
     const at::Tensor h = at::relu(at::addmm(*w.semantic_down_bias, x_flat.index_select(0, recalled),
                                             w.semantic_down->t()));
     out_flat.index_add_(0, recalled, at::addmm(*w.semantic_up_bias, h, w.semantic_up->t()));
