@@ -292,9 +292,11 @@ def step_key_mask(cache: AttentionCache, written: Optional[torch.Tensor]):
 def advance_cache(cache: AttentionCache, written: Optional[torch.Tensor]):
     """After a one-token step appended each stream's entry at `cache.lengths`: keeps the written
     ones (every one with prefix keys, `written` None), evicting the oldest entry where a full
-    buffer took one more. One read of the (batch,) flags per step decides the eviction."""
+    buffer took one more. Reads of the (batch,) flags decide whether there is anything to do."""
     if written is None:
         cache.lengths += 1
+        return
+    if not bool(written.any()):  # most tokens: the slot appended to stays free
         return
     count = cache.lengths + written
     overflow = count > cache.memory_size
