@@ -106,8 +106,9 @@ class ModelConfig:
     # Data interface (SRCD vocabulary)
     n_keys: int = 512
     n_values: int = 64
-    # Evaluation runs each routed scan layer as one `cram_ext.cram_forward` call (the same
-    # routing and outputs as the composed ops, fewer passes); False keeps the composed ops.
+    # Evaluation runs each routed scan layer as one `cram_ext.cram_forward` call, and each of
+    # its decoding steps (`CRAMModel.step`) as one `cram_ext.cram_step` call (the same routing
+    # and outputs as the composed ops, fewer passes); False keeps the composed ops.
     # Training always composes: its exploration and router regression need the composed path.
     fused: bool = True
 
