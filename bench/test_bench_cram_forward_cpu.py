@@ -86,17 +86,9 @@ def interleaved_min_s(fns, rounds=ROUNDS):
 
 
 def fused_call(layer, x, gap, key_mask):
-    working, attention, router, semantic = layer.working, layer.episodic, layer.router, layer.semantic
     q_hat = layer.q_predictor(x)
-    args = (x, gap, working.in_proj.weight, working.x_proj.weight, working.dt_proj.weight,
-            -torch.exp(working.A_log), working.D, working.dt_bias, working.out_proj.weight,
-            router.predict_loss[0].weight, router.predict_loss[0].bias,
-            router.predict_loss[-1].weight, router.predict_loss[-1].bias, attention.qkv.weight,
-            attention.out_proj.weight, semantic.down.weight, semantic.down.bias,
-            semantic.up.weight, semantic.up.bias)
-    kwargs = dict(n_heads=attention.n_heads, episodic_price=PRICES.episodic,
-                  semantic_reward=PRICES.semantic, q_hat=q_hat, key_mask=key_mask)
-    return lambda: cram_ext.cram_forward(*args, **kwargs)
+    args, kwargs = layer._fused_weights(), layer._fused_options(PRICES, q_hat)
+    return lambda: cram_ext.cram_forward(x, gap, *args, **kwargs, key_mask=key_mask)
 
 
 def parts(layer, x, gap, key_mask, path):

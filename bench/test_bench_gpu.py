@@ -20,10 +20,11 @@ one JSON object a line, so a run cut short keeps what it measured. Tests run in 
    few cases; one compilation per shape family, the route entering as a captured tensor whose
    values change between cases, so a new route fraction does not recompile.
 
-5. test_kvcache_decoding (not in bench/device_check.sh's stages; run it by name): one decoding
-   step of routed_attention_with_kvcache (bf16, heads = 1024 / head_dim, one new row per
-   sequence) over caches of 8K and 32K, batch 1 and 8, every row or 1.6% of the rows routed,
-   beside dense SDPA over the same cache; and selective_state_update at batch 8, dim 2048.
+5. test_kvcache_decoding (the streaming stage of bench/device_check.sh): one decoding step of
+   routed_attention_with_kvcache (bf16, heads = 1024 / head_dim, one new row per sequence) over
+   caches of 8K and 32K, batch 1 and 8, every row or 1.6% of the rows routed, beside dense SDPA
+   over the same cache; selective_state_update at batch 8, dim 2048; and test_cram_step_decoding,
+   one CRAM layer's decoding step (the fused op, and the layer fused and composed).
 
 TFLOP/s counts routed FLOPs only: 4 * head_dim * (visible keys) per routed row and head. Times
 are medians of CUDA-event-timed calls after warm-up.
@@ -35,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import cram_ext
+from cram_ext.models.router import Path
 from cases import attention_inputs, scan_inputs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -324,6 +326,49 @@ def test_kvcache_decoding(record, case):
     record(kind="kvcache_decoding", head_dim=head_dim, heads=heads, context=context,
            batch=batch, fraction=fraction, routed_rows=routed, kv_bytes=kv_bytes,
            kvcache_gbs=kv_bytes / graph_ms / 1e6 if graph_ms else None, **result)
+
+
+CRAM_STEP = [(d, batch) for d in (64, 256) for batch in (1, 8)]
+
+
+@pytest.mark.parametrize("case", CRAM_STEP, ids=lambda c: f"d{c[0]}-b{c[1]}")
+def test_cram_step_decoding(record, case):
+    """One decoding step of a CRAM layer (fp32, the layer of test_cram_forward routing about 2%
+    of its tokens to attention) over a full episodic buffer of 512 written entries: `cram_step`
+    eager and replayed from a CUDA graph, and the layer's step with the fused op and with the
+    composed ops (eager only: both read the written flags on the host)."""
+    from cram_ext.models import memory
+    from test_bench_cram_forward_cpu import PRICES, layer_case
+    d, batch = case
+    layer, x, gap, _ = layer_case(d, 128, 0.02)
+    layer = layer.to(DEVICE)
+    x, gap = x[:batch, 0].to(DEVICE), gap[:batch, 0].to(DEVICE)
+    state = layer.init_state(batch, capacity=4096, memory_size=512, device=DEVICE)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    state.working.normal_(0, 0.1, generator=g)
+    cache = state.attention
+    cache.keys.normal_(generator=g)
+    cache.values.normal_(generator=g)
+    cache.lengths.fill_(512)
+    written = torch.zeros(batch, dtype=torch.bool, device=DEVICE)  # no eviction between calls
+    result = dict(kind="cram_step", d_model=d, batch=batch, buffer=512)
+    with torch.no_grad():
+        q_hat = layer.q_predictor(x)
+        weights, options = layer._fused_weights(), layer._fused_options(PRICES, q_hat)
+        key_mask = memory.step_key_mask(cache, written)
+
+        def op():
+            return cram_ext.cram_step(x, gap, state.working, cache.keys, cache.values,
+                                      cache.lengths, *weights, **options, key_mask=key_mask)
+
+        result["attention_rows"] = int((op().path == Path.EPISODIC).sum())
+        result.update(eager_and_graph_ms(op, "cram_step"))
+        for fused in (True, False):
+            layer.fused = fused
+            result[f"layer_step_{'fused' if fused else 'composed'}_eager_ms"] = cuda_time_ms(
+                lambda: layer(x, gap, written, PRICES, state=state))
+        layer.fused = True
+    record(**result)
 
 
 def test_state_update_step(record):
