@@ -60,7 +60,8 @@ def test_steps_equal_the_fused_forward_position_by_position(semantic, device, se
     full = cram_forward(*args, **kwargs)
     x, gap, weights = args[0], args[1], args[2:]
     batch, L, d = x.shape
-    head_dim, kv_heads = d // kwargs["n_heads"], (weights[11].shape[0] - d) // (2 * d // kwargs["n_heads"])
+    head_dim = d // kwargs["n_heads"]
+    kv_heads = (weights[11].shape[0] - d) // (2 * head_dim)
     state = torch.zeros(batch, weights[0].shape[0] // 2, weights[3].shape[1], device=device)
     k_cache, v_cache = (torch.zeros(batch, kv_heads, L, head_dim, device=device) for _ in range(2))
     lengths = torch.zeros(batch, dtype=torch.int32, device=device)
