@@ -22,6 +22,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cram_ext import routed_attention, selective_scan
+from cram_ext.models.router import Path
 from cram_ext.reference import routed_attention_ref, selective_scan_ref
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -355,6 +356,12 @@ def cram_ops_called(fn):
 # ---------------------------------------------------------------------------------------------
 
 # The differentiable tensors of `cram_forward`, by position in `cram_forward_inputs`' args.
+# Prices that put every token of the fused ops on one path, with that path (None: none attends).
+ONE_PATH_PRICES = [(dict(episodic_price=1e6), None),
+                   (dict(episodic_price=-1e6), Path.EPISODIC),
+                   (dict(episodic_price=1e6, semantic_reward=1e6), Path.SEMANTIC)]
+
+
 CRAM_FORWARD_WEIGHTS = ("x", None, "in_proj_weight", "x_proj_weight", "dt_proj_weight", "A", "D",
                         "dt_bias", "out_proj_weight", None, None, None, None, "qkv_weight",
                         "attn_out_weight", "semantic_down_weight", "semantic_down_bias",

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cases import (DEVICES, check_cram_forward, cram_forward_inputs, cram_ops_called)
+from cases import (DEVICES, ONE_PATH_PRICES, check_cram_forward, cram_forward_inputs,
+                   cram_ops_called)
 from cram_ext import cram_forward
 from cram_ext.models import CRAMLayer, model_config
 from cram_ext.models.cram import RoutingPrices
@@ -46,10 +47,7 @@ def test_longer_sequences_span_several_scan_chunks(device, seed):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("prices, path", [(dict(episodic_price=1e6), None),
-                                          (dict(episodic_price=-1e6), Path.EPISODIC),
-                                          (dict(episodic_price=1e6, semantic_reward=1e6),
-                                           Path.SEMANTIC)])
+@pytest.mark.parametrize("prices, path", ONE_PATH_PRICES)
 def test_every_token_on_one_path_by_its_price(prices, path, device, seed):
     """No token attends (the empty route), every token attends, every token is semantic."""
     args, kwargs = cram_forward_inputs(seed, L=24, device=device)

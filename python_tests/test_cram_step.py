@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cases import DEVICES, check_cram_step, cram_forward_inputs, cram_step_inputs
+from cases import (DEVICES, ONE_PATH_PRICES, check_cram_step, cram_forward_inputs,
+                   cram_step_inputs)
 from cram_ext import cram_forward, cram_step
 from cram_ext.models.router import Path
 
@@ -35,10 +36,7 @@ def test_grouped_query_attention(n_heads, kv_heads, device, seed):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("prices, path", [(dict(episodic_price=1e6), None),
-                                          (dict(episodic_price=-1e6), Path.EPISODIC),
-                                          (dict(episodic_price=1e6, semantic_reward=1e6),
-                                           Path.SEMANTIC)])
+@pytest.mark.parametrize("prices, path", ONE_PATH_PRICES)
 def test_every_stream_on_one_path_by_its_price(prices, path, device, seed):
     """No stream attends (every new entry is still written), every stream attends, every
     stream is semantic."""
