@@ -619,6 +619,17 @@ at::Tensor selective_state_update(const at::Tensor& state, const at::Tensor& x, 
   return out;
 }
 
+// On the CPU: every one of the `n_new` entries to append fits, cache_seqlens[b] + n_new <= capacity.
+void check_cache_room_cpu(const at::Tensor& cache_seqlens, int64_t n_new, int64_t capacity, const char* op) {
+  const int32_t* lengths = cache_seqlens.const_data_ptr<int32_t>();
+  for (int64_t b = 0; b < cache_seqlens.size(0); ++b) {
+    TORCH_CHECK(lengths[b] >= 0, op, ": cache_seqlens[", b, "] = ", lengths[b], " is negative");
+    TORCH_CHECK(lengths[b] <= capacity - n_new, op, ": the cache is full: batch ", b, " holds ", lengths[b],
+                " entries and ", n_new, " new ones do not fit in capacity ", capacity,
+                " (allocate a larger cache or evict entries)");
+  }
+}
+
 // Routed attention against a key/value cache; k/v (when given) are written into the caches.
 at::Tensor routed_attention_kvcache(const at::Tensor& q, const at::Tensor& k_cache,
                                     const at::Tensor& v_cache, const c10::optional<at::Tensor>& k,
@@ -668,13 +679,7 @@ at::Tensor routed_attention_kvcache(const at::Tensor& q, const at::Tensor& k_cac
   // cache_seqlens[b] <= capacity).
   const int64_t room = capacity - (k ? n_new : 0);
   if (q.is_cpu()) {
-    const int32_t* lengths = seqlens.const_data_ptr<int32_t>();
-    for (int64_t b = 0; b < batch; ++b) {
-      TORCH_CHECK(lengths[b] >= 0, op, ": cache_seqlens[", b, "] = ", lengths[b], " is negative");
-      TORCH_CHECK(lengths[b] <= room, op, ": the cache is full: batch ", b, " holds ", lengths[b],
-                  " entries and ", k ? n_new : 0, " new ones do not fit in capacity ", capacity,
-                  " (allocate a larger cache or evict entries)");
-    }
+    check_cache_room_cpu(seqlens, k ? n_new : 0, capacity, op);
   } else if (batch > 0) {
     // On a GPU the lengths stay on the device: reading them would synchronise every decoding
     // step. The check is queued as a device-side assertion instead (it fails the CUDA context,
@@ -829,6 +834,10 @@ CramLayerSizes check_layer_weights(const CramLayerWeights& w, const at::Tensor& 
   TORCH_CHECK(w.A.dim() == 2 && w.A.size(0) == s.d_inner, op, ": A must have shape (d_inner, N) = (",
               s.d_inner, ", N), got ", w.A.sizes());
   s.N = w.A.size(1);
+  TORCH_CHECK(s.N >= 1 && s.N <= kScanMaxDState, op, ": the state size N = A.size(1) must be in [1, ",
+              kScanMaxDState, "], got ", s.N);
+  check_same_device(w.A, x, op, "A", "x");
+  check_dtype(w.A, acc, op, "A", acc_why);
   check_weight(w.x_proj, {s.dt_rank + 2 * s.N, s.d_inner}, x, op, "x_proj_weight",
                "(dt_rank + 2 * N, d_inner)");
   check_weight(w.out_proj, {d, s.d_inner}, x, op, "out_proj_weight", "(d_model, d_inner)");
@@ -1102,6 +1111,82 @@ cram_forward_fwd(const at::Tensor& x, const at::Tensor& gap, const at::Tensor& i
           lse, r.route};
 }
 
+// cram_step on the CPU: one kernel for the whole step (cram_forward.h, CramStepParams), its
+// inputs checked by cram_step. Returns what cram_step returns.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+cram_step_on_cpu(const CramLayerWeights& w, const CramLayerSizes& s, const at::Tensor& x,
+                 const at::Tensor& gap, const at::Tensor& state, const at::Tensor& k_cache,
+                 const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+                 const c10::optional<at::Tensor>& q_hat, const c10::optional<at::Tensor>& key_mask,
+                 double episodic_price, double semantic_reward) {
+  const char* op = "cram_step";
+  const int64_t batch = x.size(0), d = s.d, capacity = k_cache.size(2);
+  const at::Tensor seqlens = cache_seqlens.contiguous();
+  check_cache_room_cpu(seqlens, 1, capacity, op);
+  // Held for the call: contiguous() returns the tensor itself when it already is.
+  const at::Tensor x_c = x.contiguous(), gap_c = gap.contiguous();
+  const at::Tensor q_hat_c = q_hat ? q_hat->contiguous() : at::Tensor();
+  const at::Tensor mask_c = key_mask ? key_mask->contiguous() : at::Tensor();
+  const at::Tensor weights[] = {w.in_proj.contiguous(), w.x_proj.contiguous(), w.dt_proj.contiguous(),
+                                w.A.contiguous(), w.D.contiguous(), w.dt_bias.contiguous(),
+                                w.out_proj.contiguous(), w.router_w1.contiguous(), w.router_b1.contiguous(),
+                                w.router_w2.contiguous(), w.router_b2.contiguous(), w.qkv.contiguous(),
+                                w.attn_out.contiguous()};
+  const at::Tensor adapter[] = {
+      s.semantic ? w.semantic_down->contiguous() : at::Tensor(), s.semantic ? w.semantic_down_bias->contiguous() : at::Tensor(),
+      s.semantic ? w.semantic_up->contiguous() : at::Tensor(), s.semantic ? w.semantic_up_bias->contiguous() : at::Tensor()};
+  const auto options = x.options();
+  at::Tensor out = at::empty({batch, d}, options), attention_out = at::empty({batch, d}, options);
+  at::Tensor path = at::empty({batch}, options.dtype(at::kLong));
+  at::Tensor predicted = at::empty({batch, s.n_paths}, options), scores = at::empty({batch, s.n_paths}, options);
+  if (batch == 0) return {out, path, predicted, scores, attention_out};
+
+  CramStepParams p{};
+  p.dtype = to_dtype(x, op, "x");
+  p.batch = batch;
+  p.d_model = d;
+  p.d_inner = s.d_inner;
+  p.dt_rank = s.dt_rank;
+  p.dstate = s.N;
+  p.hidden = s.hidden;
+  p.n_paths = s.n_paths;
+  p.heads = s.n_heads;
+  p.kv_heads = s.kv_heads;
+  p.head_dim = s.head_dim;
+  p.capacity = capacity;
+  p.rank = s.semantic ? adapter[0].size(0) : 0;
+  p.episodic_price = episodic_price;
+  p.semantic_reward = semantic_reward;
+  p.scale = 1.0 / std::sqrt(static_cast<double>(s.head_dim));
+  p.state_batch_stride = state.stride(0);
+  p.state_d_stride = state.stride(1);
+  p.cache_batch_stride = k_cache.stride(0);
+  p.cache_head_stride = k_cache.stride(1);
+  p.cache_row_stride = k_cache.stride(2);
+  p.key_mask_batch_stride = mask_c.defined() ? mask_c.stride(0) : 0;
+  p.x = x_c.const_data_ptr();
+  p.gap = gap_c.const_data_ptr();
+  p.q_hat = q_hat_c.defined() ? q_hat_c.const_data_ptr() : nullptr;
+  p.state = state.data_ptr();
+  p.k_cache = k_cache.data_ptr();
+  p.v_cache = v_cache.data_ptr();
+  p.cache_seqlens = seqlens.const_data_ptr<int32_t>();
+  p.key_mask = mask_c.defined() ? reinterpret_cast<const uint8_t*>(mask_c.const_data_ptr<bool>()) : nullptr;
+  const void** weight_ptrs[] = {&p.in_proj, &p.x_proj, &p.dt_proj, &p.A, &p.D, &p.dt_bias, &p.out_proj,
+                                &p.router_w1, &p.router_b1, &p.router_w2, &p.router_b2, &p.qkv, &p.attn_out};
+  for (size_t i = 0; i < std::size(weights); ++i) *weight_ptrs[i] = weights[i].const_data_ptr();
+  const void** adapter_ptrs[] = {&p.semantic_down, &p.semantic_down_bias, &p.semantic_up, &p.semantic_up_bias};
+  for (size_t i = 0; i < std::size(adapter); ++i)
+    *adapter_ptrs[i] = adapter[i].defined() ? adapter[i].const_data_ptr() : nullptr;
+  p.out = out.data_ptr();
+  p.path = path.data_ptr<int64_t>();
+  p.predicted = predicted.data_ptr();
+  p.scores = scores.data_ptr();
+  p.attention_out = attention_out.data_ptr();
+  cram_step_cpu(p);
+  return {out, path, predicted, scores, attention_out};
+}
+
 // One token per stream of `cram_forward`, continuing the streams: the scan advances `state`
 // (selective_state_update) and the routed rows attend over the key/value cache, into which
 // every stream's new key and value are written at cache_seqlens (routed_attention_kvcache).
@@ -1134,13 +1219,26 @@ cram_step(const at::Tensor& x, const at::Tensor& gap, const at::Tensor& state,
                            semantic_up_weight, semantic_up_bias};
   const CramLayerSizes s = check_layer_weights(w, x, d, n_heads, op);
   if (q_hat) check_weight(*q_hat, {batch}, x, op, "q_hat", "(batch,)");
+  const auto acc = accumulation_type(x.scalar_type());
+  check_same_device(state, x, op, "state", "x");
+  check_dtype(state, acc, op, "state", "the scan state's type: float64 for float64 x, float32 otherwise");
   check_shape(state, {batch, s.d_inner, s.N}, op, "state", "(batch, d_inner, N)");
+  TORCH_CHECK(state.stride(2) == 1, op, ": state must be contiguous in its last dimension (it is "
+              "updated in place), got strides ", state.strides());
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) == batch && k_cache.size(1) == s.kv_heads &&
                   k_cache.size(3) == s.head_dim,
               op, ": k_cache must have shape (batch=", batch, ", kv_heads=", s.kv_heads,
               ", capacity, head_dim=", s.head_dim, "), got ", k_cache.sizes());
   const int64_t capacity = k_cache.size(2);
   check_shape(v_cache, k_cache.sizes(), op, "v_cache", "k_cache's shape (batch, kv_heads, capacity, head_dim)");
+  for (const auto& [t, name] : {std::pair{&k_cache, "k_cache"}, std::pair{&v_cache, "v_cache"}}) {
+    check_same_device(*t, x, op, name, "x");
+    check_dtype(*t, x.scalar_type(), op, name, "the dtype of x");
+    TORCH_CHECK(t->stride(3) == 1, op, ": ", name,
+                " must be contiguous in head_dim (it is written in place), got strides ", t->strides());
+  }
+  TORCH_CHECK(k_cache.strides() == v_cache.strides(), op, ": k_cache and v_cache must have the same "
+              "strides, got ", k_cache.strides(), " and ", v_cache.strides());
   check_same_device(cache_seqlens, x, op, "cache_seqlens", "x");
   check_dtype(cache_seqlens, at::kInt, op, "cache_seqlens", "as in flash_attn_with_kvcache");
   check_shape(cache_seqlens, {batch}, op, "cache_seqlens", "(batch,)");
@@ -1153,6 +1251,11 @@ cram_step(const at::Tensor& x, const at::Tensor& gap, const at::Tensor& state,
               ": episodic_price and semantic_reward must be finite, got ", episodic_price, " and ",
               semantic_reward);
 
+  if (x.is_cpu()) return cram_step_on_cpu(w, s, x, gap, state, k_cache, v_cache, cache_seqlens, q_hat,
+                                          key_mask, episodic_price, semantic_reward);
+
+  // On a CUDA device: the composition of the separate ops' kernels, asynchronous throughout (so
+  // a decoding loop can be captured in a CUDA graph, which removes its launch cost).
   const at::Tensor x_c = x.contiguous();
   const at::Tensor xz = at::mm(x_c, in_proj_weight.t());                     // (batch, 2·d_inner)
   const at::Tensor x_dbl = at::mm(xz.narrow(1, 0, s.d_inner), x_proj_weight.t());  // (batch, R + 2N)

@@ -178,11 +178,12 @@ class CRAMLayer(nn.Module):
         return result.out, self._fused_record(x, result, q_hat)
 
     def _fused_weights(self):
-        """The layer's weights in the order `cram_forward` and `cram_step` take them."""
-        working, attention, router = self.working, self.episodic, self.router
-        adapter = ((self.semantic.down.weight, self.semantic.down.bias, self.semantic.up.weight,
-                    self.semantic.up.bias) if self.semantic is not None else (None,) * 4)
-        first, last = router.predict_loss[0], router.predict_loss[-1]
+        """The layer's weights in the order `cram_forward` and `cram_step` take them (read on
+        every decoding step, so each module is looked up once)."""
+        working, attention, semantic = self.working, self.episodic, self.semantic
+        adapter = ((semantic.down.weight, semantic.down.bias, semantic.up.weight, semantic.up.bias)
+                   if semantic is not None else (None,) * 4)
+        first, _, last = self.router.predict_loss
         return (working.in_proj.weight, working.x_proj.weight, working.dt_proj.weight,
                 -torch.exp(working.A_log), working.D, working.dt_bias, working.out_proj.weight,
                 first.weight, first.bias, last.weight, last.bias, attention.qkv.weight,

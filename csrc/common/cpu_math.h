@@ -11,7 +11,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
+
+#include "dtype.h"
 
 // The scalar functions must be inlined into the loops that call them for those loops to
 // vectorise; GCC's heuristics sometimes decline in large kernels, so they are forced.
@@ -56,6 +59,22 @@ template <typename T> CRAM_INLINE void store_vec(T* p, Vec<T> v) { std::memcpy(p
 template <typename T> CRAM_INLINE T lane_sum(Vec<T> v) {
   T sum = v[0];
   for (int i = 1; i < Simd<T>::lanes; ++i) sum += v[i];
+  return sum;
+}
+
+// Σ a[c] · b[c] accumulated in acc_t: in SIMD lanes (then summed in lane order) where both
+// operands are acc_t already, element by element where one is widened from a 16-bit type.
+template <typename acc_t, typename A, typename B>
+CRAM_INLINE acc_t dot(const A* a, const B* b, int64_t n) {
+  acc_t sum = 0;
+  int64_t c = 0;
+  if constexpr (std::is_same_v<acc_t, A> && std::is_same_v<acc_t, B>) {
+    constexpr int W = Simd<acc_t>::lanes;
+    Vec<acc_t> acc{};
+    for (; c + W <= n; c += W) acc += load_vec(a + c) * load_vec(b + c);
+    sum = lane_sum<acc_t>(acc);
+  }
+  for (; c < n; ++c) sum += acc_t(to_float(a[c])) * acc_t(to_float(b[c]));
   return sum;
 }
 

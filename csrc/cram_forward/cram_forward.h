@@ -63,4 +63,55 @@ void cram_router_cpu(const CramRouterParams& params);
 // device memory.
 void cram_router_cuda(const CramRouterParams& params, void* stream);
 
+// ---------------------------------------------------------------------------------------------
+// One decoding step of a CRAM layer on the CPU (the op cram_step)
+// ---------------------------------------------------------------------------------------------
+// cram_forward for one token per stream, from a scan state and a key/value cache:
+//   xz = W_in·x,  x_dbl = W_x·u,  Δ = W_Δ·x_dbl[:R]      (u, z = the halves of xz)
+//   y = selective_state_update(state, u, Δ, A, B, C, D, z, dt_bias, log(1 + gap))
+//   out = W_out·y,  then the router above (L = 1) chooses each stream's path;
+//   k, v = W_kv·x appended to the caches at cache_seqlens; the episodic streams' q = W_q·x
+//   attend over slots [0, cache_seqlens] where key_mask allows (routed_attention_kvcache_cpu);
+//   out += W_o·attention on the episodic streams, out += f_sem(x) on the semantic ones.
+// Every intermediate is rounded to the element type where the composed op (separate GEMMs and
+// kernels, as on a CUDA device) stores it, so both give the same results up to summation order.
+// On the CPU, at decoding's batch sizes, the framework calls around those small products would
+// cost more than the products: one kernel does the whole step, calling the scan-step, router
+// and cached-attention kernels on its own buffers.
+//
+// Layout: every weight contiguous, in nn.Linear's (out_features, in_features) order; x (batch,
+// d_model) and the outputs contiguous; state (batch, d_inner, N) with a unit stride along N;
+// caches (batch, kv_heads, capacity, head_dim) with a unit stride along head_dim; key_mask
+// (batch, capacity) with a unit stride along capacity. A, D, dt_bias and state are the
+// accumulation type (float, double for double tensors); everything else is `dtype`.
+struct CramStepParams {
+  DType dtype;
+  int64_t batch, d_model, d_inner, dt_rank, dstate, hidden, n_paths, heads, kv_heads, head_dim,
+      capacity, rank;  // rank: the semantic adapter's (0 without a semantic path)
+  double episodic_price, semantic_reward, scale;
+
+  int64_t state_batch_stride, state_d_stride;
+  int64_t cache_batch_stride, cache_head_stride, cache_row_stride;  // k_cache and v_cache alike
+  int64_t key_mask_batch_stride;
+
+  const void* x;
+  const void* gap;
+  const void* q_hat;              // nullable: q̂ = 0
+  void* state;
+  void* k_cache;
+  void* v_cache;
+  const int32_t* cache_seqlens;
+  const uint8_t* key_mask;        // nullable: every slot up to the new entry
+  const void *in_proj, *x_proj, *dt_proj, *A, *D, *dt_bias, *out_proj;
+  const void *router_w1, *router_b1, *router_w2, *router_b2, *qkv, *attn_out;
+  const void *semantic_down, *semantic_down_bias, *semantic_up, *semantic_up_bias;  // null: rank 0
+  void* out;                      // (batch, d_model)
+  int64_t* path;                  // (batch,)
+  void* predicted;                // (batch, paths)
+  void* scores;                   // (batch, paths)
+  void* attention_out;            // (batch, d_model): 0 on the streams that did not attend
+};
+
+void cram_step_cpu(const CramStepParams& params);
+
 }  // namespace cram

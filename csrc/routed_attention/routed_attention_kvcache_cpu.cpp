@@ -12,7 +12,6 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <type_traits>
 #include <vector>
 
 #include "../common/cpu_math.h"
@@ -23,20 +22,6 @@ namespace cram {
 namespace {
 
 constexpr int64_t kKeyBlock = 64;
-
-template <typename acc_t, typename scalar_t>
-inline acc_t dot(const acc_t* q, const scalar_t* k, int64_t d) {
-  acc_t sum = 0;
-  int64_t c = 0;
-  if constexpr (std::is_same_v<acc_t, scalar_t>) {
-    constexpr int W = Simd<acc_t>::lanes;
-    Vec<acc_t> acc{};
-    for (; c + W <= d; c += W) acc += load_vec(q + c) * load_vec(k + c);
-    sum = lane_sum<acc_t>(acc);
-  }
-  for (; c < d; ++c) sum += q[c] * acc_t(to_float(k[c]));
-  return sum;
-}
 
 template <typename scalar_t>
 void append_new_entries(const RoutedAttentionKVCacheParams& p) {
@@ -102,7 +87,7 @@ void attend(const RoutedAttentionKVCacheParams& p) {
           acc_t block_max = running_max;
           for (int64_t j = 0; j < n; ++j) {
             const int64_t slot = j0 + j;
-            s.scores[j] = key_mask && !key_mask[slot] ? minus_inf : dot(s.q.data(), keys + slot * p.k_cache_row_stride, d);
+            s.scores[j] = key_mask && !key_mask[slot] ? minus_inf : dot<acc_t>(s.q.data(), keys + slot * p.k_cache_row_stride, d);
             block_max = std::max(block_max, s.scores[j]);
           }
           if (block_max == minus_inf) continue;  // nothing visible yet
