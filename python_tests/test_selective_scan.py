@@ -22,6 +22,8 @@ SCAN_SHAPES = [  # (L, dim, N, groups); 600 steps cross two checkpoint chunks
     *[pytest.param(7, 20, 4, 2, dtype) for dtype in ALL_DTYPES],
     *[pytest.param(300, 18, 8, None, dtype) for dtype in ALL_DTYPES],
     *[pytest.param(600, 20, 4, 2, dtype) for dtype in (torch.float32, *LOW_PRECISION)],
+    # 5 channel blocks per group: the CPU backward's work items (4 blocks) split each group
+    pytest.param(300, 160, 4, 2, torch.float32),
 ]
 
 

@@ -263,17 +263,22 @@ void scan_fwd(const SelectiveScanParams& p) {
 
 // Lane sums of one step's vectors, one per state n, written W at a time to out[0, N): W sums
 // cost about what a single sequential lane sum does (lane_sums in cpu_math.h).
+// With `accumulate` the sums are added to what out holds.
 template <typename acc_t>
 struct StateLaneSums {
   static constexpr int W = Simd<acc_t>::lanes;
   Vec<acc_t> pending[W];
   acc_t* out;
+  bool accumulate;
   void add(int n, Vec<acc_t> v) {
     pending[n % W] = v;
-    if (n % W == W - 1) store_vec(out + n + 1 - W, lane_sums<acc_t>(pending));
+    if (n % W != W - 1) return;
+    acc_t* dst = out + n + 1 - W;
+    const Vec<acc_t> sums = lane_sums<acc_t>(pending);
+    store_vec(dst, accumulate ? load_vec(dst) + sums : sums);
   }
   void finish(int N) {
-    for (int n = N - N % W; n < N; ++n) out[n] = lane_sum<acc_t>(pending[n % W]);
+    for (int n = N - N % W; n < N; ++n) out[n] = (accumulate ? out[n] : acc_t(0)) + lane_sum<acc_t>(pending[n % W]);
   }
 };
 
@@ -296,21 +301,28 @@ struct BackwardChunk {
 // channels of a work item as explicit vectors (the sequential float sums over channels that dB
 // and dC need would keep an auto-vectorised loop scalar); those sums are fixed-order pairwise
 // trees (StateLaneSums). Quantities shared
-// across work items (dA, dD, ddelta_bias across the batch; dB, dC, ddt_scale across channel
-// blocks) go to per-item partial buffers that are summed afterwards in a fixed order, so results
-// are deterministic.
+// across channel blocks (dA, dD, ddelta_bias across the batch; dB, dC, ddt_scale across the
+// blocks of a group) go to partial buffers that are summed afterwards in a fixed order, so
+// results are deterministic. A work item is kBackwardBlocksPerItem consecutive blocks of one
+// (batch, group), taken in order and summing into one dB / dC / ddt_scale partial: one partial
+// per block would be (batch · dim / kLanes) · L · N floats each for dB and dC (25 MB for a
+// Mamba-130M layer at L = 2048), fresh memory the system must map on every call.
+constexpr int kBackwardBlocksPerItem = 4;
+
 template <typename scalar_t>
 void scan_bwd(const SelectiveScanBwdParams& p) {
   using acc_t = typename AccType<scalar_t>::type;
   using V = Vec<acc_t>;
-  constexpr int W = Simd<acc_t>::lanes, kVecs = kLanes / W;  // a work item's channels in vectors
-  static_assert(kLanes % W == 0, "a work item holds whole vectors of channels");
+  constexpr int W = Simd<acc_t>::lanes, kVecs = kLanes / W;  // a block's channels in vectors
+  static_assert(kLanes % W == 0, "a channel block holds whole vectors of channels");
   const ChannelBlocks blocks(p);
   const int n_blocks = blocks.count(p), N = p.dstate, L = p.seqlen;
-  const int64_t n_items = int64_t(p.batch) * n_blocks;
+  const int items_per_group = (blocks.per_group + kBackwardBlocksPerItem - 1) / kBackwardBlocksPerItem;
+  const int64_t n_items = int64_t(p.batch) * p.n_groups * items_per_group;
   std::vector<acc_t> dA_part(int64_t(p.batch) * p.dim * N), dD_part(int64_t(p.batch) * p.dim),
       dbias_part(int64_t(p.batch) * p.dim);
-  // [item][t][n] and [item][t]; every element is written, so they are not cleared first.
+  // [item][t][n] and [item][t]; an item's first block writes every element, so they are not
+  // cleared first.
   const std::unique_ptr<acc_t[]> dB_part(new acc_t[n_items * L * N]), dC_part(new acc_t[n_items * L * N]),
       ddt_part(new acc_t[p.dt_scale ? n_items * L : 0]);
 
@@ -321,152 +333,163 @@ void scan_bwd(const SelectiveScanBwdParams& p) {
     BackwardChunk<acc_t> w;
     std::vector<acc_t> dA;
   };
+  // One channel block: its chunks from the last, its per-channel partials; its dB, dC and
+  // ddt_scale sums written to (accumulate: added to) the item's partials.
+  auto backward_block = [&](int64_t block_item, bool accumulate, acc_t* dB, acc_t* dC, acc_t* ddt,
+                            Scratch& scratch) {
+    Tiles<acc_t>& tile = scratch.tile;
+    BackwardChunk<acc_t>& w = scratch.w;
+    std::vector<acc_t>& dA = scratch.dA;
+    const ScanBlock<scalar_t, acc_t> sb(p, block_item, blocks);
+    acc_t dD[kLanes] = {}, dbias[kLanes] = {};
+    std::fill(dA.begin(), dA.end(), acc_t(0));
+    std::fill(w.g.begin(), w.g.end(), acc_t(0));
+    const acc_t* A = sb.A.data();
+    for (int chunk = p.n_chunks - 1; chunk >= 0; --chunk) {
+      const int t0 = chunk * kScanCheckpointChunk, len = std::min(kScanCheckpointChunk, L - t0);
+      tile.load(sb, t0, len);
+      sb.template load<scalar_t>(tile.dout.data(), p.dout, p.dout_batch_stride, p.dout_d_stride, t0, len);
+      const acc_t* B = bc.B_at(sb.b, sb.group, t0);
+      const acc_t* C = bc.C_at(sb.b, sb.group, t0);
+
+      // dL/dy, where out = y · silu(z).
+      if (p.z) {
+        for (int i = 0; i < len * kLanes; ++i) w.dy[i] = tile.dout[i] * tile.z[i] * sigmoid(tile.z[i]);
+      } else {
+        std::copy(tile.dout.begin(), tile.dout.begin() + len * kLanes, w.dy.begin());
+      }
+
+      // Recompute the chunk's states from its checkpoint; y (for dz) and dC on the way.
+      sb.restore_state(w.h_start.data(), chunk - 1);
+      for (int t = 0; t < len; ++t) {
+        const acc_t* h_prev = t > 0 ? &w.H[int64_t(t - 1) * N * kLanes] : w.h_start.data();
+        acc_t* h = &w.H[int64_t(t) * N * kLanes];
+        acc_t* decay = &w.decay[int64_t(t) * N * kLanes];
+        V step[kVecs], drive[kVecs], dy[kVecs], y[kVecs] = {};
+        StateLaneSums<acc_t> dC_t{{}, &dC[int64_t(t0 + t) * N], accumulate};
+        for (int k = 0; k < kVecs; ++k) {
+          step[k] = load_vec(&tile.step[t * kLanes + k * W]);
+          drive[k] = step[k] * load_vec(&tile.u[t * kLanes + k * W]);
+          dy[k] = load_vec(&w.dy[t * kLanes + k * W]);
+        }
+        for (int n = 0; n < N; ++n) {
+          const acc_t b = B[t * N + n], c_n = C[t * N + n];
+          V dC_sum{};
+          for (int k = 0; k < kVecs; ++k) {  // (k: the vectors of a work item's channels)
+            const int o = n * kLanes + k * W;
+            const V a = exp_approx(step[k] * load_vec(A + o));
+            const V hn = a * load_vec(h_prev + o) + drive[k] * b;
+            store_vec(decay + o, a);
+            store_vec(h + o, hn);
+            y[k] += hn * c_n;
+            dC_sum += dy[k] * hn;
+          }
+          dC_t.add(n, dC_sum);
+        }
+        dC_t.finish(N);
+        for (int k = 0; k < kVecs; ++k) store_vec(&tile.y[t * kLanes + k * W], y[k]);
+      }
+      if (p.z) {  // out = y · silu(z) with y = C·h + D u
+        for (int t = 0; t < len; ++t)
+          for (int c = 0; c < kLanes; ++c) {
+            const int i = t * kLanes + c;
+            const acc_t zi = tile.z[i], s = sigmoid(zi);
+            w.dz[i] = tile.dout[i] * (tile.y[i] + sb.D[c] * tile.u[i]) * s * (acc_t(1) + zi * (acc_t(1) - s));
+          }
+      }
+
+      // The D u term: dD and the direct part of du.
+      for (int t = 0; t < len; ++t)
+        for (int c = 0; c < kLanes; ++c) {
+          const int i = t * kLanes + c;
+          dD[c] += w.dy[i] * tile.u[i];
+          w.du[i] = w.dy[i] * sb.D[c];
+        }
+
+      // Reverse pass: g = dL/dh_t accumulates C_t dy_t and flows to h_{t-1} through the decay.
+      const acc_t* scale = p.dt_scale ? static_cast<const acc_t*>(p.dt_scale) + int64_t(sb.b) * L + t0 : nullptr;
+      for (int t = len - 1; t >= 0; --t) {
+        const acc_t* h_prev = t > 0 ? &w.H[int64_t(t - 1) * N * kLanes] : w.h_start.data();
+        const acc_t* decay = &w.decay[int64_t(t) * N * kLanes];
+        V step[kVecs], u[kVecs], drive[kVecs], dy[kVecs], du[kVecs], dstep_v[kVecs] = {};
+        StateLaneSums<acc_t> dB_t{{}, &dB[int64_t(t0 + t) * N], accumulate};
+        for (int k = 0; k < kVecs; ++k) {
+          const int i = t * kLanes + k * W;
+          step[k] = load_vec(&tile.step[i]);
+          u[k] = load_vec(&tile.u[i]);
+          drive[k] = step[k] * u[k];
+          dy[k] = load_vec(&w.dy[i]);
+          du[k] = load_vec(&w.du[i]);
+        }
+        for (int n = 0; n < N; ++n) {
+          const acc_t b = B[t * N + n], c_n = C[t * N + n];
+          V dB_sum{};
+          for (int k = 0; k < kVecs; ++k) {
+            const int o = n * kLanes + k * W;
+            const V a = load_vec(decay + o);
+            const V g = load_vec(&w.g[o]) + c_n * dy[k];
+            const V d_arg = g * load_vec(h_prev + o) * a;  // d/d(Δ A)
+            const V gb = g * b;
+            dstep_v[k] += d_arg * load_vec(A + o) + gb * u[k];
+            store_vec(&dA[o], load_vec(&dA[o]) + d_arg * step[k]);
+            du[k] += gb * step[k];
+            dB_sum += g * drive[k];
+            store_vec(&w.g[o], g * a);
+          }
+          dB_t.add(n, dB_sum);
+        }
+        dB_t.finish(N);
+        acc_t dstep[kLanes];
+        for (int k = 0; k < kVecs; ++k) {
+          store_vec(&dstep[k * W], dstep_v[k]);
+          store_vec(&w.du[t * kLanes + k * W], du[k]);
+        }
+        // Δ = softplus(x) · scale: back through the scale and the softplus.
+        const acc_t scale_t = scale ? scale[t] : acc_t(1);
+        acc_t dscale[kLanes];
+        for (int c = 0; c < kLanes; ++c) {
+          const int i = t * kLanes + c;
+          const acc_t x = tile.x[i];
+          const bool soft = p.delta_softplus && x <= acc_t(20);
+          dscale[c] = dstep[c] * (p.delta_softplus ? softplus(x) : x);
+          w.ddelta[i] = dstep[c] * scale_t * (soft ? sigmoid(x) : acc_t(1));
+          dbias[c] += w.ddelta[i];
+        }
+        if (ddt) {
+          V dscale_sum{};
+          for (int k = 0; k < kVecs; ++k) dscale_sum += load_vec(&dscale[k * W]);
+          ddt[t0 + t] = (accumulate ? ddt[t0 + t] : acc_t(0)) + lane_sum<acc_t>(dscale_sum);
+        }
+      }
+      sb.store(static_cast<scalar_t*>(p.du), p.du_batch_stride, p.du_d_stride, w.du.data(), t0, len);
+      sb.store(static_cast<scalar_t*>(p.ddelta), p.ddelta_batch_stride, p.ddelta_d_stride, w.ddelta.data(), t0, len);
+      if (p.z) sb.store(static_cast<scalar_t*>(p.dz), p.dz_batch_stride, p.dz_d_stride, w.dz.data(), t0, len);
+    }
+    // After the first chunk's reverse pass g is dL/dh_{-1}: the initial state's gradient.
+    if (p.dinitial_state) {
+      acc_t* dst = static_cast<acc_t*>(p.dinitial_state) + (int64_t(sb.b) * p.dim + sb.d0) * N;
+      for (int c = 0; c < sb.width; ++c)
+        for (int n = 0; n < N; ++n) dst[int64_t(c) * N + n] = w.g[n * kLanes + c];
+    }
+    for (int c = 0; c < sb.width; ++c) {
+      const int64_t row = int64_t(sb.b) * p.dim + sb.d0 + c;
+      for (int n = 0; n < N; ++n) dA_part[row * N + n] = dA[n * kLanes + c];
+      dD_part[row] = dD[c];
+      dbias_part[row] = dbias[c];
+    }
+  };
   parallel_for_dynamic(
       n_items, [&] { return Scratch{Tiles<acc_t>(len_max), BackwardChunk<acc_t>(len_max, N), std::vector<acc_t>(N * kLanes)}; },
       [&](int64_t item, Scratch& scratch) {
-        Tiles<acc_t>& tile = scratch.tile;
-        BackwardChunk<acc_t>& w = scratch.w;
-        std::vector<acc_t>& dA = scratch.dA;
-        const ScanBlock<scalar_t, acc_t> sb(p, item, blocks);
-        acc_t dD[kLanes] = {}, dbias[kLanes] = {};
-        std::fill(dA.begin(), dA.end(), acc_t(0));
-        std::fill(w.g.begin(), w.g.end(), acc_t(0));
+        const int64_t b = item / (int64_t(p.n_groups) * items_per_group);
+        const int group = int(item / items_per_group % p.n_groups);
+        const int first = int(item % items_per_group) * kBackwardBlocksPerItem;
+        const int end = std::min(first + kBackwardBlocksPerItem, blocks.per_group);
         acc_t* dB = &dB_part[item * L * N];
         acc_t* dC = &dC_part[item * L * N];
         acc_t* ddt = p.dt_scale ? &ddt_part[item * L] : nullptr;
-        const acc_t* A = sb.A.data();
-        for (int chunk = p.n_chunks - 1; chunk >= 0; --chunk) {
-          const int t0 = chunk * kScanCheckpointChunk, len = std::min(kScanCheckpointChunk, L - t0);
-          tile.load(sb, t0, len);
-          sb.template load<scalar_t>(tile.dout.data(), p.dout, p.dout_batch_stride, p.dout_d_stride, t0, len);
-          const acc_t* B = bc.B_at(sb.b, sb.group, t0);
-          const acc_t* C = bc.C_at(sb.b, sb.group, t0);
-
-          // dL/dy, where out = y · silu(z).
-          if (p.z) {
-            for (int i = 0; i < len * kLanes; ++i) w.dy[i] = tile.dout[i] * tile.z[i] * sigmoid(tile.z[i]);
-          } else {
-            std::copy(tile.dout.begin(), tile.dout.begin() + len * kLanes, w.dy.begin());
-          }
-
-          // Recompute the chunk's states from its checkpoint; y (for dz) and dC on the way.
-          sb.restore_state(w.h_start.data(), chunk - 1);
-          for (int t = 0; t < len; ++t) {
-            const acc_t* h_prev = t > 0 ? &w.H[int64_t(t - 1) * N * kLanes] : w.h_start.data();
-            acc_t* h = &w.H[int64_t(t) * N * kLanes];
-            acc_t* decay = &w.decay[int64_t(t) * N * kLanes];
-            V step[kVecs], drive[kVecs], dy[kVecs], y[kVecs] = {};
-            StateLaneSums<acc_t> dC_t{{}, &dC[int64_t(t0 + t) * N]};
-            for (int k = 0; k < kVecs; ++k) {
-              step[k] = load_vec(&tile.step[t * kLanes + k * W]);
-              drive[k] = step[k] * load_vec(&tile.u[t * kLanes + k * W]);
-              dy[k] = load_vec(&w.dy[t * kLanes + k * W]);
-            }
-            for (int n = 0; n < N; ++n) {
-              const acc_t b = B[t * N + n], c_n = C[t * N + n];
-              V dC_sum{};
-              for (int k = 0; k < kVecs; ++k) {  // (k: the vectors of a work item's channels)
-                const int o = n * kLanes + k * W;
-                const V a = exp_approx(step[k] * load_vec(A + o));
-                const V hn = a * load_vec(h_prev + o) + drive[k] * b;
-                store_vec(decay + o, a);
-                store_vec(h + o, hn);
-                y[k] += hn * c_n;
-                dC_sum += dy[k] * hn;
-              }
-              dC_t.add(n, dC_sum);
-            }
-            dC_t.finish(N);
-            for (int k = 0; k < kVecs; ++k) store_vec(&tile.y[t * kLanes + k * W], y[k]);
-          }
-          if (p.z) {  // out = y · silu(z) with y = C·h + D u
-            for (int t = 0; t < len; ++t)
-              for (int c = 0; c < kLanes; ++c) {
-                const int i = t * kLanes + c;
-                const acc_t zi = tile.z[i], s = sigmoid(zi);
-                w.dz[i] = tile.dout[i] * (tile.y[i] + sb.D[c] * tile.u[i]) * s * (acc_t(1) + zi * (acc_t(1) - s));
-              }
-          }
-
-          // The D u term: dD and the direct part of du.
-          for (int t = 0; t < len; ++t)
-            for (int c = 0; c < kLanes; ++c) {
-              const int i = t * kLanes + c;
-              dD[c] += w.dy[i] * tile.u[i];
-              w.du[i] = w.dy[i] * sb.D[c];
-            }
-
-          // Reverse pass: g = dL/dh_t accumulates C_t dy_t and flows to h_{t-1} through the decay.
-          const acc_t* scale = p.dt_scale ? static_cast<const acc_t*>(p.dt_scale) + int64_t(sb.b) * L + t0 : nullptr;
-          for (int t = len - 1; t >= 0; --t) {
-            const acc_t* h_prev = t > 0 ? &w.H[int64_t(t - 1) * N * kLanes] : w.h_start.data();
-            const acc_t* decay = &w.decay[int64_t(t) * N * kLanes];
-            V step[kVecs], u[kVecs], drive[kVecs], dy[kVecs], du[kVecs], dstep_v[kVecs] = {};
-            StateLaneSums<acc_t> dB_t{{}, &dB[int64_t(t0 + t) * N]};
-            for (int k = 0; k < kVecs; ++k) {
-              const int i = t * kLanes + k * W;
-              step[k] = load_vec(&tile.step[i]);
-              u[k] = load_vec(&tile.u[i]);
-              drive[k] = step[k] * u[k];
-              dy[k] = load_vec(&w.dy[i]);
-              du[k] = load_vec(&w.du[i]);
-            }
-            for (int n = 0; n < N; ++n) {
-              const acc_t b = B[t * N + n], c_n = C[t * N + n];
-              V dB_sum{};
-              for (int k = 0; k < kVecs; ++k) {
-                const int o = n * kLanes + k * W;
-                const V a = load_vec(decay + o);
-                const V g = load_vec(&w.g[o]) + c_n * dy[k];
-                const V d_arg = g * load_vec(h_prev + o) * a;  // d/d(Δ A)
-                const V gb = g * b;
-                dstep_v[k] += d_arg * load_vec(A + o) + gb * u[k];
-                store_vec(&dA[o], load_vec(&dA[o]) + d_arg * step[k]);
-                du[k] += gb * step[k];
-                dB_sum += g * drive[k];
-                store_vec(&w.g[o], g * a);
-              }
-              dB_t.add(n, dB_sum);
-            }
-            dB_t.finish(N);
-            acc_t dstep[kLanes];
-            for (int k = 0; k < kVecs; ++k) {
-              store_vec(&dstep[k * W], dstep_v[k]);
-              store_vec(&w.du[t * kLanes + k * W], du[k]);
-            }
-            // Δ = softplus(x) · scale: back through the scale and the softplus.
-            const acc_t scale_t = scale ? scale[t] : acc_t(1);
-            acc_t dscale[kLanes];
-            for (int c = 0; c < kLanes; ++c) {
-              const int i = t * kLanes + c;
-              const acc_t x = tile.x[i];
-              const bool soft = p.delta_softplus && x <= acc_t(20);
-              dscale[c] = dstep[c] * (p.delta_softplus ? softplus(x) : x);
-              w.ddelta[i] = dstep[c] * scale_t * (soft ? sigmoid(x) : acc_t(1));
-              dbias[c] += w.ddelta[i];
-            }
-            if (ddt) {
-              V dscale_sum{};
-              for (int k = 0; k < kVecs; ++k) dscale_sum += load_vec(&dscale[k * W]);
-              ddt[t0 + t] = lane_sum<acc_t>(dscale_sum);
-            }
-          }
-          sb.store(static_cast<scalar_t*>(p.du), p.du_batch_stride, p.du_d_stride, w.du.data(), t0, len);
-          sb.store(static_cast<scalar_t*>(p.ddelta), p.ddelta_batch_stride, p.ddelta_d_stride, w.ddelta.data(), t0, len);
-          if (p.z) sb.store(static_cast<scalar_t*>(p.dz), p.dz_batch_stride, p.dz_d_stride, w.dz.data(), t0, len);
-        }
-        // After the first chunk's reverse pass g is dL/dh_{-1}: the initial state's gradient.
-        if (p.dinitial_state) {
-          acc_t* dst = static_cast<acc_t*>(p.dinitial_state) + (int64_t(sb.b) * p.dim + sb.d0) * N;
-          for (int c = 0; c < sb.width; ++c)
-            for (int n = 0; n < N; ++n) dst[int64_t(c) * N + n] = w.g[n * kLanes + c];
-        }
-        for (int c = 0; c < sb.width; ++c) {
-          const int64_t row = int64_t(sb.b) * p.dim + sb.d0 + c;
-          for (int n = 0; n < N; ++n) dA_part[row * N + n] = dA[n * kLanes + c];
-          dD_part[row] = dD[c];
-          dbias_part[row] = dbias[c];
-        }
+        for (int block = first; block < end; ++block)
+          backward_block(b * n_blocks + group * blocks.per_group + block, block > first, dB, dC, ddt, scratch);
       });
 
   // Fixed-order reductions of the partial sums.
@@ -478,15 +501,15 @@ void scan_bwd(const SelectiveScanBwdParams& p) {
       if (p.dD) static_cast<acc_t*>(p.dD)[d] += dD_part[int64_t(b) * p.dim + d];
       if (p.ddelta_bias) static_cast<acc_t*>(p.ddelta_bias)[d] += dbias_part[int64_t(b) * p.dim + d];
     }
-  // dB, dC: the channel blocks of a (batch, group) summed into its first block's [t][n] buffer,
-  // then transposed into the (N, L) layout.
+  // dB, dC: the items of a (batch, group) summed into its first item's [t][n] buffer, then
+  // transposed into the (N, L) layout.
   parallel_for(int64_t(p.batch) * p.n_groups, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bg = begin; bg < end; ++bg) {
       const int b = int(bg / p.n_groups), grp = int(bg % p.n_groups);
-      const int64_t first = int64_t(b) * n_blocks + int64_t(grp) * blocks.per_group;
+      const int64_t first = bg * items_per_group;
       auto reduce = [&](const std::unique_ptr<acc_t[]>& part, acc_t* dst, int64_t dstate_stride) {
         acc_t* sum = &part[first * L * N];
-        for (int k = 1; k < blocks.per_group; ++k) {
+        for (int k = 1; k < items_per_group; ++k) {
           const acc_t* block = &part[(first + k) * L * N];
           for (int64_t i = 0; i < int64_t(L) * N; ++i) sum[i] += block[i];
         }
@@ -499,9 +522,10 @@ void scan_bwd(const SelectiveScanBwdParams& p) {
   });
   if (p.ddt_scale) {
     acc_t* ddt = static_cast<acc_t*>(p.ddt_scale);
+    const int64_t items_per_batch = int64_t(p.n_groups) * items_per_group;
     for (int b = 0; b < p.batch; ++b)
-      for (int k = 0; k < n_blocks; ++k)
-        for (int t = 0; t < L; ++t) ddt[int64_t(b) * L + t] += ddt_part[(int64_t(b) * n_blocks + k) * L + t];
+      for (int64_t k = 0; k < items_per_batch; ++k)
+        for (int t = 0; t < L; ++t) ddt[int64_t(b) * L + t] += ddt_part[(b * items_per_batch + k) * L + t];
   }
 }
 
