@@ -55,6 +55,7 @@ void step(const CramStepParams& p) {
   const auto* gap = static_cast<const scalar_t*>(p.gap);
   auto* out = static_cast<scalar_t*>(p.out);
   auto weight = [](const void* w) { return static_cast<const scalar_t*>(w); };
+  const scalar_t* const no_bias = nullptr;
   std::vector<int64_t> every_stream(batch);
   for (int64_t b = 0; b < batch; ++b) every_stream[b] = b;
   const int64_t* all = every_stream.data();
@@ -63,12 +64,12 @@ void step(const CramStepParams& p) {
   std::vector<scalar_t> xz(batch * 2 * d_inner), x_dbl(batch * n_dbl), delta(batch * d_inner),
       y(batch * d_inner);
   std::vector<acc_t> dt_scale(batch);
-  linear(weight(p.in_proj), d, static_cast<const scalar_t*>(nullptr), 2 * d_inner, d, x, d, xz.data(),
-         2 * d_inner, all, batch, false);
-  linear(weight(p.x_proj), d_inner, static_cast<const scalar_t*>(nullptr), n_dbl, d_inner, xz.data(),
-         2 * d_inner, x_dbl.data(), n_dbl, all, batch, false);
-  linear(weight(p.dt_proj), R, static_cast<const scalar_t*>(nullptr), d_inner, R, x_dbl.data(), n_dbl,
-         delta.data(), d_inner, all, batch, false);
+  linear(weight(p.in_proj), d, no_bias, 2 * d_inner, d, x, d, xz.data(), 2 * d_inner, all, batch,
+         false);
+  linear(weight(p.x_proj), d_inner, no_bias, n_dbl, d_inner, xz.data(), 2 * d_inner, x_dbl.data(),
+         n_dbl, all, batch, false);
+  linear(weight(p.dt_proj), R, no_bias, d_inner, R, x_dbl.data(), n_dbl, delta.data(), d_inner, all,
+         batch, false);
   for (int64_t b = 0; b < batch; ++b)  // log1p in the element type, as the composed op takes it
     dt_scale[b] = to_float(from_float<scalar_t>(std::log1p(acc_t(to_float(gap[b])))));
   SelectiveStateUpdateParams scan{};
@@ -95,8 +96,8 @@ void step(const CramStepParams& p) {
   scan.dt_scale = dt_scale.data();
   scan.out = y.data();
   selective_state_update_cpu(scan);
-  linear(weight(p.out_proj), d_inner, static_cast<const scalar_t*>(nullptr), d, d_inner, y.data(),
-         d_inner, out, d, all, batch, false);
+  linear(weight(p.out_proj), d_inner, no_bias, d, d_inner, y.data(), d_inner, out, d, all, batch,
+         false);
 
   // The router's decision, from the x-part of its hidden layer and the scan output.
   std::vector<scalar_t> hidden_x(batch * H), w_state(3 * H);
@@ -138,10 +139,8 @@ void step(const CramStepParams& p) {
   // Episodic memory: every stream's key and value join the cache; the routed streams attend.
   const scalar_t* w_qkv = weight(p.qkv);
   std::vector<scalar_t> kv(batch * 2 * kv_dim), q(batch * d);
-  linear(w_qkv + d * d, d, static_cast<const scalar_t*>(nullptr), 2 * kv_dim, d, x, d, kv.data(),
-         2 * kv_dim, all, batch, false);
-  linear(w_qkv, d, static_cast<const scalar_t*>(nullptr), d, d, x, d, q.data(), d,
-         episodic_rows.data(), n_episodic, false);
+  linear(w_qkv + d * d, d, no_bias, 2 * kv_dim, d, x, d, kv.data(), 2 * kv_dim, all, batch, false);
+  linear(w_qkv, d, no_bias, d, d, x, d, q.data(), d, episodic_rows.data(), n_episodic, false);
   RoutedAttentionKVCacheParams attention{};
   attention.dtype = p.dtype;
   attention.batch = batch;
@@ -170,21 +169,21 @@ void step(const CramStepParams& p) {
   attention.key_mask = p.key_mask;
   attention.out = p.attention_out;
   routed_attention_kvcache_cpu(attention);
-  linear(weight(p.attn_out), d, static_cast<const scalar_t*>(nullptr), d, d,
-         static_cast<const scalar_t*>(p.attention_out), d, out, d, episodic_rows.data(), n_episodic, true);
+  linear(weight(p.attn_out), d, no_bias, d, d, static_cast<const scalar_t*>(p.attention_out), d,
+         out, d, episodic_rows.data(), n_episodic, true);
 
   // Semantic memory on the streams routed to it.
   if (p.rank == 0 || n_semantic == 0) return;
   std::vector<scalar_t> h(batch * p.rank);
-  linear(weight(p.semantic_down), d, weight(p.semantic_down_bias), p.rank, d, x, d, h.data(), p.rank,
-         semantic_rows.data(), n_semantic, false);
+  linear(weight(p.semantic_down), d, weight(p.semantic_down_bias), p.rank, d, x, d, h.data(),
+         p.rank, semantic_rows.data(), n_semantic, false);
   for (int64_t k = 0; k < n_semantic; ++k) {
     scalar_t* row = h.data() + semantic_rows[k] * p.rank;
     for (int64_t j = 0; j < p.rank; ++j)
       if (to_float(row[j]) < 0.0f) row[j] = from_float<scalar_t>(0.0f);  // ReLU; NaN stays
   }
-  linear(weight(p.semantic_up), p.rank, weight(p.semantic_up_bias), d, p.rank, h.data(), p.rank, out, d,
-         semantic_rows.data(), n_semantic, true);
+  linear(weight(p.semantic_up), p.rank, weight(p.semantic_up_bias), d, p.rank, h.data(), p.rank,
+         out, d, semantic_rows.data(), n_semantic, true);
 }
 
 }  // namespace
