@@ -1124,17 +1124,16 @@ cram_step_on_cpu(const CramLayerWeights& w, const CramLayerSizes& s, const at::T
   const at::Tensor seqlens = cache_seqlens.contiguous();
   check_cache_room_cpu(seqlens, 1, capacity, op);
   // Held for the call: contiguous() returns the tensor itself when it already is.
+  auto contiguous_or_none = [](const c10::optional<at::Tensor>& t) { return t ? t->contiguous() : at::Tensor(); };
   const at::Tensor x_c = x.contiguous(), gap_c = gap.contiguous();
-  const at::Tensor q_hat_c = q_hat ? q_hat->contiguous() : at::Tensor();
-  const at::Tensor mask_c = key_mask ? key_mask->contiguous() : at::Tensor();
+  const at::Tensor q_hat_c = contiguous_or_none(q_hat), mask_c = contiguous_or_none(key_mask);
   const at::Tensor weights[] = {w.in_proj.contiguous(), w.x_proj.contiguous(), w.dt_proj.contiguous(),
                                 w.A.contiguous(), w.D.contiguous(), w.dt_bias.contiguous(),
                                 w.out_proj.contiguous(), w.router_w1.contiguous(), w.router_b1.contiguous(),
                                 w.router_w2.contiguous(), w.router_b2.contiguous(), w.qkv.contiguous(),
                                 w.attn_out.contiguous()};
-  const at::Tensor adapter[] = {
-      s.semantic ? w.semantic_down->contiguous() : at::Tensor(), s.semantic ? w.semantic_down_bias->contiguous() : at::Tensor(),
-      s.semantic ? w.semantic_up->contiguous() : at::Tensor(), s.semantic ? w.semantic_up_bias->contiguous() : at::Tensor()};
+  const at::Tensor adapter[] = {contiguous_or_none(w.semantic_down), contiguous_or_none(w.semantic_down_bias),
+                                contiguous_or_none(w.semantic_up), contiguous_or_none(w.semantic_up_bias)};
   const auto options = x.options();
   at::Tensor out = at::empty({batch, d}, options), attention_out = at::empty({batch, d}, options);
   at::Tensor path = at::empty({batch}, options.dtype(at::kLong));
@@ -1154,7 +1153,7 @@ cram_step_on_cpu(const CramLayerWeights& w, const CramLayerSizes& s, const at::T
   p.kv_heads = s.kv_heads;
   p.head_dim = s.head_dim;
   p.capacity = capacity;
-  p.rank = s.semantic ? adapter[0].size(0) : 0;
+  p.rank = adapter[0].defined() ? adapter[0].size(0) : 0;
   p.episodic_price = episodic_price;
   p.semantic_reward = semantic_reward;
   p.scale = 1.0 / std::sqrt(static_cast<double>(s.head_dim));
