@@ -584,9 +584,10 @@ def cram_step(x, gap, state, k_cache, v_cache, cache_seqlens, in_proj_weight, x_
     with FlashAttention's cache the caller advances `cache_seqlens` (and its key_mask).
 
     x: (batch, d_model) the token of each stream; gap, q_hat: (batch,); the weights and prices
-    as for `cram_forward`. Returns a `CramStepOutput`. On the CPU attention and the q
-    projection run only for the routed rows; no step synchronises with the host on a CUDA
-    device. Reference: `cram_ext.reference.cram_step_ref`.
+    as for `cram_forward`. Returns a `CramStepOutput`. On the CPU the step is one kernel, in
+    which attention and the q projection run only for the routed rows; on a CUDA device it is
+    the separate ops' kernels, and no step synchronises with the host. Reference:
+    `cram_ext.reference.cram_step_ref`.
     """
     return CramStepOutput(*_ops.cram_step(
         x, gap, state, k_cache, v_cache, cache_seqlens, in_proj_weight, x_proj_weight,
