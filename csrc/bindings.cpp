@@ -968,14 +968,16 @@ at::Tensor rows_of(const at::Tensor& rows, const at::Tensor& count) {
   return rows.narrow(0, 0, *count.const_data_ptr<int64_t>());
 }
 
-// The queries (batch·L, d_model) of the episodic rows (0 elsewhere on the CPU).
+// The queries (batch·L, d_model) for routed attention. On the CPU only the episodic rows are
+// written: the attention kernel gathers exactly the routed rows, so the others are never read
+// (zeroing them would cost a pass over a tensor the size of x).
 at::Tensor episodic_queries(const CramLayerWeights& w, const CramLayerSizes& s, const at::Tensor& x_flat,
                             const Routing& r) {
   const at::Tensor w_q = w.qkv.narrow(0, 0, s.d);
   if (!x_flat.is_cpu()) return at::matmul(x_flat, w_q.t());
   const at::Tensor attended = rows_of(r.episodic_rows, r.episodic_count);
-  at::Tensor q_flat = at::zeros({x_flat.size(0), s.d}, x_flat.options());
-  if (attended.numel() > 0)  // most decoding steps: no row attends
+  at::Tensor q_flat = at::empty({x_flat.size(0), s.d}, x_flat.options());
+  if (attended.numel() > 0)
     q_flat.index_copy_(0, attended, at::matmul(x_flat.index_select(0, attended), w_q.t()));
   return q_flat;
 }
