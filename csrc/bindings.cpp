@@ -69,6 +69,11 @@ at::Tensor last_dim_contiguous(const at::Tensor& t) {
   return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
 }
 
+// An optional input, contiguous (the tensor itself when it already is); undefined when absent.
+at::Tensor contiguous_or_none(const c10::optional<at::Tensor>& t) {
+  return t ? t->contiguous() : at::Tensor();
+}
+
 // Sizes travel to the kernels as int64_t, but the kernels count positions, channels and heads
 // in 32-bit ints.
 void check_fits_int32(int64_t size, const char* op, const char* what) {
@@ -519,6 +524,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_bwd(
 // Streaming: one scan step, routed attention against a key/value cache
 // ---------------------------------------------------------------------------------------------
 
+// A scan state updated in place: on x's device, in the accumulation type, of `shape`, with a
+// unit stride along N.
+void check_scan_state(const at::Tensor& state, const at::Tensor& x, at::IntArrayRef shape, const char* layout,
+                      const char* op) {
+  check_same_device(state, x, op, "state", "x");
+  check_dtype(state, accumulation_type(x.scalar_type()), op, "state",
+              "the scan state's type: float64 for float64 x, float32 otherwise");
+  check_shape(state, shape, op, "state", layout);
+  TORCH_CHECK(state.stride(2) == 1, op, ": state must be contiguous in its last dimension (it is "
+              "updated in place), got strides ", state.strides());
+}
+
 // Mamba's selective_state_update with dt_scale; `state` is updated in place.
 at::Tensor selective_state_update(const at::Tensor& state, const at::Tensor& x, const at::Tensor& dt,
                                   const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
@@ -540,11 +557,7 @@ at::Tensor selective_state_update(const at::Tensor& state, const at::Tensor& x, 
               kScanMaxDState, "], got ", N);
   check_same_device(A, x, op, "A", "x");
   check_dtype(A, acc, op, "A", acc_why);
-  check_same_device(state, x, op, "state", "x");
-  check_dtype(state, acc, op, "state", "the scan state's type: float64 for float64 x, float32 otherwise");
-  check_shape(state, {batch, dim, N}, op, "state", "(batch, dim, N)");
-  TORCH_CHECK(state.stride(2) == 1, op, ": state must be contiguous in its last dimension (it is "
-              "updated in place), got strides ", state.strides());
+  check_scan_state(state, x, {batch, dim, N}, "(batch, dim, N)", op);
   check_shape(dt, x.sizes(), op, "dt", "(batch, dim)");
   TORCH_CHECK(B.dim() == 2 || B.dim() == 3, op,
               ": B must have shape (batch, N) or (batch, groups, N), got ", B.sizes());
@@ -580,9 +593,8 @@ at::Tensor selective_state_update(const at::Tensor& state, const at::Tensor& x, 
     check_shape(*dt_scale, {batch}, op, "dt_scale", "(batch,)");
   }
   const at::Tensor x_c = last_dim_contiguous(x), dt_c = last_dim_contiguous(dt), A_c = A.contiguous();
-  const at::Tensor D_c = D ? D->contiguous() : at::Tensor();
-  const at::Tensor bias_c = dt_bias ? dt_bias->contiguous() : at::Tensor();
-  const at::Tensor scale_c = dt_scale ? dt_scale->contiguous() : at::Tensor();
+  const at::Tensor D_c = contiguous_or_none(D), bias_c = contiguous_or_none(dt_bias),
+                   scale_c = contiguous_or_none(dt_scale);
   at::Tensor out = at::empty({batch, dim}, x.options());
   if (batch == 0 || dim == 0) return out;
 
@@ -912,8 +924,7 @@ Routing route_tokens(const CramLayerWeights& w, const CramLayerSizes& s, const a
   const at::Tensor hidden_x = at::addmm(w.router_b1, x_flat, w.router_w1.narrow(1, 0, d).t());
   const at::Tensor w_state = w.router_w1.narrow(1, d, 3).t().contiguous();   // (3, hidden)
   const at::Tensor gap_c = gap.contiguous(), w2 = w.router_w2.contiguous(), b2 = w.router_b2.contiguous();
-  const at::Tensor q_hat_c = q_hat ? q_hat->contiguous() : at::Tensor();
-  const at::Tensor forced_c = forced_path ? forced_path->contiguous() : at::Tensor();
+  const at::Tensor q_hat_c = contiguous_or_none(q_hat), forced_c = contiguous_or_none(forced_path);
   const auto options = x_flat.options();
   Routing r;
   r.predicted = at::empty({batch, L, s.n_paths}, options);
@@ -1126,7 +1137,6 @@ cram_step_on_cpu(const CramLayerWeights& w, const CramLayerSizes& s, const at::T
   const at::Tensor seqlens = cache_seqlens.contiguous();
   check_cache_room_cpu(seqlens, 1, capacity, op);
   // Held for the call: contiguous() returns the tensor itself when it already is.
-  auto contiguous_or_none = [](const c10::optional<at::Tensor>& t) { return t ? t->contiguous() : at::Tensor(); };
   const at::Tensor x_c = x.contiguous(), gap_c = gap.contiguous();
   const at::Tensor q_hat_c = contiguous_or_none(q_hat), mask_c = contiguous_or_none(key_mask);
   const at::Tensor weights[] = {w.in_proj.contiguous(), w.x_proj.contiguous(), w.dt_proj.contiguous(),
@@ -1220,12 +1230,7 @@ cram_step(const at::Tensor& x, const at::Tensor& gap, const at::Tensor& state,
                            semantic_up_weight, semantic_up_bias};
   const CramLayerSizes s = check_layer_weights(w, x, d, n_heads, op);
   if (q_hat) check_weight(*q_hat, {batch}, x, op, "q_hat", "(batch,)");
-  const auto acc = accumulation_type(x.scalar_type());
-  check_same_device(state, x, op, "state", "x");
-  check_dtype(state, acc, op, "state", "the scan state's type: float64 for float64 x, float32 otherwise");
-  check_shape(state, {batch, s.d_inner, s.N}, op, "state", "(batch, d_inner, N)");
-  TORCH_CHECK(state.stride(2) == 1, op, ": state must be contiguous in its last dimension (it is "
-              "updated in place), got strides ", state.strides());
+  check_scan_state(state, x, {batch, s.d_inner, s.N}, "(batch, d_inner, N)", op);
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) == batch && k_cache.size(1) == s.kv_heads &&
                   k_cache.size(3) == s.head_dim,
               op, ": k_cache must have shape (batch=", batch, ", kv_heads=", s.kv_heads,
