@@ -248,5 +248,7 @@ CRAM_INLINE float softplus(float x) { return x > 20.0f ? x : log1p_approx(exp_ap
 CRAM_INLINE double softplus(double x) { return x > 20.0 ? x : std::log1p(std::exp(x)); }
 CRAM_INLINE float sigmoid(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
 CRAM_INLINE double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+CRAM_INLINE Vec<float> sigmoid(Vec<float> x) { return 1.0f / (1.0f + exp_approx(-x)); }
+CRAM_INLINE Vec<double> sigmoid(Vec<double> x) { return 1.0 / (1.0 + exp_approx(-x)); }
 
 }  // namespace cram

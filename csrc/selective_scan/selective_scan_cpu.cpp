@@ -114,21 +114,24 @@ struct ScanBlock {
       for (int s = t; s < len; ++s) dst[c * d_stride + s] = from_float<scalar_t>(tile[s * kLanes + c]);
   }
 
-  // Turns raw delta into its pre-softplus argument x = delta + bias (in place) and the step
-  // Δ = softplus(x) · dt_scale. Flat loops without branches inside, so they vectorise.
-  void steps(acc_t* x, acc_t* step, int t0, int len) const {
+  // Turns raw delta into its pre-softplus argument x = delta + bias (in place), the step before
+  // dt_scale, unscaled = softplus(x) (or x), and the step Δ = unscaled · dt_scale. Flat loops
+  // without branches inside, so they vectorise.
+  void steps(acc_t* x, acc_t* unscaled, acc_t* step, int t0, int len) const {
     for (int t = 0; t < len; ++t)
       for (int c = 0; c < kLanes; ++c) x[t * kLanes + c] += bias[c];
     const int n = len * kLanes;
     if (p.delta_softplus) {
-      for (int i = 0; i < n; ++i) step[i] = softplus(x[i]);
+      for (int i = 0; i < n; ++i) unscaled[i] = softplus(x[i]);
     } else {
-      std::copy(x, x + n, step);
+      std::copy(x, x + n, unscaled);
     }
     if (p.dt_scale) {
       const acc_t* scale = static_cast<const acc_t*>(p.dt_scale) + int64_t(b) * p.seqlen + t0;
       for (int t = 0; t < len; ++t)
-        for (int c = 0; c < kLanes; ++c) step[t * kLanes + c] *= scale[t];
+        for (int c = 0; c < kLanes; ++c) step[t * kLanes + c] = unscaled[t * kLanes + c] * scale[t];
+    } else {
+      std::copy(unscaled, unscaled + n, step);
     }
   }
 
@@ -209,10 +212,10 @@ struct TimeMajorBC {
 // Per-thread buffers for one chunk of up to `len` steps.
 template <typename acc_t>
 struct Tiles {
-  std::vector<acc_t> u, x, step, z, dout, y;
+  std::vector<acc_t> u, x, unscaled_step, step, z, dout, y;
   explicit Tiles(int len)
-      : u(len * kLanes), x(len * kLanes), step(len * kLanes), z(len * kLanes), dout(len * kLanes),
-        y(len * kLanes) {}
+      : u(len * kLanes), x(len * kLanes), unscaled_step(len * kLanes), step(len * kLanes), z(len * kLanes),
+        dout(len * kLanes), y(len * kLanes) {}
 
   template <typename scalar_t>
   void load(const ScanBlock<scalar_t, acc_t>& sb, int t0, int len) {
@@ -220,7 +223,7 @@ struct Tiles {
     sb.template load<scalar_t>(u.data(), p.u, p.u_batch_stride, p.u_d_stride, t0, len);
     sb.template load<scalar_t>(x.data(), p.delta, p.delta_batch_stride, p.delta_d_stride, t0, len);
     if (p.z) sb.template load<scalar_t>(z.data(), p.z, p.z_batch_stride, p.z_d_stride, t0, len);
-    sb.steps(x.data(), step.data(), t0, len);
+    sb.steps(x.data(), unscaled_step.data(), step.data(), t0, len);
   }
 };
 
@@ -341,7 +344,8 @@ void scan_bwd(const SelectiveScanBwdParams& p) {
     BackwardChunk<acc_t>& w = scratch.w;
     std::vector<acc_t>& dA = scratch.dA;
     const ScanBlock<scalar_t, acc_t> sb(p, block_item, blocks);
-    acc_t dD[kLanes] = {}, dbias[kLanes] = {};
+    acc_t dD[kLanes] = {};
+    V dbias[kVecs] = {};
     std::fill(dA.begin(), dA.end(), acc_t(0));
     std::fill(w.g.begin(), w.g.end(), acc_t(0));
     const acc_t* A = sb.A.data();
@@ -439,27 +443,20 @@ void scan_bwd(const SelectiveScanBwdParams& p) {
           dB_t.add(n, dB_sum);
         }
         dB_t.finish(N);
-        acc_t dstep[kLanes];
-        for (int k = 0; k < kVecs; ++k) {
-          store_vec(&dstep[k * W], dstep_v[k]);
-          store_vec(&w.du[t * kLanes + k * W], du[k]);
-        }
         // Δ = softplus(x) · scale: back through the scale and the softplus.
         const acc_t scale_t = scale ? scale[t] : acc_t(1);
-        acc_t dscale[kLanes];
-        for (int c = 0; c < kLanes; ++c) {
-          const int i = t * kLanes + c;
-          const acc_t x = tile.x[i];
-          const bool soft = p.delta_softplus && x <= acc_t(20);
-          dscale[c] = dstep[c] * (p.delta_softplus ? softplus(x) : x);
-          w.ddelta[i] = dstep[c] * scale_t * (soft ? sigmoid(x) : acc_t(1));
-          dbias[c] += w.ddelta[i];
+        V dscale_sum{};
+        for (int k = 0; k < kVecs; ++k) {
+          const int i = t * kLanes + k * W;
+          const V x = load_vec(&tile.x[i]);
+          dscale_sum += dstep_v[k] * load_vec(&tile.unscaled_step[i]);
+          V dx = dstep_v[k] * scale_t;
+          if (p.delta_softplus) dx = x <= acc_t(20) ? dx * sigmoid(x) : dx;
+          store_vec(&w.ddelta[i], dx);
+          store_vec(&w.du[i], du[k]);
+          dbias[k] += dx;
         }
-        if (ddt) {
-          V dscale_sum{};
-          for (int k = 0; k < kVecs; ++k) dscale_sum += load_vec(&dscale[k * W]);
-          ddt[t0 + t] = (accumulate ? ddt[t0 + t] : acc_t(0)) + lane_sum<acc_t>(dscale_sum);
-        }
+        if (ddt) ddt[t0 + t] = (accumulate ? ddt[t0 + t] : acc_t(0)) + lane_sum<acc_t>(dscale_sum);
       }
       sb.store(static_cast<scalar_t*>(p.du), p.du_batch_stride, p.du_d_stride, w.du.data(), t0, len);
       sb.store(static_cast<scalar_t*>(p.ddelta), p.ddelta_batch_stride, p.ddelta_d_stride, w.ddelta.data(), t0, len);
@@ -475,7 +472,7 @@ void scan_bwd(const SelectiveScanBwdParams& p) {
       const int64_t row = int64_t(sb.b) * p.dim + sb.d0 + c;
       for (int n = 0; n < N; ++n) dA_part[row * N + n] = dA[n * kLanes + c];
       dD_part[row] = dD[c];
-      dbias_part[row] = dbias[c];
+      dbias_part[row] = dbias[c / W][c % W];
     }
   };
   parallel_for_dynamic(
