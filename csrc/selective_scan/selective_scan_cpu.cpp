@@ -299,7 +299,7 @@ struct BackwardChunk {
 };
 
 // Backward, chunk by chunk from the end, as Mamba's: one pass recomputes the chunk's states from
-// its checkpoint (keeping every state and decay, so the reverse pass needs no exp), then the
+// its checkpoint (keeping every state and decay, so the reverse pass computes no decay), then the
 // reverse pass carries g = dL/dh_t back through the chunk. The inner loops work on the kLanes
 // channels of a work item as explicit vectors (the sequential float sums over channels that dB
 // and dC need would keep an auto-vectorised loop scalar); those sums are fixed-order pairwise
