@@ -9,7 +9,8 @@ predictor's, the attention fraction, and per layer with a router the fraction of
 (recurring query, novel query, every other token) that ran attention and that went to semantic
 memory: where consolidation shows (recurring queries leave attention, novel ones keep it).
 `--by-pattern` adds, per recurring pattern and routed layer, how often its queries attended and
-the loss the router predicts for each path: which bindings have been consolidated.
+the loss the router predicts for each path: which bindings have been consolidated; and per layer
+the attending recurring queries binned by the loss they would have off attention.
 """
 from __future__ import annotations
 
@@ -26,6 +27,11 @@ from .train import RunConfig, Trainer
 # Sequences of the test stream: the same bindings as training, a seed offset no training or
 # in-training evaluation stream uses.
 TEST_SEED_OFFSET = 2_000_003
+
+# Edges (nats) of the bins `--by-pattern` sorts attending recurring queries into by their measured
+# loss off attention: below the first, attention was not needed; above the last (the default
+# λ_E), semantic and working memory do not answer them yet.
+OFF_ATTENTION_LOSS_EDGES = (0.5, 1.0)
 
 
 def routing_table(metrics: Dict[str, float]) -> str:
@@ -57,7 +63,10 @@ def pattern_routing(trainer, n_batches: int) -> List[str]:
     """Per recurring pattern, most queried first: its test queries and, per routed layer,
     P(attention), the router's mean predicted loss of each path and the mean loss measured when
     the pattern's queries take that path in that layer (the other tokens and layers as routed),
-    as text lines: which bindings have been consolidated, and whether the router knows."""
+    as text lines: which bindings have been consolidated, and whether the router knows. Before
+    the table, per routed layer, the recurring queries that attend, counted by the loss they
+    measure on the best other path (bins at OFF_ATTENTION_LOSS_EDGES): those a perfect router
+    would move off attention, and those no router could yet."""
     model = trainer.model.eval()
     attended: Dict[int, List[torch.Tensor]] = {}   # pattern → (queries, layers) decisions
     predicted: Dict[int, List[torch.Tensor]] = {}  # pattern → (queries, layers, paths)
@@ -82,7 +91,10 @@ def pattern_routing(trainer, n_batches: int) -> List[str]:
         return ["no recurring query was routed"]
     paths = "/".join(p.name.lower() for p in model.layers[0].router.paths)
     n_layers = len(next(iter(attended.values()))[0])
-    lines = ["pattern  queries  " + "  ".join(
+    lines = off_attention_loss_lines(torch.cat([torch.stack(a) for a in attended.values()]).bool(),
+                                     torch.cat([torch.stack(m) for m in measured.values()]),
+                                     model.layers[0].router.paths)
+    lines += ["pattern  queries  " + "  ".join(
         f"L{l}: P(attention), predicted loss {paths}, measured loss {paths}"
         for l in range(n_layers))]
     for pattern in sorted(attended, key=lambda p: -len(attended[p])):
@@ -93,6 +105,26 @@ def pattern_routing(trainer, n_batches: int) -> List[str]:
                  + ", " + "/".join(f"{v:.2f}" for v in mean_measured[l])
                  for l in range(n_layers)]
         lines.append(f"{pattern:<7}  {len(attended[pattern]):<7}  " + "  ".join(cells))
+    return lines
+
+
+def off_attention_loss_lines(attended: torch.Tensor, measured: torch.Tensor, paths) -> List[str]:
+    """Per layer, the queries that attend (`attended` (queries, layers)) counted by the lowest loss
+    measured on a path other than attention (`measured` (queries, layers, paths))."""
+    others = [i for i, p in enumerate(paths) if p != Path.EPISODIC]
+    best_other = measured[..., others].min(-1).values
+    edges = torch.tensor(OFF_ATTENTION_LOSS_EDGES)
+    bounds = OFF_ATTENTION_LOSS_EDGES
+    labels = ([f"< {bounds[0]:g}"] + [f"{a:g}-{b:g}" for a, b in zip(bounds, bounds[1:])]
+              + [f">= {bounds[-1]:g}"])
+    lines = []
+    for layer in range(attended.shape[1]):
+        rows = attended[:, layer]
+        bins = torch.bucketize(best_other[rows, layer], edges, right=True)
+        lines.append(f"L{layer}: {int(rows.sum())} of {len(rows)} recurring queries attend; "
+                     "lowest loss measured off attention (nats): "
+                     + ", ".join(f"{label} {int(n)}" for label, n
+                                 in zip(labels, bins.bincount(minlength=len(labels)))))
     return lines
 
 

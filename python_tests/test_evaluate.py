@@ -46,6 +46,13 @@ def test_evaluate_reports_routing_by_kind_on_the_test_stream(tmp_path, capsys):
     assert torch.equal(paths[1][~recurring], output.layers[1].routing.choice[~recurring])
     assert torch.equal(paths[0], output.layers[0].routing.choice)
     assert all(len(line.split(",")) == 1 + 2 * 2 for line in table)   # 2 layers: P, 2 triples
+    # before it, per layer: the recurring queries that attend, binned by their loss off attention
+    for layer in (0, 1):
+        line = next(l for l in printed.splitlines() if l.startswith(f"L{layer}: "))
+        attending, of = (int(v) for v in line.split()[1:4:2])
+        assert (attending, of) == counts[layer, "recurring"]
+        bins = [int(cell.split()[-1]) for cell in line.split("(nats): ")[1].split(", ")]
+        assert len(bins) == len(evaluate.OFF_ATTENTION_LOSS_EDGES) + 1 and sum(bins) == attending
     # a stream neither training (data_seed) nor in-training evaluation reads
     assert evaluate.TEST_SEED_OFFSET != train.EVAL_SEED_OFFSET
 
