@@ -74,6 +74,7 @@ class RunConfig:
     task: str = "srcd"            # "srcd" or a transfer task ("copy", "recall")
     init_from: str = ""           # start from this checkpoint's model weights (transfer)
     freeze_routing: bool = False  # keep semantic memory, router and q̂ predictor fixed
+    freeze_encoder: bool = False  # keep the input encoder fixed (layer 0's router reads it)
     threads: int = 1
 
     def model_config(self) -> ModelConfig:
@@ -170,6 +171,8 @@ class Trainer:
                 for part in (layer.semantic, layer.router, layer.q_predictor):
                     if part is not None:
                         part.requires_grad_(False)
+        if config.freeze_encoder:
+            self.model.encoder.requires_grad_(False)
         torch.manual_seed(config.seed * 1009 + 1 + self.rank)   # routing noise, per rank
         self.ddp = (DistributedDataParallel(self.model, find_unused_parameters=True)
                     if self.world_size > 1 else None)

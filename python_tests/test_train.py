@@ -53,6 +53,21 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, model):
     np.testing.assert_array_equal(a["exposure"]["total"], b["exposure"]["total"])
 
 
+def test_transfer_starts_from_a_checkpoint_and_keeps_the_frozen_parts(tmp_path):
+    train.main(["--config", "cram", *TINY, "--out", str(tmp_path / "source")])
+    source = torch.load(tmp_path / "source" / "checkpoint.pt", weights_only=False)["model"]
+    train.main(["--config", "cram", *TINY, "--task", "recurring_recall", "--seed", "1",
+                "--init-from", str(tmp_path / "source" / "checkpoint.pt"),
+                "--freeze-routing", "true", "--freeze-encoder", "true", "--out", str(tmp_path / "to")])
+    moved = torch.load(tmp_path / "to" / "checkpoint.pt", weights_only=False)["model"]
+    frozen = [name for name in moved if name.startswith("encoder.")
+              or any(part in name for part in (".semantic.", ".router.", ".q_predictor."))]
+    assert {name.split(".")[0] for name in frozen} == {"encoder", "layers"}
+    assert all(torch.equal(moved[name], source[name]) for name in frozen)
+    for trained in ("working.in_proj.weight", "episodic.qkv.weight", "ffn.0.weight"):
+        assert not torch.equal(moved[f"layers.0.{trained}"], source[f"layers.0.{trained}"])
+
+
 def test_unknown_names_are_rejected():
     with pytest.raises(ValueError, match="unknown size"):
         run_config("cram", size="huge")
