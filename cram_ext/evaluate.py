@@ -113,14 +113,13 @@ def off_attention_loss_lines(attended: torch.Tensor, measured: torch.Tensor, pat
     measured on a path other than attention (`measured` (queries, layers, paths))."""
     others = [i for i, p in enumerate(paths) if p != Path.EPISODIC]
     best_other = measured[..., others].min(-1).values
-    edges = torch.tensor(OFF_ATTENTION_LOSS_EDGES)
     bounds = OFF_ATTENTION_LOSS_EDGES
     labels = ([f"< {bounds[0]:g}"] + [f"{a:g}-{b:g}" for a, b in zip(bounds, bounds[1:])]
               + [f">= {bounds[-1]:g}"])
     lines = []
     for layer in range(attended.shape[1]):
         rows = attended[:, layer]
-        bins = torch.bucketize(best_other[rows, layer], edges, right=True)
+        bins = torch.bucketize(best_other[rows, layer], torch.tensor(bounds), right=True)
         lines.append(f"L{layer}: {int(rows.sum())} of {len(rows)} recurring queries attend; "
                      "lowest loss measured off attention (nats): "
                      + ", ".join(f"{label} {int(n)}" for label, n
