@@ -114,24 +114,24 @@ struct ScanBlock {
       for (int s = t; s < len; ++s) dst[c * d_stride + s] = from_float<scalar_t>(tile[s * kLanes + c]);
   }
 
-  // Turns raw delta into its pre-softplus argument x = delta + bias (in place), the step before
-  // dt_scale, unscaled = softplus(x) (or x), and the step Δ = unscaled · dt_scale. Flat loops
-  // without branches inside, so they vectorise.
+  // Turns raw delta into its pre-softplus argument x = delta + bias (in place) and the step
+  // Δ = softplus(x) · dt_scale (or x · dt_scale). With dt_scale the step before it is kept in
+  // `unscaled` (the backward's dt_scale gradient reads it). Flat loops without branches inside,
+  // so they vectorise.
   void steps(acc_t* x, acc_t* unscaled, acc_t* step, int t0, int len) const {
     for (int t = 0; t < len; ++t)
       for (int c = 0; c < kLanes; ++c) x[t * kLanes + c] += bias[c];
     const int n = len * kLanes;
+    acc_t* before_scale = p.dt_scale ? unscaled : step;
     if (p.delta_softplus) {
-      for (int i = 0; i < n; ++i) unscaled[i] = softplus(x[i]);
+      for (int i = 0; i < n; ++i) before_scale[i] = softplus(x[i]);
     } else {
-      std::copy(x, x + n, unscaled);
+      std::copy(x, x + n, before_scale);
     }
     if (p.dt_scale) {
       const acc_t* scale = static_cast<const acc_t*>(p.dt_scale) + int64_t(b) * p.seqlen + t0;
       for (int t = 0; t < len; ++t)
         for (int c = 0; c < kLanes; ++c) step[t * kLanes + c] = unscaled[t * kLanes + c] * scale[t];
-    } else {
-      std::copy(unscaled, unscaled + n, step);
     }
   }
 
@@ -445,18 +445,20 @@ void scan_bwd(const SelectiveScanBwdParams& p) {
         dB_t.finish(N);
         // Δ = softplus(x) · scale: back through the scale and the softplus.
         const acc_t scale_t = scale ? scale[t] : acc_t(1);
-        V dscale_sum{};
         for (int k = 0; k < kVecs; ++k) {
           const int i = t * kLanes + k * W;
           const V x = load_vec(&tile.x[i]);
-          dscale_sum += dstep_v[k] * load_vec(&tile.unscaled_step[i]);
           V dx = dstep_v[k] * scale_t;
           if (p.delta_softplus) dx = x <= acc_t(20) ? dx * sigmoid(x) : dx;
           store_vec(&w.ddelta[i], dx);
           store_vec(&w.du[i], du[k]);
           dbias[k] += dx;
         }
-        if (ddt) ddt[t0 + t] = (accumulate ? ddt[t0 + t] : acc_t(0)) + lane_sum<acc_t>(dscale_sum);
+        if (ddt) {
+          V dscale_sum{};
+          for (int k = 0; k < kVecs; ++k) dscale_sum += dstep_v[k] * load_vec(&tile.unscaled_step[t * kLanes + k * W]);
+          ddt[t0 + t] = (accumulate ? ddt[t0 + t] : acc_t(0)) + lane_sum<acc_t>(dscale_sum);
+        }
       }
       sb.store(static_cast<scalar_t*>(p.du), p.du_batch_stride, p.du_d_stride, w.du.data(), t0, len);
       sb.store(static_cast<scalar_t*>(p.ddelta), p.ddelta_batch_stride, p.ddelta_d_stride, w.ddelta.data(), t0, len);
