@@ -56,11 +56,16 @@ def test_selective_scan_forward_backward(benchmark):
     benchmark.extra_info["paired_ratio"] = paired_ratio(forward_backward, forward)
 
 
-def paired_ratio(fn, baseline, pairs=7):
-    """min time of fn / min time of baseline, the two called alternately."""
+def paired_ratio(fn, baseline, pairs=7, warm=False):
+    """min time of fn / min time of baseline, the two called alternately. With `warm`, each timed
+    call follows an untimed call of the same function, so neither is timed on the caches, pages
+    and threads the other one left (a call of a few ms timed right after one of 100 ms runs up
+    to 20% slower on this machine than the same call timed after itself)."""
     times = {fn: [], baseline: []}
     for _ in range(pairs):
         for f in (fn, baseline):
+            if warm:
+                f()
             start = time.perf_counter()
             f()
             times[f].append(time.perf_counter() - start)
