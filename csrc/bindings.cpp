@@ -1076,23 +1076,25 @@ cram_forward_fwd(const at::Tensor& x, const at::Tensor& gap, const at::Tensor& i
   auto as_sequence = [&](const at::Tensor& channels_by_tokens) {
     return channels_by_tokens.view({channels_by_tokens.size(0), batch, L}).permute({1, 0, 2});
   };
-  const at::Tensor xz = at::mm(in_proj_weight, x_flat.t());                  // (2·d_inner, tokens)
-  const at::Tensor u = xz.narrow(0, 0, d_inner);
-  const at::Tensor x_dbl = at::mm(x_proj_weight, u);                         // (R + 2N, tokens)
-  const at::Tensor delta = at::mm(dt_proj_weight, x_dbl.narrow(0, 0, dt_rank));
-  const at::Tensor dt_scale = at::log1p(gap).to(acc).contiguous();
-  ScanInputs scan = check_scan_inputs(
-      as_sequence(u), as_sequence(delta), A, as_sequence(x_dbl.narrow(0, dt_rank, N)),
-      as_sequence(x_dbl.narrow(0, dt_rank + N, N)), D, as_sequence(xz.narrow(0, d_inner, d_inner)),
-      dt_bias, dt_scale);
   const at::Tensor scan_channels = at::empty({d_inner, n_tokens}, x.options());
   const at::Tensor scan_out = as_sequence(scan_channels);                    // (batch, d_inner, L)
   at::Tensor chunk_states = at::zeros({batch, d_inner, scan_checkpoint_count(L), N}, x.options().dtype(acc));
-  if (n_tokens > 0 && d_inner > 0) {
-    SelectiveScanParams p;
-    fill_scan_params(p, scan, /*delta_softplus=*/true, scan_out, chunk_states);
-    launch(x, p, selective_scan_fwd_cpu,
-           [](const auto& params, void* stream) { selective_scan_fwd_cuda(params, stream); });
+  {  // The scan's inputs (the largest tensors of the op) are freed before the next stages allocate.
+    const at::Tensor xz = at::mm(in_proj_weight, x_flat.t());                  // (2·d_inner, tokens)
+    const at::Tensor u = xz.narrow(0, 0, d_inner);
+    const at::Tensor x_dbl = at::mm(x_proj_weight, u);                         // (R + 2N, tokens)
+    const at::Tensor delta = at::mm(dt_proj_weight, x_dbl.narrow(0, 0, dt_rank));
+    const at::Tensor dt_scale = at::log1p(gap).to(acc).contiguous();
+    ScanInputs scan = check_scan_inputs(
+        as_sequence(u), as_sequence(delta), A, as_sequence(x_dbl.narrow(0, dt_rank, N)),
+        as_sequence(x_dbl.narrow(0, dt_rank + N, N)), D, as_sequence(xz.narrow(0, d_inner, d_inner)),
+        dt_bias, dt_scale);
+    if (n_tokens > 0 && d_inner > 0) {
+      SelectiveScanParams p;
+      fill_scan_params(p, scan, /*delta_softplus=*/true, scan_out, chunk_states);
+      launch(x, p, selective_scan_fwd_cpu,
+             [](const auto& params, void* stream) { selective_scan_fwd_cuda(params, stream); });
+    }
   }
 
   // The router reads ‖W_out y_t‖, a reduction over every channel of the scan: the scan output
