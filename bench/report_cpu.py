@@ -30,6 +30,14 @@ def attention_table(rows, stat):
     return lines
 
 
+def sparse_keys_table(rows, stat):
+    lines = [f"| L | routed | rows | kept keys | routed_attention ms ({stat}) |", "| --- | --- | --- | --- | --- |"]
+    for r in sorted(rows, key=lambda r: r["fraction"]):
+        lines.append(f"| {r['L']} | {r['fraction']:.1%} | {r['routed_rows']} | {r['kept_keys']} | "
+                     f"{r[stat] * 1e3:.2f} |")
+    return lines
+
+
 def scan_table(rows, stat):
     copy = next((r for r in rows if r["kernel"] == "copy"), None)
     copy_bw = copy["bytes"] / copy[stat] if copy else None
@@ -62,6 +70,10 @@ def main(path, stat="median"):
           f"torch threads = cores.\n")
     print("## routed_attention vs causal scaled_dot_product_attention (fp32, batch 1, 8 heads, d=64)\n")
     print("\n".join(attention_table([r for r in rows if r["kernel"] in ("sdpa", "routed_attention")], stat)))
+    sparse = [r for r in rows if r["kernel"] == "routed_attention_sparse_keys"]
+    if sparse:
+        print("\n## routed_attention with a key_mask keeping 5% of the keys (fp32, batch 1, 8 heads, d=64)\n")
+        print("\n".join(sparse_keys_table(sparse, stat)))
     print("\n## selective_scan forward, and forward + backward\n")
     print("\n".join(scan_table(rows, stat)))
 

@@ -48,3 +48,15 @@ def test_routed_attention(benchmark, L, fraction):
     routed = lambda: routed_attention(q, k, v, is_causal=True, route=route)
     benchmark.extra_info["paired_speedup"] = paired_ratio(sdpa, routed)
     benchmark.extra_info["paired_speedup_warm"] = paired_ratio(sdpa, routed, warm=True)
+
+
+@pytest.mark.parametrize("fraction", [0.016, 0.1])
+def test_routed_attention_sparse_keys(benchmark, fraction):
+    """L = 4096 with a key_mask that keeps 5% of the keys, as an episodic buffer of written
+    entries does (SRCD writes about 5% of its tokens)."""
+    q, k, v, route, key_mask = attention_inputs(0, batch=1, heads=HEADS, Lq=4096, d=HEAD_DIM,
+                                                fraction=fraction, key_mask=True, key_share=0.05)
+    benchmark.group = "L=4096, 5% of keys"
+    benchmark.extra_info.update(kernel="routed_attention_sparse_keys", L=4096, fraction=fraction,
+                                routed_rows=int(route.sum()), kept_keys=int(key_mask.sum()))
+    benchmark(routed_attention, q, k, v, is_causal=True, route=route, key_mask=key_mask)

@@ -98,8 +98,9 @@ def random_route(g, shape, fraction, device="cpu"):
 
 def attention_inputs(seed, *, batch=2, heads=2, kv_heads=None, Lq=16, Lk=None, d=16,
                      dtype=torch.float32, fraction=0.5, per_head_route=False, key_mask=False,
-                     layout="bhld", device="cpu"):
-    """Random q, k, v (standard normal), route and optional key_mask (80% of keys present).
+                     key_share=0.8, layout="bhld", device="cpu"):
+    """Random q, k, v (standard normal), route and optional key_mask (a share `key_share` of the
+    keys present).
 
     layout: "bhld" dense (batch, heads, L, d); "blhd" a (batch, L, heads, d) buffer seen through
     a transpose, as projections produce it; "unaligned" rows that start 2 bytes past a 16-byte
@@ -118,7 +119,7 @@ def attention_inputs(seed, *, batch=2, heads=2, kv_heads=None, Lq=16, Lk=None, d
 
     q, k, v = tensor(heads, Lq), tensor(kv_heads, Lk), tensor(kv_heads, Lk)
     route = random_route(g, (batch, heads, Lq) if per_head_route else (batch, Lq), fraction, device)
-    mask = torch.rand(batch, Lk, generator=g, device=device) < 0.8 if key_mask else None
+    mask = torch.rand(batch, Lk, generator=g, device=device) < key_share if key_mask else None
     return q, k, v, route, mask
 
 

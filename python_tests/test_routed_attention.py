@@ -74,6 +74,18 @@ def test_dtypes(dtype, is_causal, device, seed):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_sparse_key_mask(dtype, is_causal, device, seed):
+    """A key_mask that keeps a fifth of the keys, as an episodic buffer of written entries does
+    (the CPU kernels then visit only the kept keys, here in two blocks of up to 64 per batch)."""
+    case = attention_inputs(seed, batch=2, heads=4, kv_heads=2, Lq=500, d=16, dtype=dtype,
+                            fraction=0.2, per_head_route=True, key_mask=True, key_share=0.2,
+                            device=device)
+    check_routed_attention(seed, *case, is_causal=is_causal)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("d", [1, 3, 17, 100, 256])
 def test_head_dims(d, device, seed):
     case = attention_inputs(seed, Lq=40, d=d, fraction=0.8, device=device)

@@ -22,6 +22,11 @@
 // registers. A tile left without a partner (and every tile of the backward) runs 1 x 8 steps.
 // The softmax weights use exp_nonpositive, an exp for arguments <= 0 at about half the cost.
 //
+// With a key_mask that keeps at most kSparseKeysShare of the keys (an episodic buffer of written
+// entries keeps a few percent), the forward and the dQ walk visit only the kept keys: they count
+// key *slots*, each block of 64 slots gathered into a buffer, so a causal row costs about the
+// kept keys before it rather than its position. The dK/dV pass walks every key block.
+//
 // The backward recomputes P from the saved lse. dQ runs over tile groups like the forward; dK and
 // dV run over (batch, kv head, key block), each block collecting the contributions of every
 // routed row (of every query head sharing the kv head) that sees it, so no two workers write the
@@ -245,6 +250,10 @@ template <typename acc_t, typename scalar_t> inline acc_t load_acc(scalar_t x) {
   return static_cast<acc_t>(to_float(x));
 }
 
+// The largest share of existing keys at which the forward and dQ visit only those (above it the
+// gather costs more than the masked scores it saves).
+constexpr double kSparseKeysShare = 0.5;
+
 template <typename scalar_t>
 class Problem {
  public:
@@ -253,6 +262,7 @@ class Problem {
 
   explicit Problem(const RoutedAttentionParams& p) : p_(p), group_(p.heads / p.kv_heads) {
     compact_routed_rows();
+    compact_keys();
   }
 
   const RoutedAttentionParams& params() const { return p_; }
@@ -265,9 +275,17 @@ class Problem {
   int batch_of(int bh) const { return bh / p_.heads; }
   int head_of(int bh) const { return bh % p_.heads; }
 
-  // Number of keys [0, end) some row of the tile can see.
+  // With a sparse key_mask the forward and dQ walks visit only the keys that exist: they count
+  // keys in *slots*, slot s of batch b being key key_slots(b)[s]. Otherwise slot = key.
+  const int32_t* key_slots(int b) const { return slot_mode_ ? key_slots_.data() + slot_begin_[b] : nullptr; }
+  // Number of slots [0, end) some row of the tile can see.
   int key_end(const Tile& t) const {
-    return p_.is_causal ? std::min<int>(last_position(t) + 1, p_.seqlen_k) : static_cast<int>(p_.seqlen_k);
+    const int b = batch_of(t.bh);
+    if (!slot_mode_)
+      return p_.is_causal ? std::min<int>(last_position(t) + 1, p_.seqlen_k) : static_cast<int>(p_.seqlen_k);
+    const int32_t* first = key_slots(b);
+    const int32_t* last = key_slots_.data() + slot_begin_[b + 1];
+    return static_cast<int>((p_.is_causal ? std::upper_bound(first, last, last_position(t)) : last) - first);
   }
   // First tile of `bh` with a row that sees key j.
   int first_tile_seeing(int bh, int j) const {
@@ -341,8 +359,29 @@ class Problem {
     }
   }
 
+  // The slot mode: the keys key_mask keeps, per batch, when they are at most kSparseKeysShare
+  // of all keys.
+  void compact_keys() {
+    if (!p_.key_mask || p_.seqlen_k == 0) return;
+    int64_t kept = 0;
+    for (int b = 0; b < p_.batch; ++b)
+      for (int j = 0; j < p_.seqlen_k; ++j) kept += key_mask(b)[j] != 0;
+    if (kept > kSparseKeysShare * p_.batch * p_.seqlen_k) return;
+    slot_mode_ = true;
+    slot_begin_.assign(1, 0);
+    key_slots_.reserve(kept + 1);  // never empty storage: key_slots() points into it
+    for (int b = 0; b < p_.batch; ++b) {
+      for (int j = 0; j < p_.seqlen_k; ++j)
+        if (key_mask(b)[j]) key_slots_.push_back(j);
+      slot_begin_.push_back(static_cast<int>(key_slots_.size()));
+    }
+  }
+
   const RoutedAttentionParams& p_;
   const int group_;
+  bool slot_mode_ = false;
+  std::vector<int32_t> key_slots_;  // kept keys of every batch, in order (slot mode only)
+  std::vector<int> slot_begin_;     // (batch + 1) offsets into key_slots_
   std::vector<int32_t> positions_;  // routed rows of every (batch, head), in order
   std::vector<Tile> tiles_;
   std::vector<int> tile_begin_;     // (batch * heads + 1) offsets into tiles_
@@ -361,6 +400,18 @@ RowsView<acc_t> rows_as_acc(const scalar_t* first, int64_t stride, int n, int d,
   }
 }
 
+// Rows slots[0], ..., slots[n - 1] of a key or value head, gathered into `buffer` in the
+// accumulation type.
+template <typename acc_t, typename scalar_t>
+RowsView<acc_t> gather_rows_as_acc(const scalar_t* head, int64_t stride, const int32_t* slots, int n, int d,
+                                   std::vector<acc_t>& buffer) {
+  for (int j = 0; j < n; ++j) {
+    const scalar_t* row = head + slots[j] * stride;
+    for (int c = 0; c < d; ++c) buffer[j * d + c] = to_float(row[c]);
+  }
+  return {buffer.data(), d};
+}
+
 // Lane positions of a tile as a vector; padding lanes repeat the last row, so they never widen
 // the keys a tile visits.
 template <typename scalar_t, typename acc_t = typename AccType<scalar_t>::type>
@@ -372,19 +423,22 @@ Vec<acc_t> lane_positions(const Problem<scalar_t>& pb, const Tile& t) {
 }
 
 // Sets to -inf the scores of keys [j0, j0 + n) that a lane cannot see: keys after its position
-// (causal) and keys absent from key_mask.
+// (causal) and keys absent from key_mask. With `slots` (the walk's slot mode) j0 and n count
+// slots, whose keys all exist.
 template <typename scalar_t, typename acc_t = typename AccType<scalar_t>::type>
-void mask_scores(const Problem<scalar_t>& pb, const Tile& t, Vec<acc_t> positions, int j0, int n,
-                 Vec<acc_t>* scores) {
-  const uint8_t* key_mask = pb.key_mask(pb.batch_of(t.bh));
-  const int first_cut = pb.params().is_causal ? pb.position(t.first) + 1 : pb.params().seqlen_k;
-  if (!key_mask && j0 + n <= first_cut) return;
+void mask_scores(const Problem<scalar_t>& pb, const Tile& t, Vec<acc_t> positions, const int32_t* slots, int j0,
+                 int n, Vec<acc_t>* scores) {
+  const uint8_t* key_mask = slots ? nullptr : pb.key_mask(pb.batch_of(t.bh));
+  const int first_row = pb.position(t.first);
+  const bool causal = pb.params().is_causal;
+  auto key_of = [&](int j) { return slots ? slots[j0 + j] : j0 + j; };
+  if (!key_mask && (!causal || key_of(n - 1) <= first_row)) return;
   const Vec<acc_t> minus_inf = splat(-std::numeric_limits<acc_t>::infinity());
   for (int j = 0; j < n; ++j) {
-    const int key = j0 + j;
+    const int key = key_of(j);
     if (key_mask && !key_mask[key]) {
       scores[j] = minus_inf;
-    } else if (key >= first_cut) {
+    } else if (causal && key > first_row) {
       scores[j] = positions < splat(static_cast<acc_t>(key)) ? minus_inf : scores[j];
     }
   }
@@ -456,19 +510,22 @@ void for_each_visible_key_block(const Problem<scalar_t>& pb, const TileGroup& g,
   const Tile* tiles = &pb.tiles()[g.first_tile];
   const int d = pb.head_dim(), b = pb.batch_of(tiles[0].bh), kvh = pb.kv_head(tiles[0].bh);
   const int key_end = group_key_end(pb, g);
+  const int32_t* slots = pb.key_slots(b);
   auto keys_seen = [&](int i, int j0, int block) { return std::min(block, pb.key_end(tiles[i]) - j0); };
   for (int j0 = 0; j0 < key_end; j0 += kKeyBlock) {
     const int block = std::min(kKeyBlock, key_end - j0);
-    RowsAhead ahead;
-    if (j0 + kKeyBlock < key_end) {
+    RowsAhead ahead;  // in slot mode the gather is the one pass over the block's rows
+    if (!slots && j0 + kKeyBlock < key_end) {
       ahead = {reinterpret_cast<const char*>(pb.k_row(b, kvh, j0 + kKeyBlock)),
                reinterpret_cast<const char*>(pb.v_row(b, kvh, j0 + kKeyBlock)),
                static_cast<int64_t>(p.k_row_stride * sizeof(scalar_t)),
                static_cast<int64_t>(p.v_row_stride * sizeof(scalar_t)),
                std::min(kKeyBlock, key_end - j0 - kKeyBlock), static_cast<int>(d * sizeof(scalar_t))};
     }
-    const auto keys = rows_as_acc(pb.k_row(b, kvh, j0), p.k_row_stride, block, d, k_buffer);
-    const auto values = rows_as_acc(pb.v_row(b, kvh, j0), p.v_row_stride, block, d, v_buffer);
+    const auto keys = slots ? gather_rows_as_acc(pb.k_row(b, kvh, 0), p.k_row_stride, slots + j0, block, d, k_buffer)
+                            : rows_as_acc(pb.k_row(b, kvh, j0), p.k_row_stride, block, d, k_buffer);
+    const auto values = slots ? gather_rows_as_acc(pb.v_row(b, kvh, 0), p.v_row_stride, slots + j0, block, d, v_buffer)
+                              : rows_as_acc(pb.v_row(b, kvh, j0), p.v_row_stride, block, d, v_buffer);
     int i = 0;
     while (i < g.count && keys_seen(i, j0, block) <= 0) ++i;
     while (i < g.count) {
@@ -563,7 +620,8 @@ void forward_step(const Problem<scalar_t>& pb, const Tile* tiles, ForwardTileSta
   // The tiles' q_t and out_t columns lie one tile after the other (ForwardScratch).
   rows_dot_tiles<kTiles>(keys, n, states[0].q_t, d, scores, kKeyBlock, ahead);
   for (int t = 0; t < kTiles; ++t) {
-    mask_scores(pb, tiles[t], states[t].positions, j0, n, scores + t * kKeyBlock);
+    mask_scores(pb, tiles[t], states[t].positions, pb.key_slots(pb.batch_of(tiles[t].bh)), j0, n,
+                scores + t * kKeyBlock);
     softmax_update(scores + t * kKeyBlock, n, states[t], d);
   }
   accumulate_weighted_rows<kTiles>(values, n, scores, kKeyBlock, d, states[0].out_t);
@@ -694,11 +752,11 @@ struct BackwardScratch {
 // dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O)). dS overwrites dprobs.
 template <typename scalar_t, typename acc_t = typename AccType<scalar_t>::type>
 void probabilities_and_score_grads(const Problem<scalar_t>& pb, const Tile& t, const TileOperands<acc_t>& op,
-                                   RowsView<acc_t> keys, RowsView<acc_t> values, int j0, int n,
-                                   BackwardScratch<acc_t>& s) {
+                                   RowsView<acc_t> keys, RowsView<acc_t> values, const int32_t* slots, int j0,
+                                   int n, BackwardScratch<acc_t>& s) {
   const int d = pb.head_dim();
   rows_dot_tiles<1>(keys, n, op.q_t, d, s.probs.data(), kKeyBlock);
-  mask_scores(pb, t, *op.positions, j0, n, s.probs.data());
+  mask_scores(pb, t, *op.positions, slots, j0, n, s.probs.data());
   for (int j = 0; j < n; ++j) s.probs[j] = exp_approx(s.probs[j] - *op.lse);
   rows_dot_tiles<1>(values, n, op.dout_t, d, s.dprobs.data(), kKeyBlock);
   for (int j = 0; j < n; ++j) s.dprobs[j] = s.probs[j] * (s.dprobs[j] - *op.dout_dot_out);
@@ -717,7 +775,8 @@ void backward_dq_group(const Problem<scalar_t>& pb, const BackwardOperands<scala
                                     const RowsAhead&) {
     // No requests ahead: with them the backward was about 5% slower (L=1024, half the rows
     // routed, keys and values in cache), the extra loads costing more than they hid.
-    probabilities_and_score_grads(pb, tiles[i], ops.tile(g.first_tile + i), keys, values, j0, n, s);
+    probabilities_and_score_grads(pb, tiles[i], ops.tile(g.first_tile + i), keys, values,
+                                  pb.key_slots(pb.batch_of(tiles[i].bh)), j0, n, s);
     accumulate_weighted_rows<1>(keys, n, s.dprobs.data(), kKeyBlock, d, &s.grad_t[i * d]);
   });
   for (int i = 0; i < g.count; ++i) {
@@ -745,7 +804,7 @@ void backward_dkdv_block(const Problem<scalar_t>& pb, const BackwardOperands<sca
     const int bh = b * p.heads + h;
     for (int ti = pb.first_tile_seeing(bh, j0); ti < pb.tile_begin(bh + 1); ++ti) {
       const TileOperands<acc_t> op = ops.tile(ti);
-      probabilities_and_score_grads(pb, pb.tiles()[ti], op, keys, values, j0, n, s);
+      probabilities_and_score_grads(pb, pb.tiles()[ti], op, keys, values, nullptr, j0, n, s);
       accumulate_outer<acc_t>(s.probs.data(), n, op.dout_rows, vecs, s.dv_block.data());
       accumulate_outer<acc_t>(s.dprobs.data(), n, op.q_rows, vecs, s.dk_block.data());
     }

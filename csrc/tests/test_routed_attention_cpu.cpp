@@ -20,7 +20,9 @@ struct Case {
   bool is_causal;
   double route_fraction;  // probability a row is routed
   bool per_head_route;
-  bool use_key_mask;      // batch 0 also masks key 0, so its causal row 0 sees no key
+  double key_share;       // probability a key exists (0: no key_mask; at most kSparseKeysShare,
+                          // the kernels visit only the kept keys); batch 0 also masks key 0, so
+                          // its causal row 0 sees no key
 };
 
 // Inputs in double; q has a padded row stride so the kernel's strides are exercised.
@@ -51,7 +53,7 @@ struct Inputs {
 Inputs make_inputs(const Case& c, unsigned seed) {
   std::mt19937 rng(seed);
   std::normal_distribution<double> normal;
-  std::bernoulli_distribution routed(c.route_fraction), kept(0.8);
+  std::bernoulli_distribution routed(c.route_fraction), kept(c.key_share);
   Inputs in{c, c.head_dim + 3, {}, {}, {}, {}, {}, {}};
   in.q.assign(static_cast<int64_t>(c.batch) * c.heads * c.seqlen_q * in.q_row_stride, 0.0);
   for (int b = 0; b < c.batch; ++b)
@@ -65,7 +67,7 @@ Inputs make_inputs(const Case& c, unsigned seed) {
     in.dout.push_back(normal(rng));
   const int64_t route_size = static_cast<int64_t>(c.batch) * (c.per_head_route ? c.heads : 1) * c.seqlen_q;
   for (int64_t n = 0; n < route_size; ++n) in.route.push_back(routed(rng));
-  if (c.use_key_mask) {
+  if (c.key_share > 0) {
     for (int64_t n = 0; n < static_cast<int64_t>(c.batch) * c.seqlen_k; ++n) in.key_mask.push_back(kept(rng));
     in.key_mask[0] = 0;
   }
@@ -255,18 +257,20 @@ void check_finite_differences(const Case& c, unsigned seed) {
 
 int main() {
   const Case cases[] = {
-      // name, batch, heads, kv_heads, Lq, Lk, d, causal, route fraction, per-head route, key_mask
-      {"causal gqa partial route", 2, 4, 2, 37, 37, 24, true, 0.6, true, false},
-      {"non-causal key_mask", 2, 2, 1, 29, 29, 16, false, 0.7, false, true},
-      {"causal key_mask row without keys", 2, 3, 3, 40, 40, 8, true, 1.0, true, true},
-      {"causal Lq < Lk", 1, 2, 1, 20, 45, 12, true, 0.8, false, false},
-      {"causal Lq > Lk", 1, 2, 2, 50, 13, 20, true, 0.5, true, false},
-      {"non-causal Lq != Lk gqa", 2, 4, 1, 33, 70, 7, false, 0.9, true, false},
-      {"multi-block d64 all routed", 1, 2, 1, 150, 150, 64, true, 1.0, false, false},
-      {"sparse route int64_t", 1, 2, 2, 300, 300, 40, true, 0.05, true, true},
-      {"nothing routed", 1, 2, 1, 17, 17, 8, true, 0.0, false, false},
-      {"odd head_dim 1", 1, 1, 1, 21, 21, 1, true, 1.0, false, false},
-      {"head_dim 256", 1, 1, 1, 19, 19, 256, false, 0.7, false, false},
+      // name, batch, heads, kv_heads, Lq, Lk, d, causal, route fraction, per-head route, key share
+      {"causal gqa partial route", 2, 4, 2, 37, 37, 24, true, 0.6, true, 0.0},
+      {"non-causal key_mask", 2, 2, 1, 29, 29, 16, false, 0.7, false, 0.8},
+      {"causal key_mask row without keys", 2, 3, 3, 40, 40, 8, true, 1.0, true, 0.8},
+      {"causal Lq < Lk", 1, 2, 1, 20, 45, 12, true, 0.8, false, 0.0},
+      {"causal Lq > Lk", 1, 2, 2, 50, 13, 20, true, 0.5, true, 0.0},
+      {"non-causal Lq != Lk gqa", 2, 4, 1, 33, 70, 7, false, 0.9, true, 0.0},
+      {"multi-block d64 all routed", 1, 2, 1, 150, 150, 64, true, 1.0, false, 0.0},
+      {"sparse route int64_t", 1, 2, 2, 300, 300, 40, true, 0.05, true, 0.8},
+      {"causal sparse key_mask, kept keys over two blocks", 2, 4, 2, 500, 500, 16, true, 0.3, true, 0.2},
+      {"non-causal sparse key_mask Lq != Lk", 1, 2, 1, 90, 300, 8, false, 0.5, false, 0.25},
+      {"nothing routed", 1, 2, 1, 17, 17, 8, true, 0.0, false, 0.0},
+      {"odd head_dim 1", 1, 1, 1, 21, 21, 1, true, 1.0, false, 0.0},
+      {"head_dim 256", 1, 1, 1, 19, 19, 256, false, 0.7, false, 0.0},
   };
   unsigned seed = 1234;
   for (const Case& c : cases) {
@@ -274,8 +278,9 @@ int main() {
     check_against_reference<float>(c, seed, 2e-4);
     ++seed;
   }
-  check_finite_differences({"fd causal gqa key_mask", 1, 4, 2, 11, 11, 5, true, 0.7, true, true}, 99);
-  check_finite_differences({"fd non-causal Lq != Lk", 2, 2, 1, 6, 9, 3, false, 0.8, false, false}, 100);
+  check_finite_differences({"fd causal gqa key_mask", 1, 4, 2, 11, 11, 5, true, 0.7, true, 0.8}, 99);
+  check_finite_differences({"fd non-causal Lq != Lk", 2, 2, 1, 6, 9, 3, false, 0.8, false, 0.0}, 100);
+  check_finite_differences({"fd causal sparse key_mask", 1, 2, 1, 24, 24, 4, true, 0.7, false, 0.3}, 101);
   if (failures) {
     std::printf("%d check(s) failed\n", failures);
     return 1;
