@@ -993,6 +993,21 @@ at::Tensor episodic_queries(const CramLayerWeights& w, const CramLayerSizes& s, 
   return q_flat;
 }
 
+// Keys and values (batch·L, 2·kv_dim). On the CPU, with a key_mask sparse enough that routed
+// attention reads only the kept rows (kAttentionSparseKeysShare), only those are computed and the
+// others are left unwritten: an episodic buffer of written entries keeps a few percent of the
+// tokens.
+at::Tensor episodic_keys_values(const CramLayerWeights& w, const CramLayerSizes& s, const at::Tensor& x_flat,
+                                const c10::optional<at::Tensor>& key_mask) {
+  const at::Tensor w_kv = w.qkv.narrow(0, s.d, 2 * s.kv_dim);
+  if (!x_flat.is_cpu() || !key_mask) return at::matmul(x_flat, w_kv.t());
+  const at::Tensor kept = key_mask->flatten().nonzero().squeeze(1);
+  if (kept.numel() > kAttentionSparseKeysShare * key_mask->numel()) return at::matmul(x_flat, w_kv.t());
+  at::Tensor kv = at::empty({x_flat.size(0), 2 * s.kv_dim}, x_flat.options());
+  if (kept.numel() > 0) kv.index_copy_(0, kept, at::matmul(x_flat.index_select(0, kept), w_kv.t()));
+  return kv;
+}
+
 // out_flat += 1[episodic]·W_o attention + 1[semantic]·f_sem(x), each over its path's rows.
 void add_taken_paths(const CramLayerWeights& w, const CramLayerSizes& s, at::Tensor& out_flat,
                      const at::Tensor& x_flat, const at::Tensor& attention_flat, const Routing& r) {
@@ -1105,7 +1120,7 @@ cram_forward_fwd(const at::Tensor& x, const at::Tensor& gap, const at::Tensor& i
   const Routing r = route_tokens(w, s, x_flat, out, gap, q_hat, forced_path, batch, L,
                                  episodic_price, semantic_reward, op);
 
-  const at::Tensor kv = at::matmul(x_flat, qkv_weight.narrow(0, d, 2 * s.kv_dim).t());  // (tokens, 2·kv_dim)
+  const at::Tensor kv = episodic_keys_values(w, s, x_flat, key_mask);  // (tokens, 2·kv_dim)
   const at::Tensor k = kv.narrow(1, 0, s.kv_dim).view({batch, L, s.kv_heads, s.head_dim}).transpose(1, 2);
   const at::Tensor v = kv.narrow(1, s.kv_dim, s.kv_dim).view({batch, L, s.kv_heads, s.head_dim}).transpose(1, 2);
   const at::Tensor q = episodic_queries(w, s, x_flat, r).view({batch, L, n_heads, s.head_dim}).transpose(1, 2);

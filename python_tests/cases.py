@@ -370,11 +370,12 @@ CRAM_FORWARD_WEIGHTS = ("x", None, "in_proj_weight", "x_proj_weight", "dt_proj_w
 
 
 def cram_forward_inputs(seed, *, batch=2, L=12, d=16, n_heads=2, kv_heads=None, d_state=4,
-                        expand=2, semantic=True, key_mask=True, dtype=torch.float32,
+                        expand=2, semantic=True, key_mask=True, key_share=0.8, dtype=torch.float32,
                         device="cpu"):
     """Random inputs of `cram_forward`: (args, kwargs). Weights are scaled like a trained layer's
     (unit-variance activations) and the router's so that every path is taken by some tokens
-    (prices 0.1 and 0.05, q̂ uniform in (0, 1)); 80% of the tokens are keys, the first always."""
+    (prices 0.1 and 0.05, q̂ uniform in (0, 1)); a share `key_share` of the tokens are keys, the
+    first always."""
     g = generator(seed, device)
     acc = accumulation_dtype(dtype)
     kv_heads = kv_heads or n_heads
@@ -399,7 +400,7 @@ def cram_forward_inputs(seed, *, batch=2, L=12, d=16, n_heads=2, kv_heads=None, 
         args += [None] * 4
     mask = None
     if key_mask:
-        mask = torch.rand(batch, L, generator=g, device=device) < 0.8
+        mask = torch.rand(batch, L, generator=g, device=device) < key_share
         mask[:, 0] = True
     kwargs = dict(n_heads=n_heads, episodic_price=0.1, semantic_reward=0.05 if semantic else 0.0,
                   q_hat=uniform(batch, L).to(dtype), key_mask=mask, forced_path=None)

@@ -23,10 +23,13 @@ torch.set_num_threads(1)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("semantic", [True, False])
-@pytest.mark.parametrize("key_mask", [True, False])
-def test_matches_reference(dtype, semantic, key_mask, device, seed):
+@pytest.mark.parametrize("key_share", [0.8, 0.1, None], ids=["most keys", "few keys", "no key_mask"])
+def test_matches_reference(dtype, semantic, key_share, device, seed):
+    """With few keys (an episodic buffer of written entries) the CPU op computes keys and values
+    only on the key rows, and attention visits only those."""
     args, kwargs = cram_forward_inputs(seed, L=40, dtype=dtype, semantic=semantic,
-                                       key_mask=key_mask, device=device)
+                                       key_mask=key_share is not None, key_share=key_share or 0.0,
+                                       device=device)
     got = check_cram_forward(seed, args, kwargs)
     taken = set(got.path.unique().tolist())
     assert taken == ({0, 1, 2} if semantic else {0, 1}), f"paths taken {taken} [seed {seed}]"
@@ -104,13 +107,14 @@ def split_routes(layer, x, gap, key_mask, prices):
         layer.router.predict_loss[-1].bias[Path.EPISODIC] -= (margin[half - 1] + margin[half]) / 2
 
 
+@pytest.mark.parametrize("key_share", [0.8, 0.1])
 @pytest.mark.parametrize("name", ["cram", "ablate_no_semantic", "ablate_no_q_router"])
-def test_same_routing_outputs_records_and_gradients_as_the_composed_layer(name, seed):
+def test_same_routing_outputs_records_and_gradients_as_the_composed_layer(name, key_share, seed):
     layer = scrambled_layer(name, seed)
     assert layer.fused
     x = torch.randn(2, 50, 32)
     gap = 3 * torch.rand(2, 50)
-    key_mask = torch.rand(2, 50) < 0.8
+    key_mask = torch.rand(2, 50) < key_share
     key_mask[:, 0] = True
     prices = RoutingPrices(episodic=0.1, semantic=0.05)
     split_routes(layer, x, gap, key_mask, prices)

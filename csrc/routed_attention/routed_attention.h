@@ -22,6 +22,12 @@ namespace cram {
 // The largest head dimension, checked by the binding layer; the kernels size buffers by it.
 constexpr int kAttentionMaxHeadDim = 256;
 
+// With a key_mask that keeps at most this share of the keys (of batch · seqlen_k), the CPU
+// forward visits only the kept keys: it never reads the other key and value rows, so a CPU
+// caller may leave them unwritten. (Above it, gathering the kept rows would cost more than the
+// masked scores it saves.)
+constexpr double kAttentionSparseKeysShare = 0.5;
+
 struct RoutedAttentionParams {
   DType dtype;  // q, k, v, out (and dout, dq, dk, dv)
   int64_t batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim;

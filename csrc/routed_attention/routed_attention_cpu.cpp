@@ -22,10 +22,10 @@
 // registers. A tile left without a partner (and every tile of the backward) runs 1 x 8 steps.
 // The softmax weights use exp_nonpositive, an exp for arguments <= 0 at about half the cost.
 //
-// With a key_mask that keeps at most kSparseKeysShare of the keys (an episodic buffer of written
-// entries keeps a few percent), the forward and the dQ walk visit only the kept keys: they count
-// key *slots*, each block of 64 slots gathered into a buffer, so a causal row costs about the
-// kept keys before it rather than its position. The dK/dV pass walks every key block.
+// With a key_mask that keeps at most kAttentionSparseKeysShare of the keys (an episodic buffer
+// of written entries keeps a few percent), the forward and the dQ walk visit only the kept keys:
+// they count key *slots*, each block of 64 slots gathered into a buffer, so a causal row costs
+// about the kept keys before it rather than its position. The dK/dV pass walks every key block.
 //
 // The backward recomputes P from the saved lse. dQ runs over tile groups like the forward; dK and
 // dV run over (batch, kv head, key block), each block collecting the contributions of every
@@ -250,10 +250,6 @@ template <typename acc_t, typename scalar_t> inline acc_t load_acc(scalar_t x) {
   return static_cast<acc_t>(to_float(x));
 }
 
-// The largest share of existing keys at which the forward and dQ visit only those (above it the
-// gather costs more than the masked scores it saves).
-constexpr double kSparseKeysShare = 0.5;
-
 template <typename scalar_t>
 class Problem {
  public:
@@ -359,14 +355,14 @@ class Problem {
     }
   }
 
-  // The slot mode: the keys key_mask keeps, per batch, when they are at most kSparseKeysShare
-  // of all keys.
+  // The slot mode: the keys key_mask keeps, per batch, when they are at most
+  // kAttentionSparseKeysShare of all keys.
   void compact_keys() {
     if (!p_.key_mask || p_.seqlen_k == 0) return;
     int64_t kept = 0;
     for (int b = 0; b < p_.batch; ++b)
       for (int j = 0; j < p_.seqlen_k; ++j) kept += key_mask(b)[j] != 0;
-    if (kept > kSparseKeysShare * p_.batch * p_.seqlen_k) return;
+    if (kept > kAttentionSparseKeysShare * p_.batch * p_.seqlen_k) return;
     slot_mode_ = true;
     slot_begin_.assign(1, 0);
     key_slots_.reserve(kept + 1);  // never empty storage: key_slots() points into it

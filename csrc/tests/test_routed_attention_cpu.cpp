@@ -20,9 +20,9 @@ struct Case {
   bool is_causal;
   double route_fraction;  // probability a row is routed
   bool per_head_route;
-  double key_share;       // probability a key exists (0: no key_mask; at most kSparseKeysShare,
-                          // the kernels visit only the kept keys); batch 0 also masks key 0, so
-                          // its causal row 0 sees no key
+  double key_share;       // probability a key exists, 0: no key_mask (at most
+                          // kAttentionSparseKeysShare: the kernels visit only the kept keys);
+                          // batch 0 also masks key 0, so its causal row 0 sees no key
 };
 
 // Inputs in double; q has a padded row stride so the kernel's strides are exercised.
