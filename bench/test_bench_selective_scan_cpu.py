@@ -58,9 +58,9 @@ def test_selective_scan_forward_backward(benchmark):
 
 def paired_ratio(fn, baseline, pairs=7, warm=False):
     """min time of fn / min time of baseline, the two called alternately. With `warm`, each timed
-    call follows an untimed call of the same function, so neither is timed on the caches, pages
-    and threads the other one left (a call of a few ms timed right after one of 100 ms runs up
-    to 20% slower on this machine than the same call timed after itself)."""
+    call follows an untimed call of the same function, so neither is timed right after the other
+    (a call of a few ms timed right after one of 100 ms can run 20% slower than timed after
+    itself: bench/cold_start_cpu.py)."""
     times = {fn: [], baseline: []}
     for _ in range(pairs):
         for f in (fn, baseline):
