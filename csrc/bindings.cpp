@@ -1002,7 +1002,7 @@ at::Tensor episodic_keys_values(const CramLayerWeights& w, const CramLayerSizes&
   const at::Tensor w_kv = w.qkv.narrow(0, s.d, 2 * s.kv_dim);
   if (!x_flat.is_cpu() || !key_mask) return at::matmul(x_flat, w_kv.t());
   const at::Tensor kept = key_mask->flatten().nonzero().squeeze(1);
-  if (kept.numel() > kAttentionSparseKeysShare * key_mask->numel()) return at::matmul(x_flat, w_kv.t());
+  if (!attention_reads_only_kept_keys(kept.numel(), key_mask->numel())) return at::matmul(x_flat, w_kv.t());
   at::Tensor kv = at::empty({x_flat.size(0), 2 * s.kv_dim}, x_flat.options());
   if (kept.numel() > 0) kv.index_copy_(0, kept, at::matmul(x_flat.index_select(0, kept), w_kv.t()));
   return kv;

@@ -27,6 +27,9 @@ constexpr int kAttentionMaxHeadDim = 256;
 // caller may leave them unwritten. (Above it, gathering the kept rows would cost more than the
 // masked scores it saves.)
 constexpr double kAttentionSparseKeysShare = 0.5;
+inline bool attention_reads_only_kept_keys(int64_t kept, int64_t keys) {
+  return kept <= kAttentionSparseKeysShare * keys;
+}
 
 struct RoutedAttentionParams {
   DType dtype;  // q, k, v, out (and dout, dq, dk, dv)

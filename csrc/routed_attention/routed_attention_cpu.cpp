@@ -276,9 +276,9 @@ class Problem {
   const int32_t* key_slots(int b) const { return slot_mode_ ? key_slots_.data() + slot_begin_[b] : nullptr; }
   // Number of slots [0, end) some row of the tile can see.
   int key_end(const Tile& t) const {
-    const int b = batch_of(t.bh);
     if (!slot_mode_)
       return p_.is_causal ? std::min<int>(last_position(t) + 1, p_.seqlen_k) : static_cast<int>(p_.seqlen_k);
+    const int b = batch_of(t.bh);
     const int32_t* first = key_slots(b);
     const int32_t* last = key_slots_.data() + slot_begin_[b + 1];
     return static_cast<int>((p_.is_causal ? std::upper_bound(first, last, last_position(t)) : last) - first);
@@ -362,7 +362,7 @@ class Problem {
     int64_t kept = 0;
     for (int b = 0; b < p_.batch; ++b)
       for (int j = 0; j < p_.seqlen_k; ++j) kept += key_mask(b)[j] != 0;
-    if (kept > kAttentionSparseKeysShare * p_.batch * p_.seqlen_k) return;
+    if (!attention_reads_only_kept_keys(kept, p_.batch * p_.seqlen_k)) return;
     slot_mode_ = true;
     slot_begin_.assign(1, 0);
     key_slots_.reserve(kept + 1);  // never empty storage: key_slots() points into it
