@@ -48,8 +48,14 @@ CPU_MODEL: Dict[str, Any] = dict(
     # router judges it: after a 100-step warm-up, 2 of 5 seeds still answered only 60-69% of
     # novel queries at step 400.
     episodic_cost_start=200, episodic_cost_ramp=100,
-    semantic_rank=16,          # None or 0: d_model // 16, the paper's rank
-    semantic_lr_mult=1.0)
+    # What takes recurring queries off attention by step 400 (docs/RESULTS.md, "Consolidation
+    # by step 400"): a semantic memory wide enough to learn the rare patterns' bindings in time
+    # (rank 128 at the base lr; the paper's is d_model // 16 = 4 at 0.1×), a router wide enough
+    # to learn per key what semantic memory answers (512 hidden units), attention priced at 2
+    # nats (at 1, the router's estimates for rare keys, slow to fall, kept them attending), and
+    # the attention projections at 3× the base lr, so that novel queries are answered by then.
+    semantic_rank=128, semantic_lr_mult=1.0, router_width=512, lambda_episodic=2.0,
+    episodic_lr_mult=3.0)
 
 
 @dataclass(frozen=True)
@@ -105,16 +111,16 @@ SIZES: Dict[str, dict] = {
                  warmup_steps=2, eval_every=3, eval_batches=1, checkpoint_every=3,
                  explore_steps=6, episodic_cost_start=2,
                  episodic_cost_ramp=2),
-    # The CPU experiments (the RunConfig defaults): N=128, d=64, 2 layers, 400 steps. Two
-    # departures from the paper make consolidation fit in 400 steps: semantic rank 16 (d/16
-    # would be 4, too few to hold 100 patterns) and the semantic memory at the base lr.
+    # The CPU experiments (the RunConfig defaults): N=128, d=64, 2 layers, 400 steps, with the
+    # settings of CPU_MODEL that make consolidation fit in 400 steps.
     "cpu": dict(),
     # The paper's setting (GPU): d=512, 8 layers, N=2048, batch 32, 10K steps, lr 3e-4,
     # semantic rank d/16 = 32 at 0.1× lr.
     "paper": dict(n_layers=8, d_model=512, n_heads=8, seq_len=2048, batch_size=32, steps=10_000,
                   lr=3e-4, warmup_steps=500, explore_steps=5000,
                   episodic_cost_start=1000, episodic_cost_ramp=1000, semantic_rank=None,
-                  semantic_lr_mult=0.1, eval_every=250, eval_batches=8,
+                  semantic_lr_mult=0.1, router_width=None, lambda_episodic=1.0,
+                  episodic_lr_mult=1.0, eval_every=250, eval_batches=8,
                   checkpoint_every=500),
 }
 

@@ -276,9 +276,11 @@ def test_counterfactual_probes_regress_another_path_of_attended_tokens(name, bat
     state = torch.random.get_rng_state()
     losses = model.losses(batch, output)
     # by hand, with the same draws: every token that attended takes one of its layer's other
-    # paths, uniformly; the other tokens repeat their choices
+    # paths, uniformly, in one of the layers where it attended; the other tokens repeat their
+    # choices
     torch.random.set_rng_state(state)
-    layer_drawn = torch.randint(2, output.next_value.shape)   # both layers are routed
+    attended = torch.stack([r.routing.choice == Path.EPISODIC for r in output.layers])
+    layer_drawn = torch.rand(attended.shape).masked_fill(~attended, -1.0).argmax(0)
     swapped, paths = [], []
     for k, (layer, record) in enumerate(zip(model.layers, output.layers)):
         others = torch.tensor([p for p in layer.router.paths if p != Path.EPISODIC])
@@ -286,7 +288,8 @@ def test_counterfactual_probes_regress_another_path_of_attended_tokens(name, bat
         swapped.append((record.routing.choice == Path.EPISODIC) & (layer_drawn == k))
         paths.append(torch.where(swapped[-1], drawn, record.routing.choice))
     assert all(s.any() and (~s).any() for s in swapped)
-    assert not (swapped[0] & swapped[1]).any()            # one layer per token
+    assert not (swapped[0] & swapped[1]).any()            # one layer per token ...
+    assert torch.equal(swapped[0] | swapped[1], attended.any(0))   # ... where it attended
     assert all((p[s] != Path.EPISODIC).all() for p, s in zip(paths, swapped))
     if name == "cram":   # both other paths get measured
         assert set(torch.cat([p[s] for p, s in zip(paths, swapped)]).tolist()) == {
@@ -345,7 +348,7 @@ def test_ctode_memory_follows_the_euler_steps_and_carries_state():
 
 def test_schedules_and_parameter_groups():
     config = tiny("cram", explore_steps=10, episodic_cost_start=100, episodic_cost_ramp=100,
-                  lambda_episodic=0.1)
+                  lambda_episodic=0.1, router_width=48, episodic_lr_mult=3.0)
     assert config.explore_rate(0) == pytest.approx(0.1)
     assert config.explore_rate(5) == pytest.approx(0.06)
     assert config.explore_rate(500) == pytest.approx(0.02)
@@ -357,7 +360,11 @@ def test_schedules_and_parameter_groups():
               for g in model.param_groups(lr=1e-3, weight_decay=0.01)}
     semantic = frozenset(id(p) for layer in model.layers for p in layer.semantic.parameters())
     router = frozenset(id(p) for layer in model.layers for p in layer.router.parameters())
+    episodic = frozenset(id(p) for layer in model.layers for p in layer.episodic.parameters())
     assert groups[semantic]["lr"] == pytest.approx(1e-4)
+    assert groups[episodic]["lr"] == pytest.approx(3e-3) and groups[episodic]["weight_decay"] == 0.01
+    assert model.layers[0].router.predict_loss[0].out_features == 48
+    assert CRAMModel(tiny("cram")).layers[0].router.predict_loss[0].out_features == 32  # d_model
     assert groups[router]["lr"] == pytest.approx(1e-2) and groups[router]["weight_decay"] == 0
     assert sum(len(g) for g in groups) == len(list(model.parameters()))
     assert tiny("ablate_semantic_lr10").semantic_lr_mult == pytest.approx(1.0)
@@ -370,6 +377,8 @@ def test_schedules_and_parameter_groups():
 def test_bad_configurations_raise_clear_errors():
     with pytest.raises(ValueError, match="unknown model"):
         model_config("gpt")
+    with pytest.raises(ValueError, match="router_width must be positive"):
+        tiny("cram", router_width=0)
     with pytest.raises(ValueError, match="divisible"):
         ModelConfig(d_model=30, n_heads=4)
     with pytest.raises(ValueError, match="semantic path needs routed attention"):

@@ -74,7 +74,8 @@ class CRAMLayer(nn.Module):
         self.semantic = SemanticAdapter(d, config.rank) if spec.semantic else None
         self.q_predictor = QualityPredictor(d) if spec.semantic else None
         self.router = (Router(d, spec.paths, spec.router_reads_state, spec.router_reads_q,
-                              config.router_episodic_bias) if spec.has_router else None)
+                              config.router_episodic_bias, config.router_width or d)
+                       if spec.has_router else None)
         self.q_sigma = config.q_sigma
         self.norm_mix = nn.LayerNorm(d)
         self.ffn = nn.Sequential(nn.Linear(d, config.ffn_mult * d), nn.GELU(),
@@ -365,10 +366,10 @@ class CRAMModel(nn.Module):
     def counterfactual_routing_loss(self, batch: Dict[str, torch.Tensor],
                                     output: ModelOutput) -> torch.Tensor:
         """`router.routing_loss` of the counterfactual probes, summed over the routed layers: a
-        second forward, without gradient, in which every token that attended in one routed layer
-        (drawn per token) takes another of that layer's paths instead (drawn uniformly) and keeps
-        its other choices. Without it a router learns what the other paths give a query only
-        where it took them (its exploration, a few percent): it keeps recurring queries on
+        second forward, without gradient, in which every token that attended takes another path
+        (drawn uniformly among the layer's others) in one of the layers where it attended (drawn
+        uniformly among them) and keeps its other choices. Without it a router learns what the
+        other paths give a query only where it took them (its exploration, a few percent): it keeps recurring queries on
         attention long after semantic memory answers them, and once they leave, it carries the
         low loss they have off attention over to every query, novel ones included. One layer per
         token, so that a query for which one layer's retrieval suffices does not teach every
@@ -378,7 +379,12 @@ class CRAMModel(nn.Module):
         if not routed:
             return total
         shape = output.next_value.shape
-        layer_drawn = torch.randint(len(routed), shape, device=output.next_value.device)
+        # A uniform draw among all routed layers would waste the probes of a token that attends
+        # in one layer (most queries, once layer 1 leaves attention) on a layer it skipped.
+        attended = torch.stack([output.layers[index].routing.choice == Path.EPISODIC
+                                for index in routed])
+        layer_drawn = torch.rand(attended.shape, device=attended.device).masked_fill(
+            ~attended, -1.0).argmax(0)
         paths, swaps = [None] * len(output.layers), {}
         for k, index in enumerate(routed):
             choice = output.layers[index].routing.choice
@@ -412,15 +418,17 @@ class CRAMModel(nn.Module):
 
     def param_groups(self, lr: float, weight_decay: float) -> List[dict]:
         """AdamW groups: the semantic adapters at `semantic_lr_mult`·lr (the paper's
-        consolidation lr), the routers at `router_lr_mult`·lr without weight decay, everything
-        else at lr; no weight decay on norms, biases, embeddings and the scan's A_log, D, Δ
+        consolidation lr), the attention projections at `episodic_lr_mult`·lr, the routers at
+        `router_lr_mult`·lr without weight decay, everything else at lr; no weight decay on norms, biases, embeddings and the scan's A_log, D, Δ
         bias."""
-        semantic, decay, no_decay, router = [], [], [], []
+        semantic, episodic, decay, no_decay, router = [], [], [], [], []
         for name, param in self.named_parameters():
             if not param.requires_grad:
                 continue
             if ".semantic." in name:
                 semantic.append(param)
+            elif ".episodic." in name:
+                episodic.append(param)
             elif ".router." in name:
                 router.append(param)
             elif param.dim() < 2 or "embedding" in name or name.endswith(("A_log", "dt_bias")):
@@ -431,6 +439,9 @@ class CRAMModel(nn.Module):
                   {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
         if semantic:
             groups.append({"params": semantic, "lr": lr * self.config.semantic_lr_mult,
+                           "weight_decay": weight_decay})
+        if episodic:
+            groups.append({"params": episodic, "lr": lr * self.config.episodic_lr_mult,
                            "weight_decay": weight_decay})
         if router:   # a regression on the other losses, which move as the network learns
             groups.append({"params": router, "lr": lr * self.config.router_lr_mult,

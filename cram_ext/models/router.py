@@ -70,18 +70,21 @@ class Router(nn.Module):
     representation. The predictor has one hidden layer: what attention is worth depends on
     the token's type *and* its key (a query on a novel key needs it, a write of that key or a
     query on a recurring key does not), which no linear function of the summed embeddings
-    fits. `episodic_bias` is the initial predicted-loss advantage of attention, so every token
+    fits. Its `width` (hidden units, default d_model) bounds how fast it learns a label per key:
+    a recurring key is worth moving off attention once semantic memory answers it, a novel key
+    never. `episodic_bias` is the initial predicted-loss advantage of attention, so every token
     starts on it.
     """
 
     def __init__(self, d_model: int, paths: Sequence[Path], reads_state: bool, reads_q: bool,
-                 episodic_bias: float):
+                 episodic_bias: float, width: Optional[int] = None):
         super().__init__()
         self.paths = tuple(paths)
         self.reads_state, self.reads_q = reads_state, reads_q
         n_features = d_model + (3 if reads_state else 0)
-        self.predict_loss = nn.Sequential(nn.Linear(n_features, d_model), nn.ReLU(),
-                                          nn.Linear(d_model, len(self.paths)))
+        width = width or d_model
+        self.predict_loss = nn.Sequential(nn.Linear(n_features, width), nn.ReLU(),
+                                          nn.Linear(width, len(self.paths)))
         with torch.no_grad():
             self.predict_loss[-1].weight.zero_()
             self.predict_loss[-1].bias.fill_(episodic_bias)
