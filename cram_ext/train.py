@@ -115,7 +115,7 @@ SIZES: Dict[str, dict] = {
     # settings of CPU_MODEL that make consolidation fit in 400 steps.
     "cpu": dict(),
     # The paper's setting (GPU): d=512, 8 layers, N=2048, batch 32, 10K steps, lr 3e-4,
-    # semantic rank d/16 = 32 at 0.1× lr.
+    # semantic rank d/16 = 32 at 0.1× lr; a router of d_model units, λ_E 1, attention at lr.
     "paper": dict(n_layers=8, d_model=512, n_heads=8, seq_len=2048, batch_size=32, steps=10_000,
                   lr=3e-4, warmup_steps=500, explore_steps=5000,
                   episodic_cost_start=1000, episodic_cost_ramp=1000, semantic_rank=None,

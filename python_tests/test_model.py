@@ -362,7 +362,8 @@ def test_schedules_and_parameter_groups():
     router = frozenset(id(p) for layer in model.layers for p in layer.router.parameters())
     episodic = frozenset(id(p) for layer in model.layers for p in layer.episodic.parameters())
     assert groups[semantic]["lr"] == pytest.approx(1e-4)
-    assert groups[episodic]["lr"] == pytest.approx(3e-3) and groups[episodic]["weight_decay"] == 0.01
+    assert groups[episodic]["lr"] == pytest.approx(3e-3)
+    assert groups[episodic]["weight_decay"] == 0.01
     assert model.layers[0].router.predict_loss[0].out_features == 48
     assert CRAMModel(tiny("cram")).layers[0].router.predict_loss[0].out_features == 32  # d_model
     assert groups[router]["lr"] == pytest.approx(1e-2) and groups[router]["weight_decay"] == 0

@@ -131,7 +131,8 @@ class ModelConfig:
         if self.memory_size < 1:
             raise ValueError("memory_size must be positive")
         if self.router_width is not None and self.router_width < 1:
-            raise ValueError(f"router_width must be positive (or None: d_model), got {self.router_width}")
+            raise ValueError("router_width must be positive (or None: d_model), got "
+                             f"{self.router_width}")
 
     @property
     def rank(self) -> int:

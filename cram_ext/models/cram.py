@@ -74,7 +74,7 @@ class CRAMLayer(nn.Module):
         self.semantic = SemanticAdapter(d, config.rank) if spec.semantic else None
         self.q_predictor = QualityPredictor(d) if spec.semantic else None
         self.router = (Router(d, spec.paths, spec.router_reads_state, spec.router_reads_q,
-                              config.router_episodic_bias, config.router_width or d)
+                              config.router_episodic_bias, config.router_width)
                        if spec.has_router else None)
         self.q_sigma = config.q_sigma
         self.norm_mix = nn.LayerNorm(d)
@@ -369,11 +369,11 @@ class CRAMModel(nn.Module):
         second forward, without gradient, in which every token that attended takes another path
         (drawn uniformly among the layer's others) in one of the layers where it attended (drawn
         uniformly among them) and keeps its other choices. Without it a router learns what the
-        other paths give a query only where it took them (its exploration, a few percent): it keeps recurring queries on
-        attention long after semantic memory answers them, and once they leave, it carries the
-        low loss they have off attention over to every query, novel ones included. One layer per
-        token, so that a query for which one layer's retrieval suffices does not teach every
-        layer that it needs attention."""
+        other paths give a query only where it took them (its exploration, a few percent): it
+        keeps recurring queries on attention long after semantic memory answers them, and once
+        they leave, it carries the low loss they have off attention over to every query, novel
+        ones included. One layer per token, so that a query for which one layer's retrieval
+        suffices does not teach every layer that it needs attention."""
         total = output.next_value.new_zeros(())
         routed = [index for index, record in enumerate(output.layers) if record.routing is not None]
         if not routed:
@@ -419,8 +419,8 @@ class CRAMModel(nn.Module):
     def param_groups(self, lr: float, weight_decay: float) -> List[dict]:
         """AdamW groups: the semantic adapters at `semantic_lr_mult`·lr (the paper's
         consolidation lr), the attention projections at `episodic_lr_mult`·lr, the routers at
-        `router_lr_mult`·lr without weight decay, everything else at lr; no weight decay on norms, biases, embeddings and the scan's A_log, D, Δ
-        bias."""
+        `router_lr_mult`·lr without weight decay, everything else at lr; no weight decay on
+        norms, biases, embeddings and the scan's A_log, D, Δ bias."""
         semantic, episodic, decay, no_decay, router = [], [], [], [], []
         for name, param in self.named_parameters():
             if not param.requires_grad:
