@@ -1,4 +1,5 @@
 """The evaluation command: a checkpoint on the test stream, routing by token kind per layer."""
+import numpy as np
 import torch
 
 from cram_ext import evaluate, train
@@ -58,11 +59,13 @@ def test_evaluate_reports_routing_by_kind_on_the_test_stream(tmp_path, capsys):
 
 
 def test_evaluate_fused_and_composed_layers_agree(tmp_path, capsys):
-    train.main(["--config", "cram", "--size", "tiny", "--steps", "4", "--out", str(tmp_path)])
+    # a narrow router and a low price, so that after 4 steps many tokens still attend
+    train.main(["--config", "cram", "--size", "tiny", "--steps", "4", "--router-width", "32",
+                "--lambda-episodic", "1", "--out", str(tmp_path)])
     checkpoint = str(tmp_path / "checkpoint.pt")
     fused = evaluate.main([checkpoint, "--batches", "2", "--fused"])
     composed = evaluate.main([checkpoint, "--batches", "2", "--no-fused"])
     capsys.readouterr()
-    assert fused == composed
+    np.testing.assert_equal(fused, composed)   # NaN (no query attended) equals NaN
     assert any(fused[f"attention/{layer}/{kind}"] > 0 for layer in (0, 1)
                for kind in ("recurring", "novel", "other"))
