@@ -106,7 +106,8 @@ class ModelConfig:
     # Hidden units of each router's loss predictor; None: d_model. What a path is worth depends
     # on the token's key (a recurring key semantic memory has learnt, or a novel one), so the
     # predictor memorises a label per key; at d_model units (64, cpu preset) it still predicted
-    # 1.3-6 nats on the semantic path at step 400 for rare recurring keys answered there below 0.5.
+    # 1.3-3.2 nats on the semantic path at step 400 for rare recurring keys answered there below
+    # 0.5, and kept them on attention.
     router_width: Optional[int] = None
     episodic_lr_mult: float = 1.0        # the attention projections' learning rate, × the base lr
     # Data interface (SRCD vocabulary)
