@@ -9,7 +9,8 @@ or evaluates on, with inference routing:
         --steps 1200                                             # what each part buys
 
 Per run (`<runs>/<model>_<steps>_s<seed>/`: log, checkpoint, `result.json`; a finished run is
-not redone, an interrupted one resumes): retrieval accuracy on recurring and novel queries,
+not redone, only measured again from its checkpoint when its record used another number of test
+batches; an interrupted one resumes): retrieval accuracy on recurring and novel queries,
 P(attention | recurring query / novel query / other token) and P(semantic | kind) per layer,
 the attention fraction and the dynamics MSE. The summary (`results/consolidation_summary.json`,
 the section between `<!-- consolidation:begin -->` and `<!-- consolidation:end -->` of
@@ -36,7 +37,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from cram_ext.evaluate import TEST_SEED_OFFSET
+from cram_ext.evaluate import TEST_BATCHES, TEST_SEED_OFFSET, load_checkpoint
 from cram_ext.plotting import pyplot
 from cram_ext.srcd import consolidation
 from cram_ext.srcd.metrics import TOKEN_KINDS, routed_layers
@@ -53,7 +54,6 @@ STEP_COUNTS = (PRESET_STEPS, 3 * PRESET_STEPS, 10 * PRESET_STEPS)
 VARIANTS = ("cram_no_consolidation", "ablate_no_semantic")
 VARIANT_STEPS = STEP_COUNTS[1:]
 SEEDS = (0, 1, 2, 3, 4)
-TEST_BATCHES = 16
 MARKERS = ("<!-- consolidation:begin -->", "<!-- consolidation:end -->")
 VARIANT_MARKERS = ("<!-- consolidation-variants:begin -->", "<!-- consolidation-variants:end -->")
 VARIANT_HEADING = "### CRAM without consolidation, CRAM without semantic memory"
@@ -74,7 +74,13 @@ def train_one(runs: str, model: str, steps: int, seed: int) -> dict:
     result_path = os.path.join(directory, "result.json")
     if os.path.exists(result_path):
         with open(result_path) as f:
-            return json.load(f)
+            result = json.load(f)
+        if result.get("test_batches") != TEST_BATCHES:
+            trainer, _ = load_checkpoint(os.path.join(directory, "checkpoint.pt"))
+            result.update(test=trainer.evaluate(TEST_BATCHES, seed_offset=TEST_SEED_OFFSET),
+                          test_batches=TEST_BATCHES)
+            save_result(result_path, result)
+        return result
     config = run_config(model, "cpu", steps=steps, seed=seed, data_seed=seed,
                         eval_every=max(25, steps // 40), checkpoint_every=100)
     started = time.time()
@@ -89,6 +95,7 @@ def train_one(runs: str, model: str, steps: int, seed: int) -> dict:
               "command": f"python -m experiments.consolidation --models {model} "
               f"--steps {steps} --seeds {seed} --runs {runs}",
               "test": trainer.evaluate(TEST_BATCHES, seed_offset=TEST_SEED_OFFSET),
+              "test_batches": TEST_BATCHES,
               "curve": {"steps": [r["step"] for r in evals],
                         "eval": [r["eval"] for r in evals]},
               "exposure": {k: v.tolist() for k, v in trainer.exposure.state_dict().items()},

@@ -4,6 +4,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from experiments.srcd_report import (SECTION_BEGIN, SECTION_END, SECTION_HEADING,
@@ -81,3 +82,24 @@ def test_variants_section_has_a_row_per_model_and_step_count(tmp_path):
     assert "| ablate_no_semantic | 1200 | 0 |" in section and "| – | " in section
     assert "**Partial**: not yet run: ablate_no_semantic_1200_s1." in section
     assert (tmp_path / "figures" / "consolidation_variants.png").exists()
+
+
+def test_finished_run_measured_on_other_test_batches_is_measured_again(tmp_path, monkeypatch):
+    import json
+
+    from cram_ext import evaluate, train
+    from experiments import consolidation
+    directory = tmp_path / consolidation.run_name("cram", 400, 0)
+    train.main(["--config", "cram", "--size", "tiny", "--steps", "4", "--out", str(directory)])
+    stale = {"model": "cram", "steps": 400, "seed": 0, "test": {"accuracy": -1.0}}
+    (directory / "result.json").write_text(json.dumps(stale))
+    monkeypatch.setattr(consolidation, "TEST_BATCHES", 2)
+
+    result = consolidation.train_one(str(tmp_path), "cram", 400, 0)
+    expected = evaluate.main([str(directory / "checkpoint.pt"), "--batches", "2"])
+    assert result["test_batches"] == 2
+    np.testing.assert_equal(result["test"], expected)   # NaN where no query ran attention
+    np.testing.assert_equal(json.loads((directory / "result.json").read_text()), result)
+    # Measured on as many batches as asked: read, not measured again.
+    monkeypatch.setattr(consolidation, "load_checkpoint", None)
+    np.testing.assert_equal(consolidation.train_one(str(tmp_path), "cram", 400, 0), result)
