@@ -1,5 +1,7 @@
-"""The experiment drivers and examples outside the package: the RESULTS.md section writer, and
-every script starting from the repository root both as a module and as a file."""
+"""The experiment drivers and examples outside the package: the RESULTS.md section writer, the
+consolidation experiment's records, and every script starting from the repository root both as
+a module and as a file."""
+import json
 import pathlib
 import subprocess
 import sys
@@ -85,8 +87,6 @@ def test_variants_section_has_a_row_per_model_and_step_count(tmp_path):
 
 
 def test_finished_run_measured_on_other_test_batches_is_measured_again(tmp_path, monkeypatch):
-    import json
-
     from cram_ext import evaluate, train
     from experiments import consolidation
     directory = tmp_path / consolidation.run_name("cram", 400, 0)
