@@ -139,8 +139,9 @@ def routed_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal
     with a `key_mask` that keeps at most half of the keys, the kept keys before it. With
     `attn_mask` the result is a PyTorch composite (gather the routed rows and their mask rows,
     softmax in float32 or float64, scatter back), differentiable also in a float mask, whose cost
-    scales with batch · kv_heads · the most routed rows of one (batch, kv head) · S. Tensors whose last dimension is not contiguous are copied;
-    other strides are used as they are. Reference: `cram_ext.reference.routed_attention_ref`.
+    scales with batch · kv_heads · the most routed rows of one (batch, kv head) · S. Tensors
+    whose last dimension is not contiguous are copied; other strides are used as they are.
+    Reference: `cram_ext.reference.routed_attention_ref`.
     """
     if dropout_p != 0.0:
         raise ValueError(f"routed_attention does not implement dropout: dropout_p must be 0.0, "
