@@ -3,6 +3,7 @@
     python -m cram_ext.evaluate runs/cram/checkpoint.pt
     python -m cram_ext.evaluate runs/cram/checkpoint.pt --batches 32 --json routing.json
     python -m cram_ext.evaluate runs/cram/checkpoint.pt --by-pattern     # per recurring pattern
+    python -m cram_ext.evaluate runs/cram/checkpoint.pt --other-paths    # observations' paths
 
 Prints retrieval accuracy (recurring / novel keys), the dynamics MSE beside the Bayes
 predictor's, the attention fraction, and per layer with a router the fraction of each token kind
@@ -11,6 +12,9 @@ memory: where consolidation shows (recurring queries leave attention, novel ones
 `--by-pattern` adds, per recurring pattern and routed layer, how often its queries attended and
 the loss the router predicts for each path: which bindings have been consolidated; and per layer
 the attending recurring queries binned by the loss they would have off attention.
+`--other-paths` adds, per routed layer with semantic memory, the dynamics MSE with every
+non-query token that does not attend there sent to working memory, and to semantic memory: what
+the router's split of observations and writes between the two costs.
 """
 from __future__ import annotations
 
@@ -130,6 +134,44 @@ def off_attention_loss_lines(attended: torch.Tensor, measured: torch.Tensor, pat
     return lines
 
 
+@torch.no_grad()
+def other_token_paths(trainer, n_batches: int) -> List[str]:
+    """Per routed layer with semantic memory, as text lines: the share of non-query tokens that
+    take semantic memory there, and the dynamics MSE as routed, with every non-query token that
+    does not attend there sent to working memory, and with all of them sent to semantic memory
+    (the other layers as routed)."""
+    model = trainer.model.eval()
+    paths = (Path.WORKING, Path.SEMANTIC)
+    sums: Dict[tuple, float] = {}
+    layers = [index for index, layer in enumerate(model.layers)
+              if layer.router is not None and Path.SEMANTIC in layer.router.paths]
+    for i in range(n_batches):
+        batch = trainer.batch(i, trainer.config.data_seed + TEST_SEED_OFFSET)
+        output = model(batch)
+        observed = batch["dynamics_mask"]
+
+        def squared_error(out) -> float:
+            return float((out.next_value - batch["target_value"])[observed].pow(2).sum())
+
+        sums["observed"] = sums.get("observed", 0.0) + float(observed.sum())
+        sums["routed"] = sums.get("routed", 0.0) + squared_error(output)
+        other = token_kinds(batch)["other"]
+        for index in layers:
+            choice = output.layers[index].routing.choice
+            rows = other & (choice != Path.EPISODIC)
+            sums[index, "rows"] = sums.get((index, "rows"), 0.0) + float(rows.sum())
+            sums[index, "semantic"] = (sums.get((index, "semantic"), 0.0)
+                                       + float((rows & (choice == Path.SEMANTIC)).sum()))
+            for path in paths:
+                forced = model(batch, paths=forced_paths(output, index, rows, path))
+                sums[index, path] = sums.get((index, path), 0.0) + squared_error(forced)
+    n = sums["observed"]
+    return [f"L{index}: {sums[index, 'semantic'] / max(1.0, sums[index, 'rows']):.2f} of the "
+            f"non-query tokens take semantic memory; dynamics MSE as routed "
+            f"{sums['routed'] / n:.4f}, all on working memory {sums[index, Path.WORKING] / n:.4f}, "
+            f"all on semantic memory {sums[index, Path.SEMANTIC] / n:.4f}" for index in layers]
+
+
 def forced_paths(output, layer: int, rows: torch.Tensor, path: Path) -> List[torch.Tensor]:
     """Every routed layer's choices in `output`, with `rows` (batch, L) sent to `path` in layer
     `layer`: the paths of a pass that changes only that."""
@@ -157,6 +199,9 @@ def main(argv=None) -> Dict[str, float]:
     parser.add_argument("--json", default=None, help="also write the metrics here")
     parser.add_argument("--by-pattern", action="store_true",
                         help="also print routing and predicted losses per recurring pattern")
+    parser.add_argument("--other-paths", action="store_true",
+                        help="also print, per layer, the dynamics MSE with the non-query tokens "
+                             "all on working memory and all on semantic memory")
     parser.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
                         help="routed scan layers through cram_forward, or through the separate "
                              "ops (--no-fused); default: the checkpoint's setting")
@@ -169,6 +214,8 @@ def main(argv=None) -> Dict[str, float]:
     print("\n".join(summary_lines(metrics)))
     if args.by_pattern:
         print("\n".join(pattern_routing(trainer, args.batches)))
+    if args.other_paths:
+        print("\n".join(other_token_paths(trainer, args.batches)))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(metrics, f, indent=1)

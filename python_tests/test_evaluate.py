@@ -12,7 +12,8 @@ def test_evaluate_reports_routing_by_kind_on_the_test_stream(tmp_path, capsys):
     train.main(["--config", "cram", "--size", "tiny", "--steps", "4", "--out", str(tmp_path)])
     capsys.readouterr()
     metrics = evaluate.main([str(tmp_path / "checkpoint.pt"), "--batches", "2",
-                             "--json", str(tmp_path / "metrics.json"), "--by-pattern"])
+                             "--json", str(tmp_path / "metrics.json"), "--by-pattern",
+                             "--other-paths"])
     printed = capsys.readouterr().out
     assert "attention | recurring" in printed and "attention fraction" in printed
     assert "predicted loss working/episodic/semantic, measured loss working/episodic/semantic" \
@@ -38,7 +39,8 @@ def test_evaluate_reports_routing_by_kind_on_the_test_stream(tmp_path, capsys):
             assert metrics[f"attention/{layer}/{kind}"] == ran / total
     assert routed_layers(metrics) == [0, 1]
     # --by-pattern: one line per recurring pattern, its query counts adding up to the total
-    table = printed[printed.index("pattern  queries"):].splitlines()[1:]
+    table = [line for line in printed[printed.index("pattern  queries"):].splitlines()[1:]
+             if "non-query tokens" not in line]
     assert sum(int(line.split()[1]) for line in table) == counts[0, "recurring"][1]
     # its measured losses come from passes that change one layer's recurring queries only
     recurring = token_kinds(batch)["recurring"]
@@ -54,6 +56,25 @@ def test_evaluate_reports_routing_by_kind_on_the_test_stream(tmp_path, capsys):
         assert (attending, of) == counts[layer, "recurring"]
         bins = [int(cell.split()[-1]) for cell in line.split("(nats): ")[1].split(", ")]
         assert len(bins) == len(evaluate.OFF_ATTENTION_LOSS_EDGES) + 1 and sum(bins) == attending
+    # --other-paths: per layer, the MSE as routed (the metric's) and with the layer's
+    # non-query, non-attending tokens all on one memory; batch 1 of the test stream by hand
+    lines = {int(l[1]): l for l in printed.splitlines() if "non-query tokens" in l}
+    assert sorted(lines) == [0, 1]
+    assert f"as routed {metrics['dynamics_mse']:.4f}" in lines[0]
+    sums = {path: 0.0 for path in (Path.WORKING, Path.SEMANTIC)}
+    observed = 0.0
+    with torch.no_grad():
+        for i in range(2):
+            batch = trainer.batch(i, trainer.config.data_seed + evaluate.TEST_SEED_OFFSET)
+            output = trainer.model(batch)
+            rows = token_kinds(batch)["other"] & (output.layers[1].routing.choice != Path.EPISODIC)
+            mask = batch["dynamics_mask"]
+            observed += float(mask.sum())
+            for path in sums:
+                out = trainer.model(batch, paths=evaluate.forced_paths(output, 1, rows, path))
+                sums[path] += float((out.next_value - batch["target_value"])[mask].pow(2).sum())
+    assert f"working memory {sums[Path.WORKING] / observed:.4f}" in lines[1]
+    assert f"semantic memory {sums[Path.SEMANTIC] / observed:.4f}" in lines[1]
     # a stream neither training (data_seed) nor in-training evaluation reads
     assert evaluate.TEST_SEED_OFFSET != train.EVAL_SEED_OFFSET
 
