@@ -139,7 +139,8 @@ def other_token_paths(trainer, n_batches: int) -> List[str]:
     """Per routed layer with semantic memory, as text lines: the share of non-query tokens that
     take semantic memory there, and the dynamics MSE as routed, with every non-query token that
     does not attend there sent to working memory, and with all of them sent to semantic memory
-    (the other layers as routed)."""
+    (the other layers as routed); beside them, the loss the router predicts for those of them
+    that are observations on either path."""
     model = trainer.model.eval()
     paths = (Path.WORKING, Path.SEMANTIC)
     sums: Dict[tuple, float] = {}
@@ -162,6 +163,12 @@ def other_token_paths(trainer, n_batches: int) -> List[str]:
             sums[index, "rows"] = sums.get((index, "rows"), 0.0) + float(rows.sum())
             sums[index, "semantic"] = (sums.get((index, "semantic"), 0.0)
                                        + float((rows & (choice == Path.SEMANTIC)).sum()))
+            predicted = output.layers[index].routing.predicted_loss[rows & observed]
+            for path in paths:
+                sums[index, "predicted", path] = (sums.get((index, "predicted", path), 0.0)
+                                                  + float(predicted[:, path].sum()))
+            sums[index, "predicted"] = (sums.get((index, "predicted"), 0.0)
+                                        + float((rows & observed).sum()))
             for path in paths:
                 forced = model(batch, paths=forced_paths(output, index, rows, path))
                 sums[index, path] = sums.get((index, path), 0.0) + squared_error(forced)
@@ -169,7 +176,10 @@ def other_token_paths(trainer, n_batches: int) -> List[str]:
     return [f"L{index}: {sums[index, 'semantic'] / max(1.0, sums[index, 'rows']):.2f} of the "
             f"non-query tokens take semantic memory; dynamics MSE as routed "
             f"{sums['routed'] / n:.4f}, all on working memory {sums[index, Path.WORKING] / n:.4f}, "
-            f"all on semantic memory {sums[index, Path.SEMANTIC] / n:.4f}" for index in layers]
+            f"all on semantic memory {sums[index, Path.SEMANTIC] / n:.4f}; the router's mean "
+            f"predicted loss of these observations on working / semantic memory "
+            + " / ".join(f"{sums[index, 'predicted', path] / max(1.0, sums[index, 'predicted']):.4f}"
+                         for path in paths) for index in layers]
 
 
 def forced_paths(output, layer: int, rows: torch.Tensor, path: Path) -> List[torch.Tensor]:

@@ -62,7 +62,7 @@ def test_evaluate_reports_routing_by_kind_on_the_test_stream(tmp_path, capsys):
     assert sorted(lines) == [0, 1]
     assert f"as routed {metrics['dynamics_mse']:.4f}" in lines[0]
     sums = {path: 0.0 for path in (Path.WORKING, Path.SEMANTIC)}
-    observed = 0.0
+    predicted, observed, predicted_rows = torch.zeros(3), 0.0, 0.0
     with torch.no_grad():
         for i in range(2):
             batch = trainer.batch(i, trainer.config.data_seed + evaluate.TEST_SEED_OFFSET)
@@ -70,11 +70,15 @@ def test_evaluate_reports_routing_by_kind_on_the_test_stream(tmp_path, capsys):
             rows = token_kinds(batch)["other"] & (output.layers[1].routing.choice != Path.EPISODIC)
             mask = batch["dynamics_mask"]
             observed += float(mask.sum())
+            predicted += output.layers[1].routing.predicted_loss[rows & mask].sum(0)
+            predicted_rows += float((rows & mask).sum())
             for path in sums:
                 out = trainer.model(batch, paths=evaluate.forced_paths(output, 1, rows, path))
                 sums[path] += float((out.next_value - batch["target_value"])[mask].pow(2).sum())
     assert f"working memory {sums[Path.WORKING] / observed:.4f}" in lines[1]
     assert f"semantic memory {sums[Path.SEMANTIC] / observed:.4f}" in lines[1]
+    mean = predicted / predicted_rows
+    assert lines[1].endswith(f"{mean[Path.WORKING]:.4f} / {mean[Path.SEMANTIC]:.4f}")
     # a stream neither training (data_seed) nor in-training evaluation reads
     assert evaluate.TEST_SEED_OFFSET != train.EVAL_SEED_OFFSET
 
