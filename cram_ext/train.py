@@ -221,6 +221,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         self.optimizer.step()
+        if not self.config.freeze_routing:   # a frozen router keeps the paths it chose
+            self.model.update_router_averages()
         self.scheduler.step()
 
         patterns, episodic = concatenate_routing(all_gather(recurring_query_routing(batch, output)))

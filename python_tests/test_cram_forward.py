@@ -84,12 +84,14 @@ def test_forced_paths_override_the_router_row_by_row(device, seed):
 # The composed layer
 # ---------------------------------------------------------------------------------------------
 
-def scrambled_layer(name, seed, d_model=32):
+def scrambled_layer(name, seed, d_model=32, **overrides):
     torch.manual_seed(seed)
-    config = model_config(name, d_model=d_model, n_heads=2)
+    config = model_config(name, d_model=d_model, n_heads=2, **overrides)
     layer = CRAMLayer(config, config.layers[0]).eval()
     with torch.no_grad():   # random loss predictions: a real mix of paths
         torch.nn.init.normal_(layer.router.predict_loss[-1].weight, std=2.0)
+        if layer.router.predict_loss_average is not None:
+            torch.nn.init.normal_(layer.router.predict_loss_average[-1].weight, std=2.0)
     return layer
 
 
@@ -104,7 +106,8 @@ def split_routes(layer, x, gap, key_mask, prices):
         others = [i for i, path in enumerate(layer.router.paths) if path != Path.EPISODIC]
         margin = (scores[..., Path.EPISODIC] - scores[..., others].amin(-1)).flatten().sort()[0]
         half = margin.numel() // 2
-        layer.router.predict_loss[-1].bias[Path.EPISODIC] -= (margin[half - 1] + margin[half]) / 2
+        layer.router.deciding_predictor[-1].bias[Path.EPISODIC] -= (margin[half - 1]
+                                                                    + margin[half]) / 2
 
 
 @pytest.mark.parametrize("key_share", [0.8, 0.1])
@@ -145,6 +148,26 @@ def test_same_routing_outputs_records_and_gradients_as_the_composed_layer(name, 
     assert set(grads) - router == set(grads_ref) - router
     for n in set(grads) - router:
         torch.testing.assert_close(grads[n], grads_ref[n], msg=n)
+
+
+def test_a_router_averaged_over_steps_decides_the_fused_layer_as_the_composed_one(seed):
+    layer = scrambled_layer("cram", seed, router_average_steps=3)
+    x, gap = torch.randn(2, 50, 32), 3 * torch.rand(2, 50)
+    key_mask = torch.ones(2, 50, dtype=torch.bool)
+    prices = RoutingPrices(episodic=0.1, semantic=0.05)
+    split_routes(layer, x, gap, key_mask, prices)
+    records = {}
+    with torch.no_grad():
+        for fused in (True, False):
+            layer.fused = fused
+            records[fused] = layer(x, gap, key_mask, prices)[1].routing
+    assert torch.equal(records[True].choice, records[False].choice), f"seed {seed}"
+    torch.testing.assert_close(records[True].predicted_loss, records[False].predicted_loss)
+    # the average decides: the scrambled predictor itself would route otherwise
+    layer.router.predict_loss_average = None
+    with torch.no_grad():
+        own = layer(x, gap, key_mask, prices)[1].routing
+    assert not torch.equal(own.choice, records[True].choice)
 
 
 def test_layer_dispatches_one_fused_op_in_evaluation_and_the_composed_ops_in_training():

@@ -139,6 +139,36 @@ def test_router_takes_the_lowest_predicted_loss_plus_price():
     torch.testing.assert_close(dear.scores[0, 2], torch.tensor([1.0, 1.1, 0.97]))
 
 
+def test_a_router_averaged_over_steps_chooses_by_the_average_and_regresses_itself():
+    router = Router(4, tuple(Path), reads_state=True, reads_q=True, episodic_bias=0.0,
+                    average_steps=4)
+    x, gap, working_out = torch.zeros(1, 3, 4), torch.zeros(1, 3), torch.zeros(1, 3, 4)
+    q_hat = torch.tensor([[0.0, 0.0, 1.0]])
+    live = torch.tensor([1.0, 0.2, 1.02])
+    with torch.no_grad():
+        router.predict_loss[-1].bias.copy_(live)
+    prices = dict(episodic_price=0.5, semantic_reward=0.05)
+    # The average still predicts 0 for every path: attention (0.5) loses everywhere, semantic
+    # memory wins where q̂ = 1; the predictor itself would send every token to attention.
+    decision = router.train()(x, gap, working_out, q_hat, **prices)
+    assert decision.choice.tolist() == [[Path.WORKING, Path.WORKING, Path.SEMANTIC]]
+    torch.testing.assert_close(decision.predicted_loss[0, 0], live)   # what is regressed
+    assert decision.predicted_loss.requires_grad
+    evaluated = router.eval()(x, gap, working_out, q_hat, **prices)
+    assert torch.equal(evaluated.choice, decision.choice)
+    assert (evaluated.predicted_loss == 0).all()                        # what decided
+    router.update_average()
+    torch.testing.assert_close(router.predict_loss_average[-1].bias, live / 4)
+    for _ in range(40):
+        router.update_average()
+    assert router(x, gap, working_out, q_hat, **prices).choice.tolist() == [[Path.EPISODIC] * 3]
+    # the average is no parameter any optimizer or gradient reaches
+    model = CRAMModel(tiny("cram", router_average_steps=4))
+    grouped = {id(p) for group in model.param_groups(1e-3, 0.1) for p in group["params"]}
+    averages = [p for layer in model.layers for p in layer.router.predict_loss_average.parameters()]
+    assert averages and not any(p.requires_grad or id(p) in grouped for p in averages)
+
+
 def test_baselines_spend_the_attention_their_design_says(monkeypatch, batch):
     counter = AttentionCounter(monkeypatch)
     CRAMModel(tiny("transformer")).eval()(batch)

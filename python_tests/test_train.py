@@ -36,27 +36,35 @@ def test_a_run_logs_every_step_and_checkpoints_atomically(tmp_path):
     assert checkpoint["step"] == 6 and checkpoint["config"]["model"] == "cram"
 
 
-@pytest.mark.parametrize("model", ["cram", "seqboat"])
-def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, model):
+@pytest.mark.parametrize("model, flags", [("cram", []), ("seqboat", []),
+                                          ("cram", ["--router-average-steps", "3"])])
+def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, model, flags):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    train.main(["--config", model, *TINY, "--out", str(straight)])
-    train.main(["--config", model, *TINY, "--out", str(split), "--stop-at", "4"])
+    train.main(["--config", model, *TINY, *flags, "--out", str(straight)])
+    train.main(["--config", model, *TINY, *flags, "--out", str(split), "--stop-at", "4"])
     # a crash after step 4's checkpoint loses the log lines written after it; resume redoes them
     with open(split / "log.jsonl", "a") as f:
         f.write(json.dumps({"step": 5, "stale": True}) + "\n")
-    train.main(["--config", model, *TINY, "--out", str(split), "--resume"])
+    train.main(["--config", model, *TINY, *flags, "--out", str(split), "--resume"])
     assert read_log(split) == read_log(straight)
     a = torch.load(straight / "checkpoint.pt", weights_only=False)
     b = torch.load(split / "checkpoint.pt", weights_only=False)
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
     np.testing.assert_array_equal(a["exposure"]["total"], b["exposure"]["total"])
+    if flags:   # training moved the routers' averages, a step behind the predictors
+        for name, tensor in a["model"].items():
+            if "predict_loss_average" in name:
+                live = a["model"][name.replace("predict_loss_average", "predict_loss")]
+                assert not torch.equal(tensor, live), name
+        assert any("predict_loss_average.2.bias" in name for name in a["model"])
 
 
-def test_transfer_starts_from_a_checkpoint_and_keeps_the_frozen_parts(tmp_path):
-    train.main(["--config", "cram", *TINY, "--out", str(tmp_path / "source")])
+@pytest.mark.parametrize("flags", [[], ["--router-average-steps", "3"]])
+def test_transfer_starts_from_a_checkpoint_and_keeps_the_frozen_parts(tmp_path, flags):
+    train.main(["--config", "cram", *TINY, *flags, "--out", str(tmp_path / "source")])
     source = torch.load(tmp_path / "source" / "checkpoint.pt", weights_only=False)["model"]
-    train.main(["--config", "cram", *TINY, "--task", "recurring_recall", "--seed", "1",
+    train.main(["--config", "cram", *TINY, *flags, "--task", "recurring_recall", "--seed", "1",
                 "--init-from", str(tmp_path / "source" / "checkpoint.pt"),
                 "--freeze-routing", "true", "--freeze-encoder", "true", "--out", str(tmp_path / "to")])
     moved = torch.load(tmp_path / "to" / "checkpoint.pt", weights_only=False)["model"]

@@ -109,6 +109,13 @@ class ModelConfig:
     # 1.3-3.2 nats on the semantic path at step 400 for rare recurring keys answered there below
     # 0.5, and kept them on attention.
     router_width: Optional[int] = None
+    # Paths chosen by a moving average of each router's loss predictor over about this many
+    # steps (0: by the predictor itself; see `router.Router`). At 10 (cpu preset, 400 steps,
+    # ten seeds) observations moved between working and semantic memory less than half as often
+    # and the dynamics MSE of every seed ended within 7% of the best baseline (21% in one seed
+    # without), but recurring queries left attention more slowly unless the price starts 25
+    # steps earlier (docs/RESULTS.md, "a router that decides by an average").
+    router_average_steps: int = 0
     episodic_lr_mult: float = 1.0        # the attention projections' learning rate, × the base lr
     # Data interface (SRCD vocabulary)
     n_keys: int = 512
@@ -131,6 +138,9 @@ class ModelConfig:
                 raise ValueError(f"exploration rates must be in [0, 1], got {rate}")
         if self.memory_size < 1:
             raise ValueError("memory_size must be positive")
+        if self.router_average_steps < 0:
+            raise ValueError("router_average_steps must be >= 0, got "
+                             f"{self.router_average_steps}")
         if self.router_width is not None and self.router_width < 1:
             raise ValueError("router_width must be positive (or None: d_model), got "
                              f"{self.router_width}")

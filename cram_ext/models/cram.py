@@ -74,7 +74,8 @@ class CRAMLayer(nn.Module):
         self.semantic = SemanticAdapter(d, config.rank) if spec.semantic else None
         self.q_predictor = QualityPredictor(d) if spec.semantic else None
         self.router = (Router(d, spec.paths, spec.router_reads_state, spec.router_reads_q,
-                              config.router_episodic_bias, config.router_width)
+                              config.router_episodic_bias, config.router_width,
+                              config.router_average_steps)
                        if spec.has_router else None)
         self.q_sigma = config.q_sigma
         self.norm_mix = nn.LayerNorm(d)
@@ -184,7 +185,7 @@ class CRAMLayer(nn.Module):
         working, attention, semantic = self.working, self.episodic, self.semantic
         adapter = ((semantic.down.weight, semantic.down.bias, semantic.up.weight, semantic.up.bias)
                    if semantic is not None else (None,) * 4)
-        first, _, last = self.router.predict_loss
+        first, _, last = self.router.deciding_predictor
         return (working.in_proj.weight, working.x_proj.weight, working.dt_proj.weight,
                 -torch.exp(working.A_log), working.D, working.dt_bias, working.out_proj.weight,
                 first.weight, first.bias, last.weight, last.bias, attention.qkv.weight,
@@ -415,6 +416,13 @@ class CRAMModel(nn.Module):
         return torch.where(queries, cross_entropy,
                            torch.where(batch["dynamics_mask"], squared_error,
                                        torch.zeros_like(squared_error)))
+
+    def update_router_averages(self) -> None:
+        """Advances every router's moving average (`Router.update_average`): after each
+        optimizer step."""
+        for layer in self.layers:
+            if layer.router is not None:
+                layer.router.update_average()
 
     def param_groups(self, lr: float, weight_decay: float) -> List[dict]:
         """AdamW groups: the semantic adapters at `semantic_lr_mult`·lr (the paper's
