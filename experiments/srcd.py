@@ -56,7 +56,7 @@ PLANS = {
     # Measured on a 2-core machine (before the counterfactual probes, which add a forward per
     # step): 35-70 s per routed run, about 50 min for the 45 + 12 runs in two processes.
     # Transfer runs last as long as the SRCD ones: with 200 steps a model trained from scratch
-    # would end 50 steps after the preset's 150-step warm-up, its router barely having chosen.
+    # would end 75 steps after the preset's 125-step warm-up, its router barely having chosen.
     "cpu": ExperimentPlan(run_size="cpu", seeds=5, steps=400, transfer_steps=400,
                           transfer_seeds=2, final_eval_batches=8,
                           overrides=(("eval_every", 25), ("checkpoint_every", 100))),

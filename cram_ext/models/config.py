@@ -87,7 +87,7 @@ class ModelConfig:
     # it lowers that loss by more. At 0.1 or 0.5 recurring queries kept attending long after
     # the rest of the network answered them (0.1 nats is within the noise of the router's
     # loss predictions); at 2.0 with a 100-step warm-up the router gave attention up before it
-    # had learned to retrieve (SRCD, cpu preset, which now takes 2.0 after a 150-step warm-up).
+    # had learned to retrieve (SRCD, cpu preset, which now takes 2.0 after a 125-step warm-up).
     lambda_episodic: float = 1.0
     episodic_cost_start: int = 100       # every token attends before this step; λ_E is 0 ...
     episodic_cost_ramp: int = 100        # ... then rises linearly to its value over these steps
@@ -114,7 +114,8 @@ class ModelConfig:
     # ten seeds) observations moved between working and semantic memory less than half as often
     # and the dynamics MSE of every seed ended within 7% of the best baseline (21% in one seed
     # without), but recurring queries left attention more slowly unless the price starts 25
-    # steps earlier (docs/RESULTS.md, "a router that decides by an average").
+    # steps earlier (docs/RESULTS.md, "a router that decides by an average"). The cpu preset
+    # takes both.
     router_average_steps: int = 0
     episodic_lr_mult: float = 1.0        # the attention projections' learning rate, × the base lr
     # Data interface (SRCD vocabulary)
