@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import defaultdict
 from typing import Dict, List
 
 import torch
@@ -143,35 +144,27 @@ def other_token_paths(trainer, n_batches: int) -> List[str]:
     that are observations on either path."""
     model = trainer.model.eval()
     paths = (Path.WORKING, Path.SEMANTIC)
-    sums: Dict[tuple, float] = {}
+    sums: Dict[tuple, float] = defaultdict(float)
     layers = [index for index, layer in enumerate(model.layers)
               if layer.router is not None and Path.SEMANTIC in layer.router.paths]
     for i in range(n_batches):
         batch = trainer.batch(i, trainer.config.data_seed + TEST_SEED_OFFSET)
         output = model(batch)
         observed = batch["dynamics_mask"]
-
-        def squared_error(out) -> float:
-            return float((out.next_value - batch["target_value"])[observed].pow(2).sum())
-
-        sums["observed"] = sums.get("observed", 0.0) + float(observed.sum())
-        sums["routed"] = sums.get("routed", 0.0) + squared_error(output)
+        sums["observed"] += float(observed.sum())
+        sums["routed"] += float(model.token_losses(batch, output)[observed].sum())
         other = token_kinds(batch)["other"]
         for index in layers:
             choice = output.layers[index].routing.choice
             rows = other & (choice != Path.EPISODIC)
-            sums[index, "rows"] = sums.get((index, "rows"), 0.0) + float(rows.sum())
-            sums[index, "semantic"] = (sums.get((index, "semantic"), 0.0)
-                                       + float((rows & (choice == Path.SEMANTIC)).sum()))
+            sums[index, "rows"] += float(rows.sum())
+            sums[index, "semantic"] += float((rows & (choice == Path.SEMANTIC)).sum())
             predicted = output.layers[index].routing.predicted_loss[rows & observed]
+            sums[index, "predicted"] += float((rows & observed).sum())
             for path in paths:
-                sums[index, "predicted", path] = (sums.get((index, "predicted", path), 0.0)
-                                                  + float(predicted[:, path].sum()))
-            sums[index, "predicted"] = (sums.get((index, "predicted"), 0.0)
-                                        + float((rows & observed).sum()))
-            for path in paths:
+                sums[index, "predicted", path] += float(predicted[:, path].sum())
                 forced = model(batch, paths=forced_paths(output, index, rows, path))
-                sums[index, path] = sums.get((index, path), 0.0) + squared_error(forced)
+                sums[index, path] += float(model.token_losses(batch, forced)[observed].sum())
     n = sums["observed"]
     return [f"L{index}: {sums[index, 'semantic'] / max(1.0, sums[index, 'rows']):.2f} of the "
             f"non-query tokens take semantic memory; dynamics MSE as routed "
