@@ -4,6 +4,7 @@
     python -m cram_ext.evaluate runs/cram/checkpoint.pt --batches 32 --json routing.json
     python -m cram_ext.evaluate runs/cram/checkpoint.pt --by-pattern     # per recurring pattern
     python -m cram_ext.evaluate runs/cram/checkpoint.pt --other-paths    # observations' paths
+    python -m cram_ext.evaluate runs/cram/checkpoint.pt --retrieval-errors  # wrong answers
 
 Prints retrieval accuracy (recurring / novel keys), the dynamics MSE beside the Bayes
 predictor's, the attention fraction, and per layer with a router the fraction of each token kind
@@ -15,6 +16,8 @@ the attending recurring queries binned by the loss they would have off attention
 `--other-paths` adds, per routed layer with semantic memory, the dynamics MSE with every
 non-query token that does not attend there sent to working memory, and to semantic memory: what
 the router's split of observations and writes between the two costs.
+`--retrieval-errors` adds, per query kind, what the wrong answers have in common: no layer
+attended, another binding's value named, low confidence, a few value classes.
 """
 from __future__ import annotations
 
@@ -23,9 +26,11 @@ import json
 from collections import defaultdict
 from typing import Dict, List
 
+import numpy as np
 import torch
 
 from .models.router import Path
+from .srcd.generator import KEY_WRITE
 from .srcd.metrics import TOKEN_KINDS, routed_layers, token_kinds
 from .train import RunConfig, Trainer
 
@@ -40,6 +45,8 @@ TEST_BATCHES = 64
 # loss off attention: below the first, attention was not needed; above the last (the default
 # λ_E), semantic and working memory do not answer them yet.
 OFF_ATTENTION_LOSS_EDGES = (0.5, 1.0)
+# Value classes `--retrieval-errors` lists, most errors first.
+RETRIEVAL_ERROR_CLASSES = 5
 
 
 def routing_table(metrics: Dict[str, float]) -> str:
@@ -175,6 +182,65 @@ def other_token_paths(trainer, n_batches: int) -> List[str]:
                          for path in paths) for index in layers]
 
 
+@torch.no_grad()
+def retrieval_errors(trainer, n_batches: int) -> List[str]:
+    """Per query kind, as text lines: the queries answered wrongly, those that attended in no
+    layer, those whose answer is the value of another binding written earlier in the sequence
+    (attention read the wrong entry), the median confidence (top softmax probability) of right
+    and wrong answers, and the value classes with the most errors: a routing error, a retrieval
+    of the wrong entry, or a value the read-out does not yet name."""
+    model = trainer.model.eval()
+    counts: Dict[tuple, int] = defaultdict(int)
+    confidence: Dict[tuple, List[float]] = defaultdict(list)
+    chance: Dict[str, float] = defaultdict(float)
+    n_values = trainer.model.config.n_values
+    for i in range(n_batches):
+        batch = trainer.batch(i, trainer.config.data_seed + TEST_SEED_OFFSET)
+        output = model(batch)
+        probabilities, answers = output.value_logits.softmax(-1).max(-1)
+        attended = torch.zeros_like(answers, dtype=torch.bool)
+        for record in output.layers:
+            if record.routing is not None:
+                attended |= record.routing.choice == Path.EPISODIC
+        written = batch["token_type"] == KEY_WRITE
+        kinds = token_kinds(batch)
+        for kind in ("recurring", "novel"):
+            for b, t in kinds[kind].nonzero().tolist():
+                target, answer = int(batch["target_class"][b, t]), int(answers[b, t])
+                right = answer == target
+                counts[kind, "queries"] += 1
+                counts[kind, "class", target] += 1
+                confidence[kind, right].append(float(probabilities[b, t]))
+                if right:
+                    continue
+                counts[kind, "wrong"] += 1
+                counts[kind, "wrong class", target] += 1
+                counts[kind, "not attended"] += int(not attended[b, t])
+                others = written[b, :t] & (batch["key"][b, :t] != batch["key"][b, t])
+                other_values = set(batch["value"][b, :t][others].tolist()) - {target}
+                counts[kind, "another binding"] += int(answer in other_values)
+                # A wrong answer drawn at random names one of them this often.
+                chance[kind] += len(other_values) / (n_values - 1)
+    lines = []
+    for kind in ("recurring", "novel"):
+        if not counts[kind, "queries"]:
+            continue
+        wrong = counts[kind, "wrong"]
+        worst = sorted((key[2] for key in counts if key[:2] == (kind, "wrong class")),
+                       key=lambda c: -counts[kind, "wrong class", c])[:RETRIEVAL_ERROR_CLASSES]
+        median = lambda values: f"{np.median(values):.2f}" if values else "-"  # noqa: E731
+        lines.append(
+            f"{kind} queries: {wrong} of {counts[kind, 'queries']} answered wrongly; "
+            f"{counts[kind, 'not attended']} of them attended in no layer, "
+            f"{counts[kind, 'another binding']} named another binding's value "
+            f"({chance[kind]:.1f} if wrong answers were random); median "
+            f"confidence right / wrong {median(confidence[kind, True])} / "
+            f"{median(confidence[kind, False])}; most errors by value class (wrong / queried): "
+            + (", ".join(f"{c} ({counts[kind, 'wrong class', c]}/{counts[kind, 'class', c]})"
+                         for c in worst) or "-"))
+    return lines
+
+
 def forced_paths(output, layer: int, rows: torch.Tensor, path: Path) -> List[torch.Tensor]:
     """Every routed layer's choices in `output`, with `rows` (batch, L) sent to `path` in layer
     `layer`: the paths of a pass that changes only that."""
@@ -205,6 +271,9 @@ def main(argv=None) -> Dict[str, float]:
     parser.add_argument("--other-paths", action="store_true",
                         help="also print, per layer, the dynamics MSE with the non-query tokens "
                              "all on working memory and all on semantic memory")
+    parser.add_argument("--retrieval-errors", action="store_true",
+                        help="also print, per query kind, what the wrongly answered queries "
+                             "have in common")
     parser.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
                         help="routed scan layers through cram_forward, or through the separate "
                              "ops (--no-fused); default: the checkpoint's setting")
@@ -219,6 +288,8 @@ def main(argv=None) -> Dict[str, float]:
         print("\n".join(pattern_routing(trainer, args.batches)))
     if args.other_paths:
         print("\n".join(other_token_paths(trainer, args.batches)))
+    if args.retrieval_errors:
+        print("\n".join(retrieval_errors(trainer, args.batches)))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(metrics, f, indent=1)

@@ -94,3 +94,46 @@ def test_evaluate_fused_and_composed_layers_agree(tmp_path, capsys):
     np.testing.assert_equal(fused, composed)   # NaN (no query attended) equals NaN
     assert any(fused[f"attention/{layer}/{kind}"] > 0 for layer in (0, 1)
                for kind in ("recurring", "novel", "other"))
+
+
+def test_evaluate_retrieval_errors_match_a_count_by_hand(tmp_path, capsys):
+    # a narrow router and a low price, so that after 4 steps some queries attend and some do not
+    train.main(["--config", "cram", "--size", "tiny", "--steps", "4", "--router-width", "32",
+                "--lambda-episodic", "1", "--out", str(tmp_path)])
+    capsys.readouterr()
+    evaluate.main([str(tmp_path / "checkpoint.pt"), "--batches", "2", "--retrieval-errors"])
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()
+             if " queries: " in line}
+
+    trainer, _ = evaluate.load_checkpoint(str(tmp_path / "checkpoint.pt"))
+    trainer.model.eval()
+    for kind in ("recurring", "novel"):
+        wrong = not_attended = other_value = 0
+        per_class = torch.zeros(trainer.model.config.n_values, dtype=torch.long)
+        queries = 0
+        with torch.no_grad():
+            for i in range(2):
+                batch = trainer.batch(i, trainer.config.data_seed + evaluate.TEST_SEED_OFFSET)
+                output = trainer.model(batch)
+                answers = output.value_logits.argmax(-1)
+                attended = sum((r.routing.choice == Path.EPISODIC).long() for r in output.layers)
+                mask = token_kinds(batch)[kind]
+                queries += int(mask.sum())
+                misses = mask & (answers != batch["target_class"])
+                wrong += int(misses.sum())
+                not_attended += int((misses & (attended == 0)).sum())
+                per_class += torch.bincount(batch["target_class"][misses],
+                                            minlength=len(per_class))
+                for b, t in misses.nonzero().tolist():
+                    earlier = torch.arange(t)
+                    other = (batch["token_type"][b, earlier] == 1) \
+                        & (batch["key"][b, earlier] != batch["key"][b, t])
+                    other_value += int((batch["value"][b, earlier][other] == answers[b, t]).any())
+        assert wrong > 0 and not_attended < wrong   # the counts below can tell the cases apart
+        line = lines[kind]
+        assert line.startswith(f"{kind} queries: {wrong} of {queries} answered wrongly; "
+                               f"{not_attended} of them attended in no layer, {other_value} named")
+        worst = line.split("(wrong / queried): ")[1].split(", ")
+        assert len(worst) == min(evaluate.RETRIEVAL_ERROR_CLASSES, int((per_class > 0).sum()))
+        listed = [int(cell.split()[1].strip("()").split("/")[0]) for cell in worst]
+        assert listed == sorted(per_class.tolist(), reverse=True)[:len(worst)]
