@@ -187,13 +187,15 @@ def retrieval_errors(trainer, n_batches: int) -> List[str]:
     """Per query kind, as text lines: the queries answered wrongly, those that attended in no
     layer, those whose answer is the value of another binding written earlier in the sequence
     (attention read the wrong entry), the median confidence (top softmax probability) of right
-    and wrong answers, and the value classes with the most errors: a routing error, a retrieval
-    of the wrong entry, or a value the read-out does not yet name."""
+    and wrong answers, the errors on values that no recurring pattern is bound to (the rarest
+    targets in training), and the value classes with the most errors: a routing error, a
+    retrieval of the wrong entry, or a value the read-out does not yet name."""
     model = trainer.model.eval()
     counts: Dict[tuple, int] = defaultdict(int)
     confidence: Dict[tuple, List[float]] = defaultdict(list)
     chance: Dict[str, float] = defaultdict(float)
     n_values = trainer.model.config.n_values
+    bound = set(trainer.bindings.tolist())   # the values of recurring patterns
     for i in range(n_batches):
         batch = trainer.batch(i, trainer.config.data_seed + TEST_SEED_OFFSET)
         output = model(batch)
@@ -210,11 +212,13 @@ def retrieval_errors(trainer, n_batches: int) -> List[str]:
                 right = answer == target
                 counts[kind, "queries"] += 1
                 counts[kind, "class", target] += 1
+                counts[kind, "unbound"] += int(target not in bound)
                 confidence[kind, right].append(float(probabilities[b, t]))
                 if right:
                     continue
                 counts[kind, "wrong"] += 1
                 counts[kind, "wrong class", target] += 1
+                counts[kind, "wrong unbound"] += int(target not in bound)
                 counts[kind, "not attended"] += int(not attended[b, t])
                 others = written[b, :t] & (batch["key"][b, :t] != batch["key"][b, t])
                 other_values = set(batch["value"][b, :t][others].tolist()) - {target}
@@ -235,7 +239,9 @@ def retrieval_errors(trainer, n_batches: int) -> List[str]:
             f"{counts[kind, 'another binding']} named another binding's value "
             f"({chance[kind]:.1f} if wrong answers were random); median "
             f"confidence right / wrong {median(confidence[kind, True])} / "
-            f"{median(confidence[kind, False])}; most errors by value class (wrong / queried): "
+            f"{median(confidence[kind, False])}; on values no recurring pattern is bound to "
+            f"{counts[kind, 'wrong unbound']} wrong of {counts[kind, 'unbound']} queried; "
+            f"most errors by value class (wrong / queried): "
             + (", ".join(f"{c} ({counts[kind, 'wrong class', c]}/{counts[kind, 'class', c]})"
                          for c in worst) or "-"))
     return lines

@@ -133,6 +133,9 @@ def test_evaluate_retrieval_errors_match_a_count_by_hand(tmp_path, capsys):
         line = lines[kind]
         assert line.startswith(f"{kind} queries: {wrong} of {queries} answered wrongly; "
                                f"{not_attended} of them attended in no layer, {other_value} named")
+        unbound = torch.ones(len(per_class), dtype=torch.bool)
+        unbound[torch.as_tensor(trainer.bindings)] = False
+        assert f"bound to {int(per_class[unbound].sum())} wrong of " in line
         worst = line.split("(wrong / queried): ")[1].split(", ")
         assert len(worst) == min(evaluate.RETRIEVAL_ERROR_CLASSES, int((per_class > 0).sum()))
         listed = [int(cell.split()[1].strip("()").split("/")[0]) for cell in worst]
