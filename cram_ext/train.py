@@ -9,11 +9,12 @@ flags override single settings of the preset, of the run (`--steps`, `--lr`, ...
 (`--d-model`, `--semantic-rank`, ...: `RunConfig.model_overrides`, passed to `model_config`).
 Each step appends one JSON line to `<out>/log.jsonl` (losses, training accuracy, attention
 fraction, per layer and token kind the fraction that ran attention, mean q and q̂, exploration
-rate, learning rate; evaluation metrics every
-`--eval-every` steps); the progress bar shows the training accuracy, the attention fraction,
-per routed layer P(attention | recurring / novel query) and the task loss (`task_loss`). Checkpoints (`<out>/checkpoint.pt`) are written atomically and hold
-everything a bit-exact resume needs: model, optimizer, scheduler, every rank's RNG state, the
-pattern-exposure statistics and the step, which is also the data stream's position.
+rate, learning rate; evaluation metrics every `--eval-every` steps); the progress bar shows the
+training accuracy, the attention fraction, per routed layer P(attention | recurring / novel
+query) and the task loss (`task_loss`). Checkpoints (`<out>/checkpoint.pt`) are written
+atomically and hold everything a bit-exact resume needs: model, optimizer, scheduler, every
+rank's RNG state, the pattern-exposure statistics and the step, which is also the data stream's
+position.
 Under torchrun the model is wrapped in DistributedDataParallel (gloo on CPU, nccl on CUDA).
 """
 from __future__ import annotations

@@ -4,6 +4,7 @@ import torch
 
 from cram_ext import evaluate, train
 from cram_ext.models.router import Path
+from cram_ext.srcd.generator import KEY_WRITE
 from cram_ext.srcd.metrics import routed_layers, token_kinds
 from cram_ext.train import RunConfig, Trainer
 
@@ -126,7 +127,7 @@ def test_evaluate_retrieval_errors_match_a_count_by_hand(tmp_path, capsys):
                                             minlength=len(per_class))
                 for b, t in misses.nonzero().tolist():
                     earlier = torch.arange(t)
-                    other = (batch["token_type"][b, earlier] == 1) \
+                    other = (batch["token_type"][b, earlier] == KEY_WRITE) \
                         & (batch["key"][b, earlier] != batch["key"][b, t])
                     other_value += int((batch["value"][b, earlier][other] == answers[b, t]).any())
         assert wrong > 0 and not_attended < wrong   # the counts below can tell the cases apart
