@@ -201,9 +201,9 @@ def retrieval_errors(trainer, n_batches: int) -> List[str]:
         output = model(batch)
         probabilities, answers = output.value_logits.softmax(-1).max(-1)
         attended = torch.zeros_like(answers, dtype=torch.bool)
-        for record in output.layers:
-            if record.routing is not None:
-                attended |= record.routing.choice == Path.EPISODIC
+        for record in output.layers:   # routed and dense attention alike, as the metrics count
+            if record.attention_rows is not None:
+                attended |= record.attention_rows
         written = batch["token_type"] == KEY_WRITE
         kinds = token_kinds(batch)
         for kind in ("recurring", "novel"):

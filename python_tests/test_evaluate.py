@@ -141,3 +141,15 @@ def test_evaluate_retrieval_errors_match_a_count_by_hand(tmp_path, capsys):
         assert len(worst) == min(evaluate.RETRIEVAL_ERROR_CLASSES, int((per_class > 0).sum()))
         listed = [int(cell.split()[1].strip("()").split("/")[0]) for cell in worst]
         assert listed == sorted(per_class.tolist(), reverse=True)[:len(worst)]
+
+
+def test_evaluate_retrieval_errors_count_dense_attention_as_attended(tmp_path, capsys):
+    train.main(["--config", "transformer", "--size", "tiny", "--steps", "2",
+                "--out", str(tmp_path)])
+    capsys.readouterr()
+    evaluate.main([str(tmp_path / "checkpoint.pt"), "--batches", "2", "--retrieval-errors"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if " queries: " in line]
+    assert len(lines) == 2
+    for line in lines:   # every layer attends every token: no error comes from skipping it
+        wrong = int(line.split(": ")[1].split()[0])
+        assert wrong > 0 and " 0 of them attended in no layer" in line
