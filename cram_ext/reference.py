@@ -83,10 +83,10 @@ def routed_attention_ref(query, key, value, attn_mask=None, dropout_p=0.0, is_ca
     j <= i (top-left aligned when L != S). dropout_p must be 0.
 
     A routed row that sees no key (causal, key_mask, attn_mask False or -inf) outputs 0, as SDPA
-    does for fully masked rows. A row never reads the keys and values it cannot see, so NaN/Inf
-    there does not reach it in the kernels; this dense formulation multiplies them by a zero
-    weight (NaN for Inf values), so compare the two only where non-finite values sit at visible
-    positions.
+    does for fully masked rows. NaN or Inf in a value a row cannot see reaches it here through a
+    zero weight (0 · NaN), and in the kernels wherever they load that value for the row's tile
+    (the CPU kernel never loads rows outside a key_mask that keeps at most half of the keys), so
+    compare the two only where non-finite values sit at visible positions.
     """
     if dropout_p != 0.0:
         raise ValueError(f"routed_attention_ref does not implement dropout: dropout_p must be 0.0, "

@@ -495,6 +495,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_bwd(
     check_shape(*t, q.sizes(), op, name, "q's shape (batch, heads, Lq, head_dim)");
   }
   const auto acc = accumulation_type(q.scalar_type());
+  check_same_device(lse, q, op, "lse", "q");
   check_shape(lse, {q.size(0), q.size(1), q.size(2)}, op, "lse", "(batch, heads, Lq)");
   check_dtype(lse, acc, op, "lse", "the accumulation type");
   at::Tensor dout_c = last_dim_contiguous(dout);

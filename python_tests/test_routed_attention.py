@@ -183,6 +183,22 @@ def test_nan_propagates_like_the_reference(device):
     assert not out[0, 0, route[0], 5].isfinite().any(), "every routed row of head 0 sees the Inf"
 
 
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_cpu_never_reads_keys_outside_a_sparse_key_mask(is_causal):
+    """With a key_mask that keeps at most half of the keys, the CPU forward reads only the kept
+    key and value rows (the fused CRAM op leaves the others unwritten): NaN there reaches no
+    row, and the result equals the reference with those rows zeroed."""
+    q, k, v, route, key_mask = attention_inputs(12, batch=2, heads=2, Lq=48, d=16, key_mask=True,
+                                                key_share=0.2)
+    clean = check_routed_attention(12, q, k.masked_fill(~key_mask[:, None, :, None], 0),
+                                   v.masked_fill(~key_mask[:, None, :, None], 0), route, key_mask,
+                                   is_causal=is_causal, backward=False)
+    dropped = ~key_mask[:, None, :, None]
+    out = routed_attention(q, k.masked_fill(dropped, float("nan")), v.masked_fill(dropped, float("nan")),
+                           is_causal=is_causal, route=route, key_mask=key_mask)
+    assert torch.equal(out, clean)
+
+
 # ---------------------------------------------------------------------------------------------
 # Against scaled_dot_product_attention itself
 # ---------------------------------------------------------------------------------------------
@@ -488,3 +504,12 @@ def test_cuda_device_mismatch_names_the_argument():
     with pytest.raises(RuntimeError, match="k is on"):
         routed_attention(**dict(inputs, query=inputs["query"].cuda(), value=inputs["value"].cuda(),
                                 route=inputs["route"].cuda(), key_mask=None))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_backward_names_an_lse_on_another_device():
+    q, k, v, route, _ = attention_inputs(0, heads=2, Lq=8, d=8, device="cuda")
+    out, lse = torch.ops.cram_ext.routed_attention_fwd(q, k, v, route, None, True, 0.5)
+    with pytest.raises(RuntimeError, match="lse is on cpu but q is on cuda"):
+        torch.ops.cram_ext.routed_attention_bwd(torch.ones_like(out), q, k, v, out, lse.cpu(), route,
+                                                None, True, 0.5)

@@ -373,16 +373,21 @@ simt_fwd_kernel(const RoutedAttentionParams p, const RoutedRows rows) {
   for (int key0 = 0; key0 < n_keys; key0 += 32) {
     // Scores: lane j takes key key0 + j.
     const int key = key0 + lane;
+    const bool visible = key < n_keys && key_visible(p, b, pos, key);
     acc_t score = -INFINITY;
-    if (key < n_keys && key_visible(p, b, pos, key)) {
+    if (visible) {
       const scalar_t* k_row = k + key * p.k_row_stride;
       score = 0;
       for (int c = 0; c < d; ++c) score += q_scaled[warp][c] * to_acc(k_row[c]);
     }
+    if (!__any_sync(0xffffffffu, visible)) continue;  // no visible key here (warp-uniform)
+    // max() drops NaN, so NaN scores can leave the max at -inf: shift by 0 there, as the
+    // tensor-core path does, and the NaN reaches the output (as on the CPU) instead of the
+    // row counting as one that sees no key.
     const acc_t new_max = max(running_max, warp_max(score));
-    if (new_max == -INFINITY) continue;  // nothing visible yet (warp-uniform)
-    const acc_t rescale = exp_acc(running_max - new_max);
-    const acc_t prob = exp_acc(score - new_max);
+    const acc_t shift = new_max == -INFINITY ? acc_t(0) : new_max;
+    const acc_t rescale = exp_acc(running_max - shift);
+    const acc_t prob = exp_acc(score - shift);
     running_sum = running_sum * rescale + warp_sum(prob);
     running_max = new_max;
 #pragma unroll

@@ -94,14 +94,15 @@ __device__ __forceinline__ Affine<acc_t> warp_exclusive_scan(Affine<acc_t> v, Af
 
 // Loads this lane's kScanItems consecutive steps [t0, t0 + kScanItems) of a row whose L stride
 // is 1, widened to acc_t; steps at or past L read as `fill`. Full, 16-byte aligned runs are read
-// with vector loads.
+// with vector loads (the test is t0 <= L - kScanItems: t0 + kScanItems overflows int for L
+// within kScanItems of 2^31).
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void load_items(const scalar_t* row, int t0, int L, acc_t fill,
                                            acc_t (&out)[kScanItems]) {
   constexpr int kBytes = kScanItems * sizeof(scalar_t);
   static_assert(kBytes % 16 == 0, "a lane's run must be whole 16-byte vectors");
   const scalar_t* src = row + t0;
-  if (t0 + kScanItems <= L && reinterpret_cast<uintptr_t>(src) % 16 == 0) {
+  if (t0 <= L - kScanItems && reinterpret_cast<uintptr_t>(src) % 16 == 0) {
     scalar_t vals[kScanItems];
 #pragma unroll
     for (int v = 0; v < kBytes / 16; ++v)
@@ -119,7 +120,7 @@ __device__ __forceinline__ void store_items(scalar_t* row, int t0, int L,
                                             const acc_t (&in)[kScanItems]) {
   constexpr int kBytes = kScanItems * sizeof(scalar_t);
   scalar_t* dst = row + t0;
-  if (t0 + kScanItems <= L && reinterpret_cast<uintptr_t>(dst) % 16 == 0) {
+  if (t0 <= L - kScanItems && reinterpret_cast<uintptr_t>(dst) % 16 == 0) {
     scalar_t vals[kScanItems];
 #pragma unroll
     for (int i = 0; i < kScanItems; ++i) vals[i] = from_acc<scalar_t>(in[i]);
