@@ -212,9 +212,8 @@ flash_bwd_kernel(const RoutedAttentionBwdParams p, const RoutedRows rows) {
   constexpr int kKSteps = kHeadDim / 16;   // k-steps over the head dimension
   // Rows of the query tile per pass through the score fragments (see below). Registers
   // (ptxas, sm_80 and sm_90): head_dim 64 uses about 250, no spills; head_dim 128 holds 128
-  // floats of dK/dV accumulators alone and spills about 12 bytes even with 16-row passes, five
-  // local-memory accesses in the SASS, all in per-head and per-tile bookkeeping outside the
-  // matrix-product loops (cuobjdump -sass), so the spill costs a few accesses per 64-row tile.
+  // floats of dK/dV accumulators alone and spills a few dozen bytes on sm_90 even with 16-row
+  // passes (bench/GPU_NOTES.md has the report).
   constexpr int kSubM = kHeadDim >= 128 ? 16 : 64;
   constexpr int kSubTiles = kSubM / 8;     // n-tiles of S^T per pass
   constexpr int kDimTiles = kHeadDim / 8;  // n-tiles of dK, dV, dQ
