@@ -48,4 +48,4 @@ def pytest_runtest_makereport(item, call):
     if "record" in item.fixturenames and not report.skipped and (report.when == "call" or report.failed):
         append_result(dict(kind="outcome", test=item.nodeid, when=report.when,
                            outcome=report.outcome, seconds=round(report.duration, 2),
-                           error=str(report.longrepr).splitlines()[-1][:300] if report.failed else None))
+                           error=(str(report.longrepr).splitlines() or [""])[-1][:300] if report.failed else None))

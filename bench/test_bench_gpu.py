@@ -92,10 +92,13 @@ def eager_and_graph_ms(fn, name):
     """{name_eager_ms, name_graph_ms}; a failure (backend unavailable, capture unsupported) is
     recorded as name_error instead of ending the case."""
     result = {}
+    stream = torch.cuda.current_stream()
     for mode, timed in (("eager", lambda: fn), ("graph", lambda: graph_of(fn))):
         try:
             result[f"{name}_{mode}_ms"] = cuda_time_ms(timed())
         except RuntimeError as e:
+            # A capture that fails at its end leaves the capture's side stream current.
+            torch.cuda.set_stream(stream)
             result[f"{name}_{mode}_ms"] = None
             result[f"{name}_{mode}_error"] = str(e).splitlines()[0][:200]
     return result
@@ -308,9 +311,12 @@ def test_kvcache_decoding(record, case):
     q, k, v = (torch.randn(batch, heads, 1, head_dim, generator=g, device=DEVICE,
                            dtype=torch.bfloat16) for _ in range(3))
     lengths = torch.full((batch,), context, dtype=torch.int32, device=DEVICE)
-    # `fraction` of the (sequence, head) rows routed: per-head routes, so batch 1 has some too.
-    route = torch.rand(batch, heads, 1, generator=g, device=DEVICE) < fraction
-    routed = int(route.sum())
+    # `fraction` of the (sequence, head) rows routed, at least one: per-head routes, so batch 1
+    # has some too.
+    routed = max(1, round(fraction * batch * heads))
+    route = torch.zeros(batch * heads, dtype=torch.bool, device=DEVICE)
+    route[torch.randperm(batch * heads, generator=g, device=DEVICE)[:routed]] = True
+    route = route.view(batch, heads, 1)
 
     def step():
         return cram_ext.routed_attention_with_kvcache(q, cache[0], cache[1], k, v, lengths,
@@ -333,14 +339,15 @@ CRAM_STEP = [(d, batch) for d in (64, 256) for batch in (1, 8)]
 
 @pytest.mark.parametrize("case", CRAM_STEP, ids=lambda c: f"d{c[0]}-b{c[1]}")
 def test_cram_step_decoding(record, case):
-    """One decoding step of a CRAM layer (fp32, the layer of test_cram_forward routing about 2%
-    of its tokens to attention) over a full episodic buffer of 512 written entries: `cram_step`
-    eager and replayed from a CUDA graph, and the layer's step with the fused op and with the
-    composed ops (eager only: both read the written flags on the host)."""
+    """One decoding step of a CRAM layer (fp32, the layer of test_cram_forward with every token
+    routed to attention: the step's dearest case; at its 2% a step of 1 or 8 streams routes none)
+    over a full episodic buffer of 512 written entries: `cram_step` eager and replayed from a
+    CUDA graph, and the layer's step with the fused op and with the composed ops (eager only:
+    both read the written flags on the host)."""
     from cram_ext.models import memory
     from test_bench_cram_forward_cpu import PRICES, layer_case
     d, batch = case
-    layer, x, gap, _ = layer_case(d, 128, 0.02)
+    layer, x, gap, _ = layer_case(d, 128, 1.0)
     layer = layer.to(DEVICE)
     x, gap = x[:batch, 0].to(DEVICE), gap[:batch, 0].to(DEVICE)
     state = layer.init_state(batch, capacity=4096, memory_size=512, device=DEVICE)
