@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cases import (DEVICES, ONE_PATH_PRICES, check_cram_forward, cram_forward_inputs,
-                   cram_ops_called)
+from cases import (DEVICES, ONE_PATH_PRICES, assert_gradcheck, check_cram_forward,
+                   cram_forward_inputs, cram_ops_called)
 from cram_ext import cram_forward
 from cram_ext.models import CRAMLayer, model_config
 from cram_ext.models.cram import RoutingPrices
@@ -205,7 +205,7 @@ def test_gradcheck(semantic, device, seed):
         return cram_forward(*full, **kwargs).out
 
     inputs = [args[i].detach().requires_grad_() for i in positions]
-    assert torch.autograd.gradcheck(fn, inputs), f"seed={seed}"
+    assert_gradcheck(seed, fn, inputs)
 
 
 @pytest.mark.parametrize("device", DEVICES)

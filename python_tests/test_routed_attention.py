@@ -14,8 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cases import (ALL_DTYPES, DEVICES, assert_matches_reference, attention_inputs,
-                   check_routed_attention, cram_ops_called, random_attn_mask, routed_rows)
+from cases import (ALL_DTYPES, DEVICES, assert_gradcheck, assert_matches_reference,
+                   attention_inputs, check_routed_attention, cram_ops_called, random_attn_mask,
+                   routed_rows)
 from cram_ext import routed_attention
 
 # ---------------------------------------------------------------------------------------------
@@ -331,7 +332,7 @@ def test_attn_mask_gradcheck(mask, device, seed):
         return routed_attention(q, k, v, attn_mask, is_causal=True, enable_gqa=True, route=route,
                                 key_mask=key_mask)
 
-    assert torch.autograd.gradcheck(fn, inputs), f"seed={seed}"
+    assert_gradcheck(seed, fn, inputs)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -383,7 +384,7 @@ def test_gradcheck(is_causal, device, seed):
         return routed_attention(q, k, v, is_causal=is_causal, enable_gqa=True, route=route,
                                 key_mask=key_mask)
 
-    assert torch.autograd.gradcheck(fn, inputs), f"seed={seed}"
+    assert_gradcheck(seed, fn, inputs)
 
 
 OPCHECK_CASES = {  # (inputs, is_causal, scale, with gradients)
