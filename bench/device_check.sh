@@ -15,7 +15,7 @@
 #   build     230 s   75 s  setup.py build_ext --inplace, sm_90, one file per core (no ninja: ~150 s)
 #   import      6 s    5 s  the in-place package imports from the repo root, CUDA kernels registered
 #   tests       8 s  100 s  test_cuda_kernels.py + the CUDA cases of the op suites and of streaming
-#                           (cram_forward, cram_step, the model's step; collect: 517)
+#                           (cram_forward, cram_step, the model's step, training; collect: 534)
 #   memcheck    6 s   40 s  compute-sanitizer memcheck over bench/sanitizer_driver.py (CPU path dry)
 #   racecheck   6 s   50 s  compute-sanitizer racecheck over the same driver
 #   decisive    5 s   30 s  head_dim 64/128, L 8192/16384, 1.6%/100% routed vs flash and cuDNN,
@@ -246,7 +246,7 @@ print("CUDA kernels registered for every op")
 EOF
 }
 
-TESTS=(python_tests/test_cuda_kernels.py python_tests/test_routed_attention.py python_tests/test_selective_scan.py python_tests/test_cram_forward.py python_tests/test_cram_step.py python_tests/test_streaming.py -k cuda)
+TESTS=(python_tests/test_cuda_kernels.py python_tests/test_routed_attention.py python_tests/test_selective_scan.py python_tests/test_cram_forward.py python_tests/test_cram_step.py python_tests/test_streaming.py python_tests/test_train.py -k cuda)
 XDIST=()
 "$PY" -c 'import xdist' 2>/dev/null && XDIST=(-n 4)
 BENCH=(env "BENCH_RESULTS_JSONL=$OUT/gpu_bench.jsonl")

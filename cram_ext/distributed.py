@@ -16,16 +16,19 @@ def world() -> Tuple[int, int]:
 
 
 # The group of `all_gather` and `all_reduce_sums`: not the one DistributedDataParallel uses, so
-# that destroy_process_group really tears it down (see `shutdown`). None: the default group.
+# that destroy_process_group really tears it down (see `shutdown`), and gloo whatever DDP uses:
+# what it carries (metric sums, routing decisions, RNG states) lives on the CPU. None: the
+# default group.
 _group = None
 
 
-def init_distributed() -> None:
-    """Joins the process group when launched by torchrun (WORLD_SIZE > 1)."""
+def init_distributed(device: str = "cpu") -> None:
+    """Joins the process group when launched by torchrun (WORLD_SIZE > 1): nccl for training
+    on CUDA, gloo on the CPU."""
     global _group
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        _group = dist.new_group()
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        _group = dist.new_group(backend="gloo")
 
 
 def all_gather(value: Any) -> List[Any]:

@@ -257,9 +257,10 @@ def forced_paths(output, layer: int, rows: torch.Tensor, path: Path) -> List[tor
 
 def load_checkpoint(path: str, **model_overrides):
     """(a Trainer holding the model of checkpoint `path`, the checkpoint) with any model setting
-    overridden (for example fused=False)."""
-    state = torch.load(path, weights_only=False)
-    config = dict(state["config"])
+    overridden (for example fused=False). The model is evaluated on the CPU, wherever it was
+    trained."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    config = {**state["config"], "device": "cpu"}
     config["model_overrides"] = {**config["model_overrides"], **model_overrides}
     trainer = Trainer(RunConfig(**config), None, show_progress=False)
     trainer.model.load_state_dict(state["model"])

@@ -13,9 +13,12 @@ rate, learning rate; evaluation metrics every `--eval-every` steps); the progres
 training accuracy, the attention fraction, per routed layer P(attention | recurring / novel
 query) and the task loss (`task_loss`). Checkpoints (`<out>/checkpoint.pt`) are written
 atomically and hold everything a bit-exact resume needs: model, optimizer, scheduler, every
-rank's RNG state, the pattern-exposure statistics and the step, which is also the data stream's
-position.
-Under torchrun the model is wrapped in DistributedDataParallel (gloo on CPU, nccl on CUDA).
+rank's RNG states, the pattern-exposure statistics and the step, which is also the data stream's
+position (bit-exact on the CPU; on CUDA the kernels' backwards sum some gradients with atomics,
+so a GPU run repeats itself only to rounding).
+`--device cuda` trains on the GPU (one per process under torchrun, by LOCAL_RANK); data is
+generated on the CPU and moved, so a run's stream is the same on either device. Under torchrun
+the model is wrapped in DistributedDataParallel (gloo on CPU, nccl on CUDA).
 """
 from __future__ import annotations
 
@@ -89,6 +92,7 @@ class RunConfig:
     freeze_routing: bool = False  # keep semantic memory, router and q̂ predictor fixed
     freeze_encoder: bool = False  # keep the input encoder fixed (layer 0's router reads it)
     threads: int = 1
+    device: str = "cpu"           # "cpu" or "cuda"
 
     def model_config(self) -> ModelConfig:
         config = model_config(self.model, **self.model_overrides)
@@ -148,6 +152,20 @@ def run_config(model: str, size: str = "cpu", **settings) -> RunConfig:
 # Training
 # ---------------------------------------------------------------------------------------------
 
+def training_device(name: str) -> torch.device:
+    """The device of this process: the CPU, or under torchrun the GPU of its LOCAL_RANK."""
+    if name == "cpu":
+        return torch.device("cpu")
+    if name != "cuda":
+        raise ValueError(f"device must be cpu or cuda, got {name!r}")
+    if not torch.cuda.is_available():
+        raise ValueError("device cuda: torch sees no CUDA GPU here (torch.cuda.is_available() "
+                         "is False); train with --device cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    return device
+
+
 def attention_by_kind(record: dict) -> Dict[str, str]:
     """P(attention | recurring query) and P(attention | novel query), per routed layer, for the
     progress bar: `rec`/`nov` followed by one value per layer."""
@@ -182,13 +200,15 @@ class Trainer:
     def __init__(self, config: RunConfig, out_dir: Optional[str], show_progress: bool = True):
         self.config, self.out_dir = config, out_dir
         self.rank, self.world_size = world()
+        self.device = training_device(config.device)
         torch.set_num_threads(config.threads)
         torch.manual_seed(config.seed)
         self.data = config.data_config()
         self.bindings = pattern_values(self.data)
         self.model = CRAMModel(config.model_config())
         if config.init_from:
-            self.model.load_state_dict(torch.load(config.init_from, weights_only=False)["model"])
+            self.model.load_state_dict(torch.load(config.init_from, map_location="cpu",
+                                                  weights_only=False)["model"])
         if config.freeze_routing:
             for layer in self.model.layers:
                 for part in (layer.semantic, layer.router, layer.q_predictor):
@@ -196,9 +216,11 @@ class Trainer:
                         part.requires_grad_(False)
         if config.freeze_encoder:
             self.model.encoder.requires_grad_(False)
+        self.model.to(self.device)
         torch.manual_seed(config.seed * 1009 + 1 + self.rank)   # routing noise, per rank
-        self.ddp = (DistributedDataParallel(self.model, find_unused_parameters=True)
-                    if self.world_size > 1 else None)
+        self.ddp = (DistributedDataParallel(
+            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=True) if self.world_size > 1 else None)
         self.optimizer = torch.optim.AdamW(
             self.model.param_groups(config.lr, config.weight_decay), betas=(0.9, 0.98))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
@@ -222,10 +244,13 @@ class Trainer:
     def batch(self, step: int, seed: int):
         c = self.config
         if c.task == "srcd":
-            return batch_at(self.data, seed, step, c.batch_size, self.rank, self.world_size,
-                            self.bindings)
-        transfer = TransferConfig(task=c.task, source=self.data)
-        return transfer_batch_at(transfer, seed, step, c.batch_size, self.rank, self.world_size)
+            batch = batch_at(self.data, seed, step, c.batch_size, self.rank, self.world_size,
+                             self.bindings)
+        else:
+            transfer = TransferConfig(task=c.task, source=self.data)
+            batch = transfer_batch_at(transfer, seed, step, c.batch_size, self.rank,
+                                      self.world_size)
+        return {name: t.to(self.device) for name, t in batch.items()}
 
     # -- one step -------------------------------------------------------------------------------
     def train_step(self) -> dict:
@@ -274,25 +299,33 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
         rng_states = all_gather(torch.get_rng_state())
+        # Routing noise on a GPU comes from its own generator.
+        cuda_rng_states = (all_gather(torch.cuda.get_rng_state(self.device))
+                           if self.device.type == "cuda" else None)
         if self.rank != 0 or not self.checkpoint_path:
             return
         state = {"step": self.step, "config": dataclasses.asdict(self.config),
                  "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "rng": rng_states,
+                 "cuda_rng": cuda_rng_states,
                  "exposure": self.exposure.state_dict(), "world_size": self.world_size}
         tmp = self.checkpoint_path + ".tmp"
         torch.save(state, tmp)
         os.replace(tmp, self.checkpoint_path)
 
     def load_checkpoint(self, path: str) -> None:
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, map_location=self.device, weights_only=False)
         if state["world_size"] != self.world_size:
             raise ValueError(f"checkpoint was written by {state['world_size']} processes; "
                              f"resume with the same number (got {self.world_size})")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"][self.rank])
+        torch.set_rng_state(state["rng"][self.rank].cpu())
+        if self.device.type == "cuda":
+            if not state.get("cuda_rng"):
+                raise ValueError(f"{path} was written by a CPU run: resume it with --device cpu")
+            torch.cuda.set_rng_state(state["cuda_rng"][self.rank].cpu(), self.device)
         self.exposure.load_state_dict(state["exposure"])
         self.step = state["step"]
         if self.rank == 0 and self.log_path and os.path.exists(self.log_path):
@@ -366,7 +399,7 @@ def main(argv=None) -> dict:
     settings = {name: getattr(args, name) for name in FLAG_SETTINGS
                 if getattr(args, name) is not None}
     config = run_config(args.config, args.size, **settings)
-    init_distributed()
+    init_distributed(config.device)
     trainer = Trainer(config, args.out)
     if args.resume and trainer.checkpoint_path and os.path.exists(trainer.checkpoint_path):
         trainer.load_checkpoint(trainer.checkpoint_path)

@@ -76,6 +76,37 @@ def test_transfer_starts_from_a_checkpoint_and_keeps_the_frozen_parts(tmp_path, 
         assert not torch.equal(moved[f"layers.0.{trained}"], source[f"layers.0.{trained}"])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where there is no GPU")
+def test_device_cuda_without_a_gpu_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="device cuda: torch sees no CUDA GPU"):
+        train.main(["--config", "cram", *TINY, "--device", "cuda", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="device must be cpu or cuda"):
+        train.main(["--config", "cram", *TINY, "--device", "tpu", "--out", str(tmp_path)])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("model", ["cram", "transformer"])
+def test_training_on_cuda_resumes_and_evaluates_on_the_cpu(tmp_path, model):
+    """A run on the GPU (the kernels' CUDA paths in training: exploration, probes, the router's
+    regression), resumed there from its checkpoint, whose model then evaluates on the CPU."""
+    from cram_ext.evaluate import load_checkpoint
+    cuda = ["--config", model, *TINY, "--device", "cuda", "--out", str(tmp_path)]
+    train.main([*cuda, "--stop-at", "3"])
+    final = train.main([*cuda, "--resume"])
+    log = read_log(tmp_path)
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert all(np.isfinite(r["loss/total"]) for r in log)
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert checkpoint["model"]["encoder.type_embedding.weight"].is_cuda
+    assert len(checkpoint["cuda_rng"]) == 1
+    trainer, _ = load_checkpoint(str(tmp_path / "checkpoint.pt"))
+    assert all(p.device.type == "cpu" for p in trainer.model.parameters())
+    on_cpu = trainer.evaluate()
+    # The same held-out batches: the CPU and CUDA kernels round differently, nothing more.
+    assert on_cpu["accuracy"] == pytest.approx(final["accuracy"], abs=0.05)
+    assert on_cpu["dynamics_mse"] == pytest.approx(final["dynamics_mse"], rel=0.05)
+
+
 def test_unknown_names_are_rejected():
     with pytest.raises(ValueError, match="unknown size"):
         run_config("cram", size="huge")

@@ -58,7 +58,8 @@ def recurring_query_routing(batch, output) -> Tuple[np.ndarray, np.ndarray]:
     routed = [r.routing.scores.argmin(-1) == Path.EPISODIC for r in output.layers
               if r.routing is not None]
     episodic = (torch.stack(routed) if routed else queries.new_zeros((0,) + queries.shape))
-    return batch["pattern"][queries].numpy(), episodic[:, queries].numpy().astype(np.int64)
+    return (batch["pattern"][queries].cpu().numpy(),
+            episodic[:, queries].cpu().numpy().astype(np.int64))
 
 
 def concatenate_routing(per_rank: Sequence[Tuple[np.ndarray, np.ndarray]]
