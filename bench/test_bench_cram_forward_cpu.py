@@ -93,7 +93,9 @@ def fused_call(layer, x, gap, key_mask):
 
 
 def parts(layer, x, gap, key_mask, path):
-    """The op's stages, each as a callable on inputs prepared beforehand, in the op's layouts."""
+    """The op's stages, each as a callable on inputs prepared beforehand, in the op's layouts:
+    on the CPU its GEMMs gather the rows of each path, on a CUDA device they run over every row
+    (the row counts stay on the device there)."""
     w, att, router, sem = layer.working, layer.episodic, layer.router, layer.semantic
     batch, L, d = x.shape
     d_inner, R, N = w.out_proj.weight.shape[1], w.dt_rank, w.d_state
@@ -117,10 +119,11 @@ def parts(layer, x, gap, key_mask, path):
     recalled = (path == Path.SEMANTIC).flatten().nonzero().squeeze(1)
     # 5% of the tokens are written: few enough that the op computes k/v on those rows only.
     written = key_mask.flatten().nonzero().squeeze(1)
-    kv = torch.empty(batch * L, att.qkv.weight.shape[0] - d)
+    kv = torch.empty(batch * L, att.qkv.weight.shape[0] - d, device=x.device)
     q, k, v = (t.view(batch, L, att.n_heads, -1).transpose(1, 2)
                for t in att.qkv(x).chunk(3, dim=-1))
-    attn_flat = torch.zeros(batch * L, d)
+    attn_flat = torch.zeros(batch * L, d, device=x.device)
+    semantic_rows = (path == Path.SEMANTIC).flatten()[:, None].to(x.dtype)
     first = router.predict_loss[0]
 
     def gemms():
@@ -129,6 +132,12 @@ def parts(layer, x, gap, key_mask, path):
         w.dt_proj.weight @ x_dbl_[:R]
         out = y_channels.t() @ w.out_proj.weight.t()
         torch.addmm(first.bias, x_flat, first.weight[:, :d].t())
+        if x.is_cuda:
+            x_flat @ att.qkv.weight.t()
+            out.addmm_(attn_flat, att.out_proj.weight.t())
+            h = torch.relu(torch.addmm(sem.down.bias, x_flat, sem.down.weight.t()))
+            out.add_(torch.addmm(sem.up.bias, h, sem.up.weight.t()) * semantic_rows)
+            return
         kv.index_copy_(0, written, x_flat.index_select(0, written) @ att.qkv.weight[d:].t())
         x_flat.index_select(0, rows) @ att.qkv.weight[:d].t()
         out.index_add_(0, rows, attn_flat.index_select(0, rows) @ att.out_proj.weight.t())

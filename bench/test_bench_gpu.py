@@ -272,10 +272,11 @@ CRAM_LAYER = [(d, L, fraction) for d in (64, 256) for L in (2048, 8192) for frac
 
 @pytest.mark.parametrize("case", CRAM_LAYER, ids=case_id)
 def test_cram_forward(record, case):
-    """The evaluation forward of one CRAM layer (batch 8, fp32): the fused op, the layer with
-    the fused op and with the composed ops, eager and replayed from a CUDA graph (only the fused
-    layer has no host synchronisation, so only it can be captured)."""
-    from test_bench_cram_forward_cpu import PRICES, fused_call, layer_case
+    """The evaluation forward of one CRAM layer (batch 8, fp32): the fused op, eager and replayed
+    from a CUDA graph (only the fused layer has no host synchronisation, so only it can be
+    captured); the layer with the fused op and with the composed ops; and the op's stages timed
+    alone (scan, attention, GEMMs: test_bench_cram_forward_cpu.parts), the CPU table's columns."""
+    from test_bench_cram_forward_cpu import PRICES, fused_call, layer_case, parts
     d, L, fraction = case
     layer, x, gap, key_mask = layer_case(d, L, fraction)
     layer = layer.to(DEVICE)
@@ -283,13 +284,22 @@ def test_cram_forward(record, case):
     result = dict(kind="cram_forward", d_model=d, L=L, batch=x.shape[0], fraction=fraction)
     with torch.no_grad():
         op = fused_call(layer, x, gap, key_mask)
-        result["attention_rows"] = int(op().attention_rows)
+        path = op().path
+        result["attention_rows"] = int((path == Path.EPISODIC).sum())
+        result["semantic_rows"] = int((path == Path.SEMANTIC).sum())
         result.update(eager_and_graph_ms(op, "fused_op"))
         for fused in (True, False):
             layer.fused = fused
             result[f"layer_{'fused' if fused else 'composed'}_eager_ms"] = cuda_time_ms(
                 lambda: layer(x, gap, key_mask, PRICES))
         layer.fused = True
+        for name, stage in parts(layer, x, gap, key_mask, path).items():
+            result[f"{name}_eager_ms"] = cuda_time_ms(stage)
+    result["parts_sum_eager_ms"] = sum(result[f"{name}_eager_ms"]
+                                       for name in ("scan", "attention", "gemms"))
+    if result["fused_op_eager_ms"] is not None:
+        result["op_over_parts"] = result["fused_op_eager_ms"] / result["parts_sum_eager_ms"]
+    result["layer_speedup"] = result["layer_composed_eager_ms"] / result["layer_fused_eager_ms"]
     record(**result)
 
 
