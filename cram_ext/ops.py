@@ -136,14 +136,14 @@ def routed_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal
     hidden by `is_causal`, `key_mask`, False or -inf in `attn_mask`) outputs 0, as SDPA does for
     fully masked rows. NaN or Inf in a value row a query cannot see can still reach its output
     through a zero weight, as in SDPA, except on the CPU with a `key_mask` that keeps at most
-    half of the keys: then the other key and value rows are never read. Without
-    `attn_mask` the CPU/CUDA kernels run, and the cost scales with the routed rows times the
-    keys each can see: causally, the positions before it, or on the CPU, with a `key_mask` that
-    keeps at most half of the keys, the kept keys before it. With
-    `attn_mask` the result is a PyTorch composite (gather the routed rows and their mask rows,
-    softmax in float32 or float64, scatter back), differentiable also in a float mask, whose cost
-    scales with batch · kv_heads · the most routed rows of one (batch, kv head) · S. Tensors
-    whose last dimension is not contiguous are copied; other strides are used as they are.
+    half of the keys: then the other key and value rows are never read. Without `attn_mask` the
+    CPU/CUDA kernels run, and the cost scales with the routed rows times the keys each can see:
+    causally, the positions before it, or on the CPU, with a `key_mask` that keeps at most half
+    of the keys, the kept keys before it. With `attn_mask` the result is a PyTorch composite
+    (gather the routed rows and their mask rows, softmax in float32 or float64, scatter back),
+    differentiable also in a float mask, whose cost scales with batch · kv_heads · the most
+    routed rows of one (batch, kv head) · S. Tensors whose last dimension is not contiguous are
+    copied; other strides are used as they are.
     Reference: `cram_ext.reference.routed_attention_ref`.
     """
     if dropout_p != 0.0:
