@@ -17,7 +17,7 @@ HIDDEN = ("kind", "test")
 def cell(value):
     if value is None:
         return "–"
-    if isinstance(value, bool) or isinstance(value, int):
+    if isinstance(value, int):   # bool too
         return str(value)
     if isinstance(value, float):
         return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
