@@ -20,7 +20,9 @@
 #   racecheck   6 s   50 s  compute-sanitizer racecheck over the same driver
 #   decisive    5 s   30 s  head_dim 64/128, L 8192/16384, 1.6%/100% routed vs flash and cuDNN,
 #                           eager and CUDA-graph replay (8 cases)
-#   bench       6 s   40 s  scan bandwidth, the rest of the attention grid with an unfused baseline
+#   bench       6 s   50 s  scan bandwidth, attention forward + backward vs flash (head_dim 64/128,
+#                           L 8192, 1.6%/100%), the rest of the attention grid with an unfused
+#                           baseline
 #   fused       4 s  ~30 s  one CRAM layer's eval forward, d 64/256, L 2048/8192, 2%/10% routed:
 #                           the fused op (eager, CUDA graph) and the layer fused and composed
 #   streaming   4 s  ~30 s  one decoding step: routed_attention_with_kvcache vs SDPA over the
@@ -28,7 +30,7 @@
 #                           state update, one CRAM layer's step (cram_step; the layer fused and
 #                           composed; d 64/256, batch 1/8)
 #   flex        4 s <=90 s  FlexAttention baseline, 2 compilations; gets whatever time is left
-#   total            375 s  before flex (about 6 minutes); the deadline stops everything at 440 s
+#   total            385 s  before flex (about 6 minutes); the deadline stops everything at 440 s
 # A stage whose predecessor failed in a way that makes it meaningless (no build) is skipped.
 # Every Python stage imports the freshly built package: PYTHONPATH is the repository root.
 #
@@ -288,7 +290,8 @@ if [ $built -eq 1 ]; then
   run_stage decisive 90 "$OUT/bench.log" "${BENCH[@]}" "${PYTEST[@]}" "${COLLECT[@]}" \
     bench/test_bench_gpu.py::test_attention_decisive
   run_stage bench 120 "$OUT/bench.log" "${BENCH[@]}" "${PYTEST[@]}" "${COLLECT[@]}" \
-    bench/test_bench_gpu.py::test_scan_bandwidth bench/test_bench_gpu.py::test_attention_more
+    bench/test_bench_gpu.py::test_scan_bandwidth bench/test_bench_gpu.py::test_attention_backward \
+    bench/test_bench_gpu.py::test_attention_more
   run_stage fused 90 "$OUT/bench.log" "${BENCH[@]}" "${PYTEST[@]}" "${COLLECT[@]}" \
     bench/test_bench_gpu.py::test_cram_forward
   run_stage streaming 75 "$OUT/bench.log" "${BENCH[@]}" "${PYTEST[@]}" "${COLLECT[@]}" \

@@ -12,7 +12,9 @@ one JSON object a line, so a run cut short keeps what it measured. Tests run in 
    replayed from a CUDA graph: eager includes the host's launch and allocation overhead, the
    graph shows device time alone, so the difference is the host cost per call.
 2. test_scan_bandwidth: selective scan forward and backward (bf16), achieved GB/s (each input
-   read once, each output written once) beside a measured device-to-device copy.
+   read once, each output written once) beside a measured device-to-device copy;
+   test_attention_backward: routed attention forward + backward (bf16, head_dim 64 and 128,
+   L 8192, 1.6% and 100% routed) against dense causal SDPA's with the flash backend, eager.
 3. test_attention_more: the rest of the grid (L 2048; 12.5% and 50% routed), with the same
    baselines plus `unfused` (gather the routed rows, SDPA with an explicit causal mask on their
    positions, scatter back).
@@ -48,6 +50,7 @@ DECISIVE = [(d, L, fraction) for d in (64, 128) for L in (8192, 16384) for fract
 MORE = [(d, L, fraction) for d in (64, 128) for L in (2048, 8192, 16384)
         for fraction in (0.016, 0.125, 0.5, 1.0) if (d, L, fraction) not in DECISIVE]
 FLEX = [(128, L, fraction) for L in (8192, 16384) for fraction in (0.016, 0.125)]
+BACKWARD = [(d, 8192, fraction) for d in (64, 128) for fraction in (0.016, 1.0)]
 
 
 def case_id(case):
@@ -213,6 +216,33 @@ def test_scan_bandwidth(record, direction):
     copy = copy_bandwidth_gbs(record)
     record(kind=f"scan_{direction}", batch=batch, dim=dim, L=L, N=N, dtype="bfloat16", ms=ms,
            bytes=moved, gbs=gbs, copy_gbs=copy, fraction_of_copy=gbs / copy)
+
+
+@pytest.mark.parametrize("case", BACKWARD, ids=case_id)
+def test_attention_backward(record, case):
+    """Forward + backward (dq, dk, dv) of routed attention against dense causal SDPA's with the
+    flash backend, eager: the training step's attention."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v, route = attention_case(*case)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    grad_out = torch.randn_like(q)
+
+    def routed():
+        out = cram_ext.routed_attention(*leaves, route=route, is_causal=True)
+        return torch.autograd.grad(out, leaves, grad_out)
+
+    def flash():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            out = F.scaled_dot_product_attention(*leaves, is_causal=True)
+        return torch.autograd.grad(out, leaves, grad_out)
+
+    head_dim, L, fraction = case
+    entry = dict(kind="routed_attention_backward", dtype="bfloat16", batch=1, heads=q.shape[1],
+                 head_dim=head_dim, L=L, route_fraction=fraction, routed_rows=int(route.sum()),
+                 routed_eager_ms=cuda_time_ms(routed), flash_eager_ms=cuda_time_ms(flash))
+    entry["speedup_vs_flash_eager"] = entry["flash_eager_ms"] / entry["routed_eager_ms"]
+    record(**entry)
 
 
 @pytest.mark.parametrize("case", MORE, ids=case_id)

@@ -211,9 +211,9 @@ flash_bwd_kernel(const RoutedAttentionBwdParams p, const RoutedRows rows) {
   constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN, kThreads = Tile::kThreads;
   constexpr int kKSteps = kHeadDim / 16;   // k-steps over the head dimension
   // Rows of the query tile per pass through the score fragments (see below). Registers
-  // (ptxas, sm_80 and sm_90): head_dim 64 uses about 250, no spills; head_dim 128 holds 128
-  // floats of dK/dV accumulators alone and spills a few dozen bytes on sm_90 even with 16-row
-  // passes (bench/GPU_NOTES.md has the report).
+  // (ptxas, sm_80 and sm_90): head_dim 64 uses about 250; head_dim 128 holds 128 floats of
+  // dK/dV accumulators alone, and takes its 16-row passes one at a time (not unrolled: unrolled,
+  // the passes' fragments overlap and spill on sm_90). No spills (bench/GPU_NOTES.md).
   constexpr int kSubM = kHeadDim >= 128 ? 16 : 64;
   constexpr int kSubTiles = kSubM / 8;     // n-tiles of S^T per pass
   constexpr int kDimTiles = kHeadDim / 8;  // n-tiles of dK, dV, dQ
@@ -289,7 +289,7 @@ flash_bwd_kernel(const RoutedAttentionBwdParams p, const RoutedRows rows) {
       // registers the two score fragments hold next to the dK, dV accumulators.
       const bool needs_mask = key0 + kBlockN > seqlen_k || p.key_mask != nullptr ||
                               (p.is_causal && key0 + kBlockN - 1 > tile_positions[0]);
-#pragma unroll
+#pragma unroll 1
       for (int sub = 0; sub < kBlockM; sub += kSubM) {
         // S^T = K Q^T and dP^T = V dO^T: this warp's 16 keys x rows [sub, sub + kSubM).
         float st[kSubTiles][4], dpt[kSubTiles][4];
