@@ -282,5 +282,6 @@ def _route_and_mix(x, gap, working_out, attend, router_w1, router_b1, router_w2,
     if semantic_down_weight is not None:
         recalled = F.linear(F.relu(F.linear(x, semantic_down_weight, semantic_down_bias)),
                             semantic_up_weight, semantic_up_bias)
-        out = out + (path == 2)[..., None].to(x.dtype) * recalled
+        # Selected, not multiplied by a 0/1 mask: an overflowing f_sem leaves other rows alone.
+        out = out + torch.where((path == 2)[..., None], recalled, 0.0)
     return out, path, predicted, scores, attention_out

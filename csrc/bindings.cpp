@@ -667,8 +667,9 @@ at::Tensor routed_attention_kvcache(const at::Tensor& q, const at::Tensor& k_cac
     TORCH_CHECK(t->size(3) <= 1 || t->stride(3) == 1, op, ": ", name,
                 " must be contiguous in head_dim (it is written in place), got strides ", t->strides());
   }
-  TORCH_CHECK(kv_heads >= 1 && heads % kv_heads == 0, op, ": the number of key/value heads (",
-              kv_heads, ") must divide the number of query heads (", heads, ")");
+  // A positive number of query heads too: with none the op would return before the append.
+  TORCH_CHECK(kv_heads >= 1 && heads >= 1 && heads % kv_heads == 0, op, ": the number of key/value heads (",
+              kv_heads, ") must divide the number of query heads (", heads, "), both positive");
   TORCH_CHECK(d >= 1 && d <= kAttentionMaxHeadDim, op, ": head_dim must be in [1, ",
               kAttentionMaxHeadDim, "], got ", d);
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
@@ -832,6 +833,7 @@ struct CramLayerSizes {
 
 CramLayerSizes check_layer_weights(const CramLayerWeights& w, const at::Tensor& x, int64_t d,
                                    int64_t n_heads, const char* op) {
+  TORCH_CHECK(d >= 1, op, ": d_model (the last dimension of x) must be positive, got ", d);
   CramLayerSizes s{};
   s.d = d;
   const auto acc = accumulation_type(x.scalar_type());
@@ -1030,7 +1032,8 @@ void add_taken_paths(const CramLayerWeights& w, const CramLayerSizes& s, at::Ten
   } else {
     const at::Tensor h = at::relu(at::addmm(*w.semantic_down_bias, x_flat, w.semantic_down->t()));
     const at::Tensor f_sem = at::addmm(*w.semantic_up_bias, h, w.semantic_up->t());
-    out_flat.add_(f_sem * r.path.view({out_flat.size(0), 1}).eq(kPathSemantic).to(x_flat.scalar_type()));
+    // Selected, not multiplied by a 0/1 mask: an overflowing f_sem must not make other rows NaN.
+    out_flat.add_(at::where(r.path.view({out_flat.size(0), 1}).eq(kPathSemantic), f_sem, at::zeros({}, f_sem.options())));
   }
 }
 

@@ -10,6 +10,7 @@ from cases import (DEVICES, ONE_PATH_PRICES, assert_gradcheck, check_cram_forwar
                    cram_forward_inputs, cram_ops_called)
 from cram_ext import cram_forward
 from cram_ext.models import CRAMLayer, model_config
+from cram_ext.reference import cram_forward_ref
 from cram_ext.models.cram import RoutingPrices
 from cram_ext.models.router import Path
 
@@ -60,6 +61,45 @@ def test_every_token_on_one_path_by_its_price(prices, path, device, seed):
     else:
         assert (got.path == path).all()
         assert int(got.attention_rows) == (got.path.numel() if path == Path.EPISODIC else 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_nan_feature_routes_as_the_reference(device):
+    """A NaN router feature (here a gap, which also makes the scan NaN from that token on) passes
+    the hidden layer's ReLU as in F.relu: those tokens' predicted losses are NaN and argmin's rule
+    takes path 0, as in the reference."""
+    args, kwargs = cram_forward_inputs(3, device=device)
+    args[1][0, 5] = float("nan")
+    got = cram_forward(*args, **kwargs)
+    expected = cram_forward_ref(*args, **kwargs)
+    assert torch.equal(got.path, expected[1])
+    assert got.predicted_loss[0, 5].isnan().all() and (got.path[0, 5:] == Path.WORKING).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_semantic_price_is_rounded_once_as_the_router_forms_it(dtype, device):
+    """-semantic_reward · q̂ in the accumulation type, rounded once to the inputs' dtype, as the
+    composed router computes it (rounding the reward first moves about half of these prices by one
+    unit in the last place)."""
+    args, kwargs = cram_forward_inputs(0, L=64, dtype=dtype, device=device)
+    args[11], args[12] = torch.zeros_like(args[11]), torch.zeros_like(args[12])  # predicted 0
+    q_hat = torch.linspace(0, 1, 128, device=device).view(2, 64).to(dtype)
+    got = cram_forward(*args, **dict(kwargs, semantic_reward=0.3, q_hat=q_hat))
+    assert torch.equal(got.scores[..., Path.SEMANTIC], -0.3 * q_hat)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_an_overflowing_semantic_output_leaves_other_rows_alone(device):
+    """f_sem = inf (float16 overflow) on every row: the rows that do not take the semantic path
+    stay finite, in the op as in the reference."""
+    args, kwargs = cram_forward_inputs(0, L=40, dtype=torch.float16, device=device)
+    args[18] = torch.full_like(args[18], float("inf"))
+    got = cram_forward(*args, **kwargs)
+    semantic = got.path == Path.SEMANTIC
+    assert semantic.any() and (~semantic).any()
+    assert got.out[~semantic].isfinite().all() and got.out[semantic].isinf().all()
+    assert cram_forward_ref(*args, **kwargs)[0][~semantic].isfinite().all()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -278,6 +318,7 @@ def _with(args, kwargs, **changes):
     (dict(forced_path=torch.zeros(2, 12, dtype=torch.int32)), "forced_path must be Long"),
     (dict(forced_path=torch.full((2, 12), 3, dtype=torch.long)), "forced_path entries"),
     (dict(episodic_price=float("nan")), "episodic_price and semantic_reward must be finite"),
+    (dict(x=lambda t: t[..., :0]), "d_model \\(the last dimension of x\\) must be positive"),
 ])
 def test_bad_inputs_raise_clear_errors(changes, message):
     args, kwargs = cram_forward_inputs(0)

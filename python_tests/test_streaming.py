@@ -214,6 +214,26 @@ def test_kvcache_key_mask_per_head_route_and_no_append(seed, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_kvcache_infinite_and_nan_keys_follow_the_reference(device):
+    """A key scoring -inf weighs 0 wherever the kernel meets it (slot 0 is the first key of a
+    CUDA warp and of a CPU block); a NaN key reaches the row even from a 64-key block where no
+    key scores finite."""
+    g = generator(0, device)
+    capacity, d = 130, 8
+    q = torch.randn(1, 1, 1, d, generator=g, device=device).abs()
+    k_cache = torch.randn(1, 1, capacity, d, generator=g, device=device)
+    v_cache = torch.randn(1, 1, capacity, d, generator=g, device=device)
+    lengths = torch.tensor([capacity], dtype=torch.int32, device=device)
+    route = torch.ones(1, 1, dtype=torch.bool, device=device)
+    k_cache[0, 0, 0] = -float("inf")
+    assert check_kvcache(0, q, k_cache, v_cache, None, None, lengths, route, None).isfinite().all()
+    mask = torch.zeros(1, capacity, dtype=torch.bool, device=device)
+    mask[0, [1, 65]] = True
+    k_cache[0, 0, 1] = float("nan")
+    assert check_kvcache(0, q, k_cache, v_cache, None, None, lengths, route, mask).isnan().all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_kvcache_decoding_equals_routed_attention(seed, device):
     """Appending a sequence one token at a time (and three at a time) gives causal
     routed_attention on the whole sequence with the same key_mask."""
@@ -263,6 +283,7 @@ KVCACHE_ERRORS = {
     "cache_strides": (lambda a: a.update(k_cache=a["k_cache"].transpose(2, 3).contiguous()
                                          .transpose(2, 3)), "k_cache must be contiguous"),
     "heads": (lambda a: a.update(q=a["q"][:, :3]), r"key/value heads \(2\) must divide"),
+    "no_heads": (lambda a: a.update(q=a["q"][:, :0]), r"query heads \(0\), both positive"),
     "k_without_v": (lambda a: a.update(v=None), "k and v must be given together"),
     "k_shape": (lambda a: a.update(k=a["k"][:, :, :1], v=a["v"][:, :, :1]),
                 r"k must have shape \(batch, kv_heads, n_new, head_dim\)"),

@@ -118,7 +118,7 @@ class CRAMLayer(nn.Module):
             mixed = mixed + retrieved
             if self.semantic is not None:
                 recalled = self.semantic(x)
-                mixed = mixed + recalled * (routing.choice == Path.SEMANTIC)[..., None]
+                mixed = mixed + torch.where((routing.choice == Path.SEMANTIC)[..., None], recalled, 0.0)
                 self._record_consolidation(record, recalled[rows], retrieved.detach()[rows], rows)
                 record.q_hat = q_hat
             record.routing, record.attention_rows = routing, rows

@@ -57,7 +57,7 @@ route_tokens_kernel(const CramRouterParams p) {
   for (int64_t j = lane; j < H; j += 32) {
     acc_t h = to_acc(hidden_x[j]) + to_acc(w_state[j]) * log_gap +
               to_acc(w_state[H + j]) * state_norm + to_acc(w_state[2 * H + j]) * q;
-    h = h > acc_t(0) ? h : acc_t(0);
+    h = h < acc_t(0) ? acc_t(0) : h;  // NaN passes, as in F.relu (a max instruction would drop it)
 #pragma unroll
     for (int path = 0; path < kRouterMaxPaths; ++path)
       if (path < P) partial[path] += to_acc(w_out[path * H + j]) * h;
@@ -67,7 +67,7 @@ route_tokens_kernel(const CramRouterParams p) {
   if (lane != 0) return;
 
   const acc_t episodic_price = rounded<scalar_t>(static_cast<acc_t>(p.episodic_price));
-  const acc_t semantic_price = rounded<scalar_t>(static_cast<acc_t>(-p.semantic_reward));
+  const acc_t semantic_price = static_cast<acc_t>(-p.semantic_reward);  // times q̂, rounded once (below)
   auto* predicted = static_cast<scalar_t*>(p.predicted) + token * P;
   auto* scores = static_cast<scalar_t*>(p.scores) + token * P;
   int64_t best = 0;

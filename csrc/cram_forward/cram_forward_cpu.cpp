@@ -29,9 +29,11 @@ void route_tokens(const CramRouterParams& p) {
   auto* scores = static_cast<scalar_t*>(p.scores);
   const int64_t L = p.seqlen, H = p.hidden, P = p.n_paths;
   const acc_t inv_sqrt_d = acc_t(1) / std::sqrt(acc_t(p.d_model));
-  // The prices as the unfused router forms them: Python floats rounded to the tensors' dtype.
+  // The prices as the unfused router forms them: the episodic price a Python float stored in a
+  // tensor of the inputs' dtype, the semantic one -semantic_reward · q̂ computed in the
+  // accumulation type and rounded once.
   const acc_t episodic_price = to_float(from_float<scalar_t>(p.episodic_price));
-  const acc_t semantic_price = to_float(from_float<scalar_t>(-p.semantic_reward));
+  const acc_t semantic_price = static_cast<acc_t>(-p.semantic_reward);
 
   parallel_for(p.batch * L, 64, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> hidden(H);
@@ -54,7 +56,7 @@ void route_tokens(const CramRouterParams& p) {
       for (int64_t j = 0; j < H; ++j) {
         const acc_t h = to_float(hx[j]) + to_float(w_state[j]) * features[0] +
                         to_float(w_state[H + j]) * features[1] + to_float(w_state[2 * H + j]) * features[2];
-        hidden[j] = h > acc_t(0) ? h : acc_t(0);
+        hidden[j] = h < acc_t(0) ? acc_t(0) : h;  // NaN passes, as in F.relu
       }
       int64_t best = 0;
       acc_t best_score = 0;

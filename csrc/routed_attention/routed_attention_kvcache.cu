@@ -87,7 +87,9 @@ kvcache_attention_kernel(const RoutedAttentionKVCacheParams p) {
     }
     s = warp_sum(s);
     const acc_t new_max = max(running_max, s);
-    const acc_t rescale = exp_acc(running_max - new_max), weight = exp_acc(s - new_max);
+    // While every score so far is -inf (a key of -inf elements), shift by 0: -inf - -inf is NaN.
+    const acc_t shift = new_max == minus_inf ? acc_t(0) : new_max;
+    const acc_t rescale = exp_acc(running_max - shift), weight = exp_acc(s - shift);
     running_sum = running_sum * rescale + weight;
     const scalar_t* v_row = values + j * p.v_cache_row_stride;
 #pragma unroll

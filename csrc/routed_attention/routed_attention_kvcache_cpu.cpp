@@ -90,13 +90,15 @@ void attend(const RoutedAttentionKVCacheParams& p) {
             s.scores[j] = key_mask && !key_mask[slot] ? minus_inf : dot<acc_t>(s.q.data(), keys + slot * p.k_cache_row_stride, d);
             block_max = std::max(block_max, s.scores[j]);
           }
-          if (block_max == minus_inf) continue;  // nothing visible yet
-          const acc_t rescale = exp_approx(running_max - block_max);
+          // Nothing finite seen yet: shift by 0 (-inf - -inf is NaN), and still visit the block, so
+          // that a NaN score among its keys reaches the row as it does in the reference.
+          const acc_t shift = block_max == minus_inf ? acc_t(0) : block_max;
+          const acc_t rescale = exp_approx(running_max - shift);
           running_sum *= rescale;
           for (int64_t c = 0; c < d; ++c) s.out[c] *= rescale;
           for (int64_t j = 0; j < n; ++j) {
             if (s.scores[j] == minus_inf) continue;
-            const acc_t weight = exp_approx(s.scores[j] - block_max);
+            const acc_t weight = exp_approx(s.scores[j] - shift);
             running_sum += weight;
             const scalar_t* v = values + (j0 + j) * p.v_cache_row_stride;
             for (int64_t c = 0; c < d; ++c) s.out[c] += weight * acc_t(to_float(v[c]));
