@@ -18,6 +18,8 @@ _ops = torch.ops.cram_ext
 # The forward checkpoints the scan state every this many steps (the kernels' constant, read from
 # the extension); the backward recomputes the states inside a chunk from its checkpoint.
 SCAN_CHUNK_SIZE = _C.SCAN_CHECKPOINT_CHUNK
+# The attention kernels' largest head_dim (read from the extension).
+ATTENTION_MAX_HEAD_DIM = _C.ATTENTION_MAX_HEAD_DIM
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -116,9 +118,10 @@ def routed_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal
     Args:
         query: (*batch, heads, L, E); float32/float64/float16/bfloat16. Any number of leading
             batch dimensions, broadcast against key's and value's as in SDPA.
-        key, value: (*batch, kv_heads, S, E), query's dtype. kv_heads equals heads, or is 1
-            (broadcast), or with `enable_gqa` divides heads (query head h reads key/value head
-            h // (heads // kv_heads)).
+        key, value: (*batch, kv_heads, S, E) and (*batch, kv_heads, S, Ev), query's dtype,
+            broadcast against each other but in the last dimension. kv_heads equals heads, or
+            is 1 (broadcast), or with `enable_gqa` divides heads (query head h reads key/value
+            head h // (heads // kv_heads)).
         attn_mask: bool (True: the key takes part, SDPA's convention) or additive float
             (float32 or query's dtype), broadcastable to (*batch, heads, L, S). Only the rows
             of routed queries are read. Unlike SDPA it may be combined with `is_causal`: a key
@@ -136,14 +139,15 @@ def routed_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal
     hidden by `is_causal`, `key_mask`, False or -inf in `attn_mask`) outputs 0, as SDPA does for
     fully masked rows. NaN or Inf in a value row a query cannot see can still reach its output
     through a zero weight, as in SDPA, except on the CPU with a `key_mask` that keeps at most
-    half of the keys: then the other key and value rows are never read. Without `attn_mask` the
-    CPU/CUDA kernels run, and the cost scales with the routed rows times the keys each can see:
-    causally, the positions before it, or on the CPU, with a `key_mask` that keeps at most half
-    of the keys, the kept keys before it. With `attn_mask` the result is a PyTorch composite
-    (gather the routed rows and their mask rows, softmax in float32 or float64, scatter back),
-    differentiable also in a float mask, whose cost scales with batch · kv_heads · the most
-    routed rows of one (batch, kv head) · S. Tensors whose last dimension is not contiguous are
-    copied; other strides are used as they are.
+    half of the keys: then the other key and value rows are never read. Without `attn_mask`
+    the CPU/CUDA kernels run (E = Ev in [1, ATTENTION_MAX_HEAD_DIM = 256], a finite scale),
+    and the cost scales with the routed rows times the keys each can see: causally, the
+    positions before it, or on the CPU, with a `key_mask` that keeps at most half of the keys,
+    the kept keys before it. With `attn_mask`, or for the calls the kernels do not take, the
+    result is a PyTorch composite (gather the routed rows and their mask rows, softmax in
+    float32 or float64, scatter back), differentiable also in a float mask, whose cost scales
+    with batch · kv_heads · the most routed rows of one (batch, kv head) · S. Tensors whose
+    last dimension is not contiguous are copied; other strides are used as they are.
     Reference: `cram_ext.reference.routed_attention_ref`.
     """
     if dropout_p != 0.0:
@@ -156,11 +160,25 @@ def routed_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal
     q, k, v = (t if t.dim() == rank else t.reshape((1,) * (rank - t.dim()) + t.shape)
                for t in (query, key, value))
     heads, L, head_dim = q.shape[-3:]
+    if k.shape[-1] != head_dim:
+        raise RuntimeError(f"routed_attention: key's last dimension must be query's (E = "
+                           f"{head_dim}), got key {tuple(key.shape)}")
+    if k.shape[:-1] != v.shape[:-1]:
+        # Key and value broadcast against each other in their batch and head dimensions, as in
+        # SDPA; their length must agree.
+        try:
+            lead = torch.broadcast_shapes(k.shape[:-2], v.shape[:-2])
+        except RuntimeError:
+            lead = None
+        if lead is None or k.shape[-2] != v.shape[-2]:
+            raise RuntimeError(f"routed_attention: key {tuple(key.shape)} and value "
+                               f"{tuple(value.shape)} must have the same length S and broadcast "
+                               f"in their other dimensions but the last")
+        k, v = k.expand(*lead, *k.shape[-2:]), v.expand(*lead, *v.shape[-2:])
     kv_heads, S = k.shape[-3:-1]
-    if v.shape[-3:-1] != k.shape[-3:-1]:
-        raise RuntimeError(f"routed_attention: value must have key's heads and length "
-                           f"(kv_heads={kv_heads}, S={S}), got {tuple(value.shape)}")
-    if enable_gqa:
+    if kv_heads == 0 and heads != 0:
+        raise RuntimeError(f"routed_attention: query has {heads} heads and key/value none")
+    if enable_gqa and kv_heads:
         if heads % kv_heads:
             raise RuntimeError(f"routed_attention: the number of key/value heads ({kv_heads}) must "
                                f"divide the number of query heads ({heads})")
@@ -189,13 +207,17 @@ def routed_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal
     if key_mask is not None:
         key_mask = _flatten_batch(key_mask, batch_shape, (S,), "key_mask", "(*batch, S)")
     if scale is None:
-        # head_dim 0 is left for the kernel to reject by name.
-        scale = 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
-    if attn_mask is None:
+        scale = 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0  # SDPA's for head_dim 0: 1
+    # What the kernels take; the rest (value's head_dim not query's, none, more than
+    # ATTENTION_MAX_HEAD_DIM, a scale that is not finite, no head) is SDPA's all the same.
+    kernels_take = (1 <= head_dim <= ATTENTION_MAX_HEAD_DIM and v.shape[-1] == head_dim
+                    and math.isfinite(scale) and heads > 0)
+    if attn_mask is None and kernels_take:
         out, _lse = _ops.routed_attention_fwd(q, k, v, route, key_mask, bool(is_causal),
                                               float(scale))
     else:
-        attn_mask = _broadcast_attn_mask(attn_mask, (*batch_shape, heads, L, S), query.dtype)
+        if attn_mask is not None:
+            attn_mask = _broadcast_attn_mask(attn_mask, (*batch_shape, heads, L, S), query.dtype)
         out = _masked_routed_attention(q, k, v, route, key_mask, attn_mask, batch_shape,
                                        bool(is_causal), float(scale))
     full_shape = (*batch_shape, heads, L, out.shape[-1])
@@ -236,11 +258,12 @@ def _broadcast_attn_mask(attn_mask, shape, query_dtype):
 
 
 def _masked_routed_attention(q, k, v, route, key_mask, attn_mask, batch_shape, is_causal, scale):
-    """The attn_mask case as a composite of PyTorch ops (the kernels take no mask).
+    """routed_attention as a composite of PyTorch ops: the attn_mask case (the kernels take no
+    mask) and the shapes and scales the kernels do not take.
 
     q: (batch, heads, L, E); k, v: (batch, kv_heads, S, ·); route: bool (batch, L) or
-    (batch, heads, L); key_mask: bool (batch, S) or None; attn_mask: (*batch_shape, heads, L, S),
-    an expanded view, so only the routed rows' mask entries are read.
+    (batch, heads, L); key_mask: bool (batch, S) or None; attn_mask: None or (*batch_shape,
+    heads, L, S), an expanded view, so only the routed rows' mask entries are read.
 
     The routed rows of each (batch, kv head) are packed into one zero-padded block so that the
     scores are a batched matmul against that head's keys, without copying keys per row.
@@ -248,6 +271,8 @@ def _masked_routed_attention(q, k, v, route, key_mask, attn_mask, batch_shape, i
     batch, heads, L, head_dim = q.shape
     kv_heads, S = k.shape[1], k.shape[2]
     acc = _accumulation_dtype(q.dtype)
+    if heads == 0:
+        return q.new_zeros(batch, 0, L, v.shape[-1])
     if route.dim() == 2:
         route = route[:, None, :].expand(batch, heads, L)
     b, h, i = route.nonzero(as_tuple=True)  # sorted by (b, h, i), so by (b, kv head) too
@@ -267,12 +292,13 @@ def _masked_routed_attention(q, k, v, route, key_mask, attn_mask, batch_shape, i
         visible = torch.arange(S, device=q.device) <= i[:, None]
     if key_mask is not None:
         visible = visible & key_mask[b]
-    mask_rows = attn_mask[(*torch.unravel_index(b, batch_shape), h, i)]
-    if mask_rows.dtype == torch.bool:
-        visible = visible & mask_rows
-    else:
-        visible = visible & (mask_rows != float("-inf"))
-        scores = scores + mask_rows.to(acc)
+    if attn_mask is not None:
+        mask_rows = attn_mask[(*torch.unravel_index(b, batch_shape), h, i)]
+        if mask_rows.dtype == torch.bool:
+            visible = visible & mask_rows
+        else:
+            visible = visible & (mask_rows != float("-inf"))
+            scores = scores + mask_rows.to(acc)
     # A row that sees no key would be a softmax over nothing (NaN): it outputs 0 instead.
     sees_none = ~visible.any(-1, keepdim=True)
     probs = torch.softmax(scores.masked_fill(~visible, float("-inf")).masked_fill(sees_none, 0.0),

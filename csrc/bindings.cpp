@@ -798,10 +798,12 @@ TORCH_LIBRARY_IMPL(cram_ext, CUDA, m) { register_kernels(m); }
 #endif
 
 // An importable module, so `import cram_ext._C` loads the library and registers the ops.
-// It also carries the checkpoint interval, for the fake implementation's chunk_states shape.
+// It also carries the checkpoint interval, for the fake implementation's chunk_states shape, and
+// the attention kernels' largest head_dim, past which routed_attention computes in PyTorch.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "cram_ext kernels (ops live in torch.ops.cram_ext)";
   m.attr("SCAN_CHECKPOINT_CHUNK") = cram::kScanCheckpointChunk;
+  m.attr("ATTENTION_MAX_HEAD_DIM") = cram::kAttentionMaxHeadDim;
 }
 
 // ---------------------------------------------------------------------------------------------

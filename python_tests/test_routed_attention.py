@@ -249,6 +249,63 @@ def test_each_sdpa_keyword_matches_sdpa(call, mask, routed, device, seed):
     check_against_sdpa(seed, q, k, v, attn_mask, route=None if routed == "all" else route, **kwargs)
 
 
+KERNELS_DO_NOT_TAKE = {  # query, key, value shapes and SDPA keywords SDPA accepts
+    "value-head-dim-differs": ((2, 4, 9, 8), (2, 4, 11, 8), (2, 4, 11, 3), {}),
+    "head-dim-0": ((2, 2, 5, 0), (2, 2, 7, 0), (2, 2, 7, 3), {}),
+    "head-dim-above-the-kernels": ((1, 2, 5, 300), (1, 2, 6, 300), (1, 2, 6, 300),
+                                   dict(is_causal=True)),
+    "key-one-head-value-four": ((2, 4, 5, 8), (2, 1, 7, 8), (2, 4, 7, 8), {}),
+    "gqa-key-two-heads-value-one": ((2, 4, 5, 8), (2, 2, 7, 8), (2, 1, 7, 8),
+                                    dict(enable_gqa=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(KERNELS_DO_NOT_TAKE))
+def test_calls_the_kernels_do_not_take_match_sdpa(case, seed):
+    """Shapes SDPA accepts that the kernels do not: computed by the PyTorch composite, routed
+    rows and gradients as SDPA's."""
+    *shapes, kwargs = KERNELS_DO_NOT_TAKE[case]
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(shape, generator=g, dtype=torch.float64) for shape in shapes)
+    route = torch.rand(shapes[0][0], shapes[0][2], generator=g) < 0.6
+    check_against_sdpa(seed, q, k, v, **kwargs)
+    check_against_sdpa(seed, q, k, v, route=route, **kwargs)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    grad_out = torch.randn(F.scaled_dot_product_attention(q, k, v, **kwargs).shape, generator=g,
+                           dtype=torch.float64)
+    got = torch.autograd.grad(routed_attention(*leaves, **kwargs), leaves, grad_out)
+    expected = torch.autograd.grad(F.scaled_dot_product_attention(*leaves, **kwargs), leaves,
+                                   grad_out)
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e)
+
+
+def test_no_head_and_a_scale_that_is_not_finite_are_sdpas():
+    q, k, v = torch.randn(2, 0, 5, 8), torch.randn(2, 0, 7, 8), torch.randn(2, 0, 7, 8)
+    assert routed_attention(q, k, v).shape == F.scaled_dot_product_attention(q, k, v).shape
+    with pytest.raises(RuntimeError, match="query has 4 heads and key/value none"):
+        routed_attention(torch.randn(2, 4, 5, 8), k, v, enable_gqa=True)
+    # NaN as SDPA's math backend gives it (its CPU flash kernel returns 0).
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    with sdpa_kernel(SDPBackend.MATH):
+        assert F.scaled_dot_product_attention(q, k, v, scale=float("nan")).isnan().all()
+    assert routed_attention(q, k, v, scale=float("nan")).isnan().all()
+
+
+def test_the_kernels_largest_head_dim_is_the_exported_one():
+    """ATTENTION_MAX_HEAD_DIM decides which calls reach the kernels: it must be their limit."""
+    from cram_ext.ops import ATTENTION_MAX_HEAD_DIM, _ops
+    route = torch.ones(1, 3, dtype=torch.bool)
+    for d in (ATTENTION_MAX_HEAD_DIM, ATTENTION_MAX_HEAD_DIM + 1):
+        q = torch.randn(1, 1, 3, d)
+        if d == ATTENTION_MAX_HEAD_DIM:
+            _ops.routed_attention_fwd(q, q, q, route, None, True, 1.0)
+        else:
+            with pytest.raises(RuntimeError, match="head_dim must be in"):
+                _ops.routed_attention_fwd(q, q, q, route, None, True, 1.0)
+
+
 def test_defaults_are_sdpas(seed):
     """Positional and default arguments mean what they mean in SDPA: not causal by default."""
     q, k, v, _, _ = attention_inputs(seed, Lq=9, d=8)
@@ -457,9 +514,9 @@ def bad(**changes):
 
 
 @pytest.mark.parametrize("inputs, message", [
-    (bad(query=torch.randn(2, 4, 8, 9)), "k must have shape"),
-    (bad(key=torch.randn(2, 2, 8)), "value must have key's heads and length"),
-    (bad(value=torch.randn(2, 2, 9, 8)), "value must have key's heads and length"),
+    (bad(query=torch.randn(2, 4, 8, 9)), "key's last dimension must be query's"),
+    (bad(key=torch.randn(2, 2, 8)), "must have the same length S"),
+    (bad(value=torch.randn(2, 2, 9, 8)), "must have the same length S"),
     (bad(key=torch.randn(3, 2, 8, 8), value=torch.randn(3, 2, 8, 8)),
      "batch dimensions of query .* do not broadcast"),
     (bad(route=torch.ones(2, 9, dtype=torch.bool)), "route must have shape"),
@@ -473,9 +530,8 @@ def bad(**changes):
     (bad(route=torch.ones(2, 8)), "route must be a bool tensor"),
     (bad(key_mask=torch.ones(2, 8, dtype=torch.uint8)), "key_mask must be a bool tensor"),
     (bad(key=torch.randn(2, 3, 8, 8), value=torch.randn(2, 3, 8, 8)), "key/value heads .* must divide"),
-    (bad(key=torch.randn(2, 2, 8, 4), value=torch.randn(2, 2, 8, 4)), "k must have shape"),
-    (bad(query=torch.randn(2, 4, 8, 300), key=torch.randn(2, 2, 8, 300),
-         value=torch.randn(2, 2, 8, 300)), "head_dim must be in"),
+    (bad(key=torch.randn(2, 2, 8, 4), value=torch.randn(2, 2, 8, 4)),
+     "key's last dimension must be query's"),
     (bad(enable_gqa=False), "grouped-query attention needs enable_gqa=True"),
     (bad(query=torch.zeros(()).expand(2, 4, 2**31, 8),  # expanded: nothing touches 2^31 rows
          route=torch.ones((), dtype=torch.bool).expand(2, 2**31)),
