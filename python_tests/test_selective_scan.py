@@ -75,6 +75,39 @@ def test_nan_propagates_like_reference(seed, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("L", [7, 300])
+def test_an_infinite_decay_keeps_the_references_finite_results(seed, L, device):
+    """A = -inf (A = -exp(A_log) once A_log passes about 88.7) forgets that state entry at every
+    step: output, last state and gradients are finite where the reference's are (on CUDA the
+    steps past L must be identity maps, not exp(0 · A))."""
+    inputs = scan_inputs(seed, dim=4, L=L, device=device)
+    inputs["A"][0, 0] = -float("inf")
+    check_selective_scan(seed, inputs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_an_infinite_input_reaches_the_shared_gradients_as_in_the_reference(seed, device):
+    """u = inf in one channel of a group whose channel count leaves CUDA warps spare: dB and dC,
+    summed over the group's channels, get that channel's infinities as in the reference, not NaN
+    from a spare warp's 0 · inf. (The per-step gradients of delta and dt_scale at that step are
+    NaN here where the reference's are ±inf: not compared.)"""
+    inputs = scan_inputs(seed, dim=5, L=7, groups=1, device=device)
+    inputs["u"][0, 0, 3] = float("inf")
+    grads = {}
+    for name, dtype, fn in [("reference", torch.float64, selective_scan_ref),
+                            ("same_dtype", None, selective_scan_ref),
+                            ("kernel", None, cram_ext.selective_scan)]:
+        leaves = {n: t.detach().to(dtype or t.dtype).requires_grad_(n in ("B", "C"))
+                  for n, t in inputs.items()}
+        out = fn(**leaves, delta_softplus=True)
+        grads[name] = torch.autograd.grad(out, [leaves["B"], leaves["C"]], torch.ones_like(out))
+    assert grads["reference"][0].isinf().any(), "the case must put infinities into dB"
+    for i, what in enumerate(("dB", "dC")):
+        assert_matches_reference(grads["kernel"][i], grads["reference"][i], grads["same_dtype"][i],
+                                 what=what, seed=seed)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_mamba_positional_call(seed, device):
     """Mamba's argument order: (u, delta, A, B, C, D, z, delta_bias, delta_softplus)."""
     i = scan_inputs(seed, L=16, dim=8, device=device)

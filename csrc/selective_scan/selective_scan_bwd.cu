@@ -86,7 +86,7 @@ selective_scan_bwd_kernel(const SelectiveScanBwdParams p) {
     load_items(u_row, t0, L, acc_t(0), u);
     load_items(delta_row, t0, L, acc_t(0), delta);
     discretisation_step(p, ch.b, ch.d, t0, delta, x, sp, dt_scale, step);
-    // Spare warps see dout = 0, so every gradient they contribute to a block reduction is 0.
+    // Spare warps see dout = 0 and add exact zeros to the block reductions (below).
     if (ch.valid) load_items(dout_row, t0, L, acc_t(0), dy);
     else for (int i = 0; i < kScanItems; ++i) dy[i] = acc_t(0);
     acc_t z[kScanItems];
@@ -113,7 +113,9 @@ selective_scan_bwd_kernel(const SelectiveScanBwdParams p) {
       Affine<acc_t> lane_map = {acc_t(1), acc_t(0)};
 #pragma unroll
       for (int i = 0; i < kScanItems; ++i) {
-        step_map[i] = {exp_acc(step[i] * A), step[i] * u[i] * Bn[i]};
+        // Steps past L are the identity (not exp(0 · A): with A = -inf that is NaN).
+        step_map[i] = t0 + i < L ? Affine<acc_t>{exp_acc(step[i] * A), step[i] * u[i] * Bn[i]}
+                                 : Affine<acc_t>{acc_t(1), acc_t(0)};
         lane_map = compose(step_map[i], lane_map);
       }
       Affine<acc_t> unused_total;
@@ -154,10 +156,15 @@ selective_scan_bwd_kernel(const SelectiveScanBwdParams p) {
         // 3. h_t = a_t h_{t-1} + Δ_t B_t u_t with a_t = exp(Δ_t A).
         const acc_t g_a_hprev = g * step_map[i].a * h_prev[i];
         dstep[i] += g_a_hprev * A + g * Bn[i] * u[i];
+        // A spare warp's g and dy are 0 but its u and h may be infinite (0 · inf is NaN): it
+        // adds exact zeros to the shared dB, dC, as the CPU twin's padding lanes. (Past L, g is 0
+        // and h_prev the last state: were that state infinite, dA would be NaN here where the
+        // CPU's is finite; guarding every item costs about 20 registers, a third of the
+        // occupancy, for a state that has already overflowed.)
         dA_lane += g_a_hprev * step[i];
         du[i] += g * step[i] * Bn[i];
-        dB_steps[padded_index(lane, i)] = g * step[i] * u[i];
-        dC_steps[padded_index(lane, i)] = dy[i] * h[i];
+        dB_steps[padded_index(lane, i)] = ch.valid ? g * step[i] * u[i] : acc_t(0);
+        dC_steps[padded_index(lane, i)] = ch.valid ? dy[i] * h[i] : acc_t(0);
       }
       const acc_t g_first = __shfl_sync(0xffffffffu, step_map[0].a, 0) *
                             (chunk_adjoint.a * carry + chunk_adjoint.b);
@@ -180,7 +187,7 @@ selective_scan_bwd_kernel(const SelectiveScanBwdParams p) {
       ddelta[i] = in_range ? dstep[i] * dt_scale[i] * (p.delta_softplus ? sigmoid(x[i]) : acc_t(1)) : acc_t(0);
       ddelta_bias_partial += ddelta[i];
       dD_partial += dy[i] * u[i];
-      if (p.ddt_scale) step_grads[0][warp][padded_index(lane, i)] = in_range ? dstep[i] * sp[i] : acc_t(0);
+      if (p.ddt_scale) step_grads[0][warp][padded_index(lane, i)] = in_range && ch.valid ? dstep[i] * sp[i] : acc_t(0);
     }
     if (p.ddt_scale) {
       block_reduce_add<1>(step_grads, static_cast<acc_t*>(p.ddt_scale) + static_cast<int64_t>(ch.b) * L,

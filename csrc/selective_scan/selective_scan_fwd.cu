@@ -67,7 +67,9 @@ selective_scan_fwd_kernel(const SelectiveScanParams p) {
       Affine<acc_t> lane_map = {acc_t(1), acc_t(0)};
 #pragma unroll
       for (int i = 0; i < kScanItems; ++i) {
-        step_map[i] = {exp_acc(step[i] * A), step[i] * u[i] * Bn[i]};
+        // Steps past L are the identity (not exp(0 · A): with A = -inf that is NaN).
+        step_map[i] = t0 + i < L ? Affine<acc_t>{exp_acc(step[i] * A), step[i] * u[i] * Bn[i]}
+                                 : Affine<acc_t>{acc_t(1), acc_t(0)};
         lane_map = compose(step_map[i], lane_map);
       }
       Affine<acc_t> chunk_map;
