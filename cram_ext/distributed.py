@@ -22,12 +22,15 @@ def world() -> Tuple[int, int]:
 _group = None
 
 
-def init_distributed(device: str = "cpu") -> None:
-    """Joins the process group when launched by torchrun (WORLD_SIZE > 1): nccl for training
-    on CUDA, gloo on the CPU."""
+def init_distributed(device: torch.device) -> None:
+    """Joins the process group when launched by torchrun (WORLD_SIZE > 1): nccl bound to this
+    process's GPU for training on CUDA, gloo on the CPU."""
     global _group
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
         _group = dist.new_group(backend="gloo")
 
 

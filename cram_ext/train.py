@@ -153,7 +153,8 @@ def run_config(model: str, size: str = "cpu", **settings) -> RunConfig:
 # ---------------------------------------------------------------------------------------------
 
 def training_device(name: str) -> torch.device:
-    """The device of this process: the CPU, or under torchrun the GPU of its LOCAL_RANK."""
+    """The device of this process: the CPU, or under torchrun the GPU of its LOCAL_RANK (among
+    the GPUs it sees: a launcher may show each process only its own)."""
     if name == "cpu":
         return torch.device("cpu")
     if name != "cuda":
@@ -161,7 +162,7 @@ def training_device(name: str) -> torch.device:
     if not torch.cuda.is_available():
         raise ValueError("device cuda: torch sees no CUDA GPU here (torch.cuda.is_available() "
                          "is False); train with --device cpu")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     torch.cuda.set_device(device)
     return device
 
@@ -314,7 +315,9 @@ class Trainer:
         os.replace(tmp, self.checkpoint_path)
 
     def load_checkpoint(self, path: str) -> None:
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        # Onto the CPU: load_state_dict moves the weights and optimizer state to the parameters'
+        # device, except AdamW's step counters, which on a GPU would cost a sync per tensor and step.
+        state = torch.load(path, map_location="cpu", weights_only=False)
         if state["world_size"] != self.world_size:
             raise ValueError(f"checkpoint was written by {state['world_size']} processes; "
                              f"resume with the same number (got {self.world_size})")
@@ -399,7 +402,7 @@ def main(argv=None) -> dict:
     settings = {name: getattr(args, name) for name in FLAG_SETTINGS
                 if getattr(args, name) is not None}
     config = run_config(args.config, args.size, **settings)
-    init_distributed(config.device)
+    init_distributed(training_device(config.device))  # a clear error first, without a GPU
     trainer = Trainer(config, args.out)
     if args.resume and trainer.checkpoint_path and os.path.exists(trainer.checkpoint_path):
         trainer.load_checkpoint(trainer.checkpoint_path)

@@ -99,6 +99,11 @@ def test_training_on_cuda_resumes_and_evaluates_on_the_cpu(tmp_path, model):
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert checkpoint["model"]["encoder.type_embedding.weight"].is_cuda
     assert len(checkpoint["cuda_rng"]) == 1
+    straight = tmp_path / "straight"
+    train.main(["--config", model, *TINY, "--device", "cuda", "--out", str(straight)])
+    # Resumed as if never stopped (the GPU's atomics add in any order, nothing more).
+    assert [r["loss/total"] for r in log] == pytest.approx(
+        [r["loss/total"] for r in read_log(straight)], rel=1e-3)
     trainer, _ = load_checkpoint(str(tmp_path / "checkpoint.pt"))
     assert all(p.device.type == "cpu" for p in trainer.model.parameters())
     on_cpu = trainer.evaluate()
