@@ -18,6 +18,7 @@ from cases import (ALL_DTYPES, DEVICES, assert_gradcheck, assert_matches_referen
                    attention_inputs, check_routed_attention, cram_ops_called, random_attn_mask,
                    routed_rows)
 from cram_ext import routed_attention
+from cram_ext.reference import routed_attention_ref
 
 # ---------------------------------------------------------------------------------------------
 # Agreement with the reference
@@ -182,6 +183,43 @@ def test_nan_propagates_like_the_reference(device):
     v[0, 0, 0, 5] = float("inf")    # the first key, seen by every causal row of head 0
     out = check_routed_attention(11, q, k, v, route, is_causal=True, backward=False)
     assert not out[0, 0, route[0], 5].isfinite().any(), "every routed row of head 0 sees the Inf"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_key_in_sparse_routing_with_split_keys(device):
+    """float16, head_dim 64: on CUDA the tensor-core path, whose few tiles at sparse routing
+    split their keys across blocks and merge the splits' (out, lse): a NaN split must make the
+    row's out and lse NaN, as on the CPU. The lse shows in dV: the backward recomputes P from
+    it, so every key a NaN row sees gets a NaN dV row, as in the reference."""
+    q, k, v, route, _ = attention_inputs(13, batch=1, heads=2, Lq=256, d=64, fraction=0.1,
+                                         dtype=torch.float16, device=device)
+    k[0, 1, 20, 0] = float("nan")
+    route[0, 100] = True
+    out = check_routed_attention(13, q, k, v, route, is_causal=True, backward=False)
+    assert out[0, 1, 100].isnan().all()
+    dv = {}
+    for name, dtype, fn in (("kernel", None, routed_attention), ("reference", torch.float64,
+                                                                 routed_attention_ref)):
+        leaves = [t.detach().to(dtype or t.dtype).requires_grad_() for t in (q, k, v)]
+        attended = fn(*leaves, route=route, is_causal=True)
+        dv[name] = torch.autograd.grad(attended, leaves[2], torch.ones_like(attended))[0]
+    assert dv["reference"].isnan().any()
+    assert torch.equal(dv["kernel"].isnan(), dv["reference"].isnan())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_visible_key_whose_weight_underflows_still_reads_its_value(device):
+    """exp(-2000) is 0 (in float64 too), but the key is visible: 0 · inf in its value row is
+    NaN, as in the reference (a kernel that skipped zero weights would return a finite row)."""
+    q = torch.zeros(1, 1, 2, 8, device=device)
+    q[0, 0, 1, 0] = 1.0
+    k = torch.zeros(1, 1, 2, 8, device=device)
+    k[0, 0, 1, 0] = -2000.0
+    v = torch.randn(1, 1, 2, 8, device=device)
+    v[0, 0, 1] = float("inf")
+    route = torch.ones(1, 2, dtype=torch.bool, device=device)
+    out = check_routed_attention(0, q, k, v, route, None, is_causal=False, scale=1.0, backward=False)
+    assert out[0, 0, 1].isnan().all()
 
 
 @pytest.mark.parametrize("is_causal", [False, True])

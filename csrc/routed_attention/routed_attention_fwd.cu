@@ -87,9 +87,11 @@ __device__ void merge_key_splits(const RoutedAttentionParams& p, const RoutedRow
     const float split_lse = lane < splits ? __ldcg(rows.partial_lse + (first_partial + lane) * kTileRows + row) : -INFINITY;
     const float max_lse = warp_max(split_lse);
     // Splits whose keys this row cannot see have lse = -inf and weight 0; if all do, output 0.
-    const float weight = max_lse == -INFINITY ? 0.f : expf(split_lse - max_lse);
+    // A NaN split (NaN in what the row sees) gives a NaN weight: out and lse NaN, as on the CPU.
+    const float shift = max_lse == -INFINITY ? 0.f : max_lse;
+    const float weight = expf(split_lse - shift);
     const float weight_sum = warp_sum(weight);
-    const float inv = weight_sum > 0.f ? 1.f / weight_sum : 0.f;
+    const float inv = weight_sum == 0.f ? 0.f : 1.f / weight_sum;
     scalar_t* out_row = static_cast<scalar_t*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride +
                         pos * p.out_row_stride;
     for (int c = lane; c < p.head_dim; c += 32) {
@@ -101,7 +103,7 @@ __device__ void merge_key_splits(const RoutedAttentionParams& p, const RoutedRow
     }
     if (lane == 0)
       static_cast<float*>(p.lse)[static_cast<int64_t>(bh) * p.seqlen_q + pos] =
-          weight_sum > 0.f ? max_lse + logf(weight_sum) : -INFINITY;
+          weight_sum == 0.f ? -INFINITY : shift + logf(weight_sum);
   }
 }
 
@@ -290,8 +292,9 @@ flash_fwd_kernel(const RoutedAttentionParams p, const RoutedRows rows) {
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
     const int row = warp * 16 + quad_row + 8 * r;
     if (row >= n_rows) continue;
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;  // no visible key: output 0
-    const float row_lse = sum > 0.f ? row_max[r] * kLn2 + logf(sum) : -INFINITY;
+    // No visible key: output 0 and lse -inf. A NaN sum stays NaN in both, as on the CPU.
+    const float inv = sum == 0.f ? 0.f : 1.f / sum;
+    const float row_lse = sum == 0.f ? -INFINITY : row_max[r] * kLn2 + logf(sum);
     if (splits == 1) {
       const int pos = positions[row];
       scalar_t* out_row = out + pos * p.out_row_stride;
@@ -380,7 +383,8 @@ simt_fwd_kernel(const RoutedAttentionParams p, const RoutedRows rows) {
       score = 0;
       for (int c = 0; c < d; ++c) score += q_scaled[warp][c] * to_acc(k_row[c]);
     }
-    if (!__any_sync(0xffffffffu, visible)) continue;  // no visible key here (warp-uniform)
+    const unsigned visible_keys = __ballot_sync(0xffffffffu, visible);
+    if (visible_keys == 0u) continue;  // no visible key here (warp-uniform)
     // max() drops NaN, so NaN scores can leave the max at -inf: shift by 0 there, as the
     // tensor-core path does, and the NaN reaches the output (as on the CPU) instead of the
     // row counting as one that sees no key.
@@ -396,7 +400,9 @@ simt_fwd_kernel(const RoutedAttentionParams p, const RoutedRows rows) {
     const int keys_here = min(32, n_keys - key0);
     for (int j = 0; j < keys_here; ++j) {
       const acc_t pj = __shfl_sync(0xffffffffu, prob, j);
-      if (pj == acc_t(0)) continue;  // masked key (warp-uniform)
+      // Hidden keys only: a visible key whose weight underflows to 0 still multiplies its value
+      // row (0 · inf is NaN there, as on the CPU and in the reference).
+      if (!((visible_keys >> j) & 1u)) continue;
       const scalar_t* v_row = v + (key0 + j) * p.v_row_stride;
 #pragma unroll
       for (int i = 0; i < kDimsPerLane; ++i)
@@ -404,14 +410,15 @@ simt_fwd_kernel(const RoutedAttentionParams p, const RoutedRows rows) {
     }
   }
 
-  const acc_t inv = running_sum > acc_t(0) ? acc_t(1) / running_sum : acc_t(0);
+  // No visible key: output 0 and lse -inf. A NaN sum stays NaN in both, as on the CPU.
+  const acc_t inv = running_sum == acc_t(0) ? acc_t(0) : acc_t(1) / running_sum;
   scalar_t* out_row = static_cast<scalar_t*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride + pos * p.out_row_stride;
 #pragma unroll
   for (int i = 0; i < kDimsPerLane; ++i)
     if (lane + 32 * i < d) out_row[lane + 32 * i] = from_acc<scalar_t>(o[i] * inv);
   if (lane == 0)
     static_cast<acc_t*>(p.lse)[static_cast<int64_t>(bh) * p.seqlen_q + pos] =
-        running_sum > acc_t(0) ? running_max + log(running_sum) : acc_t(-INFINITY);
+        running_sum == acc_t(0) ? acc_t(-INFINITY) : running_max + log(running_sum);
 }
 
 }  // namespace
