@@ -55,7 +55,12 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
             scanning [0, L).
 
     The state is kept in float32 (float64 for float64 inputs). Sequence tensors whose last
-    dimension is not contiguous are copied; other strides are used as they are.
+    dimension is not contiguous are copied; other strides are used as they are. NaN and Inf
+    propagate as in the reference, with one exception in the backward: where dt_scale, B or C
+    holds an Inf, the gradients of B, C and dt_scale can be NaN where the reference's are finite
+    or infinite (on the CPU when a group's channel count is not a multiple of the SIMD width,
+    whose unused lanes meet the Inf; the per-step gradients of delta and dt_scale at an Inf in u,
+    delta or dt_scale are NaN where the reference's are ±inf).
     Reference: `cram_ext.reference.selective_scan_ref`.
     """
     out, chunk_states = _ops.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, dt_scale,
@@ -576,7 +581,7 @@ def _cram_forward_backward(ctx, grad_out, *_grad_rest):
         pre = torch.addmm(b_down, x_flat, W_down.t())
         h = torch.relu(pre)
         dW_up, db_up = g_semantic.t() @ h, g_semantic.sum(0)
-        dh = (g_semantic @ W_up) * (pre > 0).to(g.dtype)
+        dh = torch.where(h <= 0, 0.0, g_semantic @ W_up)  # as relu's backward: NaN passes
         dW_down, db_down = dh.t() @ x_flat, dh.sum(0)
         dx = dx + (dh @ W_down).view(batch, L, d)
     return (dx, None, dW_in, dW_x, dW_dt, dA, dD, ddt_bias, dW_out, None, None, None, None,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cases import (DEVICES, ONE_PATH_PRICES, assert_gradcheck, check_cram_forward,
-                   cram_forward_inputs, cram_ops_called)
+from cases import (CRAM_FORWARD_WEIGHTS, DEVICES, ONE_PATH_PRICES, assert_gradcheck,
+                   check_cram_forward, cram_forward_inputs, cram_ops_called)
 from cram_ext import cram_forward
 from cram_ext.models import CRAMLayer, model_config
 from cram_ext.reference import cram_forward_ref
@@ -87,6 +87,27 @@ def test_semantic_price_is_rounded_once_as_the_router_forms_it(dtype, device):
     q_hat = torch.linspace(0, 1, 128, device=device).view(2, 64).to(dtype)
     got = cram_forward(*args, **dict(kwargs, semantic_reward=0.3, q_hat=q_hat))
     assert torch.equal(got.scores[..., Path.SEMANTIC], -0.3 * q_hat)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_in_the_adapter_reaches_the_gradients_as_in_the_reference(device):
+    """The semantic adapter's ReLU in the backward selects as relu's backward does: NaN in W_up
+    reaches dx only through the hidden units that are on, as in the reference."""
+    args, kwargs = cram_forward_inputs(42, batch=1, L=5, d=16, n_heads=4, kv_heads=2, device=device)
+    args[17][1, 0] = float("nan")  # semantic_up_weight
+    got_inputs = [None if t is None else t.detach().clone().requires_grad_(n is not None)
+                  for t, n in zip(args, CRAM_FORWARD_WEIGHTS)]
+    got = cram_forward(*got_inputs, **kwargs)
+    ref_inputs = [None if t is None else t.detach().double().requires_grad_(n is not None)
+                  for t, n in zip(args, CRAM_FORWARD_WEIGHTS)]
+    ref = cram_forward_ref(*ref_inputs, **dict(kwargs, forced_path=got.path,
+                                                q_hat=kwargs["q_hat"].double()))
+    grad = torch.randn(got.out.shape, generator=torch.Generator().manual_seed(1)).to(device)
+    got.out.backward(grad)
+    ref[0].backward(grad.double())
+    nan_tokens = ref_inputs[0].grad.isnan().any(-1)
+    assert nan_tokens.any() and not nan_tokens.all()
+    assert torch.equal(got_inputs[0].grad.isnan().any(-1), nan_tokens)
 
 
 @pytest.mark.parametrize("device", DEVICES)

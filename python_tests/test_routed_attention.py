@@ -222,6 +222,34 @@ def test_a_visible_key_whose_weight_underflows_still_reads_its_value(device):
     assert out[0, 0, 1].isnan().all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sparse_keys", [False, True], ids=["infinite-key", "nan-value-of-a-dropped-key"])
+def test_keys_no_row_weighs_get_zero_gradients_whatever_they_hold(sparse_keys, device):
+    """A key scoring -inf for every row (3 routed rows: one partial tile of padding lanes), or a
+    key that key_mask drops whose value row is NaN (an unwritten buffer slot): dK and dV of that
+    key are 0, as in the reference (0 · inf and 0 · NaN must not reach them)."""
+    g = torch.Generator().manual_seed(0)
+    L = 16 if sparse_keys else 4
+    q, k, v = (torch.randn(1, 1, L, 8, generator=g).to(device) for _ in range(3))
+    key_mask, is_causal = None, False
+    if sparse_keys:
+        key_mask = torch.zeros(1, L, dtype=torch.bool, device=device)
+        key_mask[0, ::4] = True
+        v[0, 0, 1], is_causal, key = float("nan"), True, 1
+    else:
+        q, key = q[:, :, :3], 2
+        q[..., 0] = q[..., 0].abs()
+        k[0, 0, key, 0] = -float("inf")
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = routed_attention(*leaves, is_causal=is_causal, key_mask=key_mask)
+    out.backward(torch.ones_like(out))
+    assert (leaves[1].grad[0, 0, key] == 0).all() and (leaves[2].grad[0, 0, key] == 0).all()
+    expected = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = routed_attention_ref(*expected, is_causal=is_causal, key_mask=key_mask)
+    ref.backward(torch.ones_like(ref))
+    assert (expected[1].grad[0, 0, key] == 0).all() and (expected[2].grad[0, 0, key] == 0).all()
+
+
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_cpu_never_reads_keys_outside_a_sparse_key_mask(is_causal):
     """With a key_mask that keeps at most half of the keys, the CPU forward reads only the kept

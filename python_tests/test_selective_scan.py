@@ -108,6 +108,32 @@ def test_an_infinite_input_reaches_the_shared_gradients_as_in_the_reference(seed
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_extreme_inputs_without_d_and_with_a_very_negative_gate(device):
+    """Without D the output adds no 0 · u (an infinite u gives ±inf, not NaN); a gate z of -1e38
+    gives silu(z) = 0 and finite gradients (dout · z alone would overflow), as in the reference."""
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(1, 1, 4, generator=g)
+    u[0, 0, 0] = float("inf")
+    delta = (0.1 + torch.rand(1, 1, 4, generator=g))
+    A, B, C = -torch.ones(1, 1), torch.ones(1, 1, 4), torch.ones(1, 1, 4)
+    inputs = [t.to(device) for t in (u, delta, A, B, C)]
+    out = cram_ext.selective_scan(*inputs)
+    expected = selective_scan_ref(*[t.double() for t in inputs])
+    assert torch.equal(out.isinf(), expected.isinf()) and not out.isnan().any()
+    u = torch.randn(1, 1, 4, generator=g, device="cpu").to(device)
+    z = torch.randn(1, 1, 4, generator=g).to(device)
+    z[0, 0, 2] = -1e38
+    B, C = (torch.randn(1, 1, 4, generator=g).to(device) for _ in range(2))
+    grads = []
+    for dtype, fn in ((None, cram_ext.selective_scan), (torch.float64, selective_scan_ref)):
+        leaves = [t.detach().to(dtype or t.dtype).requires_grad_() for t in (u, delta.to(device), A, B, C, z)]
+        out = fn(*leaves[:5], z=leaves[5])
+        grads.append(torch.autograd.grad(out, leaves[0], torch.full_like(out, 4.0))[0])
+    assert grads[0].isfinite().all()
+    torch.testing.assert_close(grads[0].double(), grads[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_mamba_positional_call(seed, device):
     """Mamba's argument order: (u, delta, A, B, C, D, z, delta_bias, delta_softplus)."""
     i = scan_inputs(seed, L=16, dim=8, device=device)

@@ -315,17 +315,19 @@ flash_bwd_kernel(const RoutedAttentionBwdParams p, const RoutedRows rows) {
           }
         }
 
-        // P^T = exp(scale S^T - lse) over visible (key, row) pairs; dS^T = P^T (dP^T - δ).
+        // P^T = exp(scale S^T - lse) over visible (key, row) pairs; dS^T = P^T (dP^T - δ). Both
+        // are set to 0, not multiplied by it, for hidden pairs and rows past the tile's end, whose
+        // scores may be NaN (0 · inf): the reference's gradients there are 0.
 #pragma unroll
         for (int t = 0; t < kSubTiles; ++t) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int row = sub + t * 8 + quad_col + (e & 1), key = my_keys[e / 2];
-            bool visible = true;
-            if (needs_mask) visible = key < seqlen_k && key_visible(p, b, pos_tile[row], key);
+            bool visible = row < n_rows;
+            if (visible && needs_mask) visible = key < seqlen_k && key_visible(p, b, pos_tile[row], key);
             const float prob = visible ? exp2f(st[t][e] * scale_log2 - lse_tile[row]) : 0.f;
             st[t][e] = prob;
-            dpt[t][e] = prob * (dpt[t][e] - dot_tile[row]);
+            dpt[t][e] = visible ? prob * (dpt[t][e] - dot_tile[row]) : 0.f;
           }
         }
 

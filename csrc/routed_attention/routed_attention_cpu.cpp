@@ -418,24 +418,24 @@ Vec<acc_t> lane_positions(const Problem<scalar_t>& pb, const Tile& t) {
   return pos;
 }
 
-// Sets to -inf the scores of keys [j0, j0 + n) that a lane cannot see: keys after its position
-// (causal) and keys absent from key_mask. With `slots` (the walk's slot mode) j0 and n count
-// slots, whose keys all exist.
+// Sets to `hidden` (-inf for scores) the entries of keys [j0, j0 + n) that a lane cannot see:
+// keys after its position (causal) and keys absent from key_mask. With `slots` (the walk's slot
+// mode) j0 and n count slots, whose keys all exist.
 template <typename scalar_t, typename acc_t = typename AccType<scalar_t>::type>
 void mask_scores(const Problem<scalar_t>& pb, const Tile& t, Vec<acc_t> positions, const int32_t* slots, int j0,
-                 int n, Vec<acc_t>* scores) {
+                 int n, Vec<acc_t>* scores, acc_t hidden = -std::numeric_limits<acc_t>::infinity()) {
   const uint8_t* key_mask = slots ? nullptr : pb.key_mask(pb.batch_of(t.bh));
   const int first_row = pb.position(t.first);
   const bool causal = pb.params().is_causal;
   auto key_of = [&](int j) { return slots ? slots[j0 + j] : j0 + j; };
   if (!key_mask && (!causal || key_of(n - 1) <= first_row)) return;
-  const Vec<acc_t> minus_inf = splat(-std::numeric_limits<acc_t>::infinity());
+  const Vec<acc_t> fill = splat(hidden);
   for (int j = 0; j < n; ++j) {
     const int key = key_of(j);
     if (key_mask && !key_mask[key]) {
-      scores[j] = minus_inf;
+      scores[j] = fill;
     } else if (causal && key > first_row) {
-      scores[j] = positions < splat(static_cast<acc_t>(key)) ? minus_inf : scores[j];
+      scores[j] = positions < splat(static_cast<acc_t>(key)) ? fill : scores[j];
     }
   }
 }
@@ -745,7 +745,9 @@ struct BackwardScratch {
 };
 
 // P and dS of one tile against keys [j0, j0 + n): P = exp(S − lse),
-// dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O)). dS overwrites dprobs.
+// dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O)). dS overwrites dprobs. Both are set, not multiplied, to 0
+// where a lane cannot see the key and on padding lanes: the reference's gradients there are 0
+// even when the key or value row holds Inf or NaN (0 · inf would be NaN).
 template <typename scalar_t, typename acc_t = typename AccType<scalar_t>::type>
 void probabilities_and_score_grads(const Problem<scalar_t>& pb, const Tile& t, const TileOperands<acc_t>& op,
                                    RowsView<acc_t> keys, RowsView<acc_t> values, const int32_t* slots, int j0,
@@ -756,6 +758,16 @@ void probabilities_and_score_grads(const Problem<scalar_t>& pb, const Tile& t, c
   for (int j = 0; j < n; ++j) s.probs[j] = exp_approx(s.probs[j] - *op.lse);
   rows_dot_tiles<1>(values, n, op.dout_t, d, s.dprobs.data(), kKeyBlock);
   for (int j = 0; j < n; ++j) s.dprobs[j] = s.probs[j] * (s.dprobs[j] - *op.dout_dot_out);
+  mask_scores(pb, t, *op.positions, slots, j0, n, s.dprobs.data(), acc_t(0));
+  if (t.count < Simd<acc_t>::lanes) {
+    Vec<acc_t> lane{};
+    for (int i = 0; i < Simd<acc_t>::lanes; ++i) lane[i] = static_cast<acc_t>(i);
+    const auto padding = lane >= splat(static_cast<acc_t>(t.count));
+    for (int j = 0; j < n; ++j) {
+      s.probs[j] = padding ? Vec<acc_t>{} : s.probs[j];
+      s.dprobs[j] = padding ? Vec<acc_t>{} : s.dprobs[j];
+    }
+  }
 }
 
 // dQ of a group of tiles: Σ over visible key blocks of scale · dS K, each key/value block read

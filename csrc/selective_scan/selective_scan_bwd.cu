@@ -97,7 +97,7 @@ selective_scan_bwd_kernel(const SelectiveScanBwdParams p) {
     }
 #pragma unroll
     for (int i = 0; i < kScanItems; ++i) {
-      y[i] = D * u[i];
+      y[i] = p.D ? D * u[i] : acc_t(0);  // no 0 · inf without D
       du[i] = D * dy[i];
       dstep[i] = acc_t(0);
     }

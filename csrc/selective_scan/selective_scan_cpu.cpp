@@ -255,8 +255,9 @@ void scan_fwd(const SelectiveScanParams& p) {
             const int pos = t0 + t + 1;
             if (pos % kScanCheckpointChunk == 0 || pos == p.seqlen) sb.save_state(h.data(), (pos - 1) / kScanCheckpointChunk);
           }
-          for (int t = 0; t < len; ++t)
-            for (int c = 0; c < kLanes; ++c) tile.y[t * kLanes + c] += sb.D[c] * tile.u[t * kLanes + c];
+          if (p.D)  // not 0 · u without D: an infinite u would make the output NaN
+            for (int t = 0; t < len; ++t)
+              for (int c = 0; c < kLanes; ++c) tile.y[t * kLanes + c] += sb.D[c] * tile.u[t * kLanes + c];
           if (p.z)
             for (int i = 0; i < len * kLanes; ++i) tile.y[i] *= tile.z[i] * sigmoid(tile.z[i]);
           sb.store(static_cast<scalar_t*>(p.out), p.out_batch_stride, p.out_d_stride, tile.y.data(), t0, len);
@@ -358,7 +359,8 @@ void scan_bwd(const SelectiveScanBwdParams& p) {
 
       // dL/dy, where out = y · silu(z).
       if (p.z) {
-        for (int i = 0; i < len * kLanes; ++i) w.dy[i] = tile.dout[i] * tile.z[i] * sigmoid(tile.z[i]);
+        // silu(z) first: dout · z alone can overflow where silu(z) is 0 (z very negative).
+        for (int i = 0; i < len * kLanes; ++i) w.dy[i] = tile.dout[i] * (tile.z[i] * sigmoid(tile.z[i]));
       } else {
         std::copy(tile.dout.begin(), tile.dout.begin() + len * kLanes, w.dy.begin());
       }
@@ -398,7 +400,8 @@ void scan_bwd(const SelectiveScanBwdParams& p) {
           for (int c = 0; c < kLanes; ++c) {
             const int i = t * kLanes + c;
             const acc_t zi = tile.z[i], s = sigmoid(zi);
-            w.dz[i] = tile.dout[i] * (tile.y[i] + sb.D[c] * tile.u[i]) * s * (acc_t(1) + zi * (acc_t(1) - s));
+            const acc_t y = p.D ? tile.y[i] + sb.D[c] * tile.u[i] : tile.y[i];
+            w.dz[i] = tile.dout[i] * y * s * (acc_t(1) + zi * (acc_t(1) - s));
           }
       }
 

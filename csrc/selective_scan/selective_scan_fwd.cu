@@ -46,7 +46,7 @@ selective_scan_fwd_kernel(const SelectiveScanParams p) {
     load_items(delta_row, t0, L, acc_t(0), delta);
     discretisation_step(p, ch.b, ch.d, t0, delta, x, sp, dt_scale, step);
 #pragma unroll
-    for (int i = 0; i < kScanItems; ++i) y[i] = D * u[i];
+    for (int i = 0; i < kScanItems; ++i) y[i] = p.D ? D * u[i] : acc_t(0);  // no 0 · inf without D
 
     // B and C of state n + 1 are loaded while state n is scanned, to keep loads in flight.
     acc_t Bn[kScanItems], Cn[kScanItems], B_next[kScanItems], C_next[kScanItems];
