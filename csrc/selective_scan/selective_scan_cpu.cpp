@@ -359,8 +359,11 @@ void scan_bwd(const SelectiveScanBwdParams& p) {
 
       // dL/dy, where out = y · silu(z).
       if (p.z) {
-        // silu(z) first: dout · z alone can overflow where silu(z) is 0 (z very negative).
-        for (int i = 0; i < len * kLanes; ++i) w.dy[i] = tile.dout[i] * (tile.z[i] * sigmoid(tile.z[i]));
+        // Where silu(z) is 0 (z very negative), dout · z alone can overflow: dy is 0 there.
+        for (int i = 0; i < len * kLanes; ++i) {
+          const acc_t s = sigmoid(tile.z[i]);
+          w.dy[i] = tile.z[i] * s == acc_t(0) ? acc_t(0) : tile.dout[i] * tile.z[i] * s;
+        }
       } else {
         std::copy(tile.dout.begin(), tile.dout.begin() + len * kLanes, w.dy.begin());
       }
