@@ -223,7 +223,7 @@ def routed_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal
     else:
         if attn_mask is not None:
             attn_mask = _broadcast_attn_mask(attn_mask, (*batch_shape, heads, L, S), query.dtype)
-        out = _masked_routed_attention(q, k, v, route, key_mask, attn_mask, batch_shape,
+        out = _composite_routed_attention(q, k, v, route, key_mask, attn_mask, batch_shape,
                                        bool(is_causal), float(scale))
     full_shape = (*batch_shape, heads, L, out.shape[-1])
     return out if out.shape == full_shape else out.view(full_shape[len(full_shape) - ndim:])
@@ -262,7 +262,7 @@ def _broadcast_attn_mask(attn_mask, shape, query_dtype):
     return attn_mask.expand(shape)
 
 
-def _masked_routed_attention(q, k, v, route, key_mask, attn_mask, batch_shape, is_causal, scale):
+def _composite_routed_attention(q, k, v, route, key_mask, attn_mask, batch_shape, is_causal, scale):
     """routed_attention as a composite of PyTorch ops: the attn_mask case (the kernels take no
     mask) and the shapes and scales the kernels do not take.
 
