@@ -224,7 +224,7 @@ def routed_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal
         if attn_mask is not None:
             attn_mask = _broadcast_attn_mask(attn_mask, (*batch_shape, heads, L, S), query.dtype)
         out = _composite_routed_attention(q, k, v, route, key_mask, attn_mask, batch_shape,
-                                       bool(is_causal), float(scale))
+                                          bool(is_causal), float(scale))
     full_shape = (*batch_shape, heads, L, out.shape[-1])
     return out if out.shape == full_shape else out.view(full_shape[len(full_shape) - ndim:])
 
