@@ -162,7 +162,8 @@ def training_device(name: str) -> torch.device:
     if not torch.cuda.is_available():
         raise ValueError("device cuda: torch sees no CUDA GPU here (torch.cuda.is_available() "
                          "is False); train with --device cpu")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank % torch.cuda.device_count())
     torch.cuda.set_device(device)
     return device
 
@@ -315,8 +316,9 @@ class Trainer:
         os.replace(tmp, self.checkpoint_path)
 
     def load_checkpoint(self, path: str) -> None:
-        # Onto the CPU: load_state_dict moves the weights and optimizer state to the parameters'
-        # device, except AdamW's step counters, which on a GPU would cost a sync per tensor and step.
+        # Onto the CPU: load_state_dict moves the weights and optimizer state to the
+        # parameters' device, except AdamW's step counters, which on a GPU would cost a sync
+        # per tensor and step.
         state = torch.load(path, map_location="cpu", weights_only=False)
         if state["world_size"] != self.world_size:
             raise ValueError(f"checkpoint was written by {state['world_size']} processes; "
