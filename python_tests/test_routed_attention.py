@@ -218,12 +218,14 @@ def test_a_visible_key_whose_weight_underflows_still_reads_its_value(device):
     v = torch.randn(1, 1, 2, 8, device=device)
     v[0, 0, 1] = float("inf")
     route = torch.ones(1, 2, dtype=torch.bool, device=device)
-    out = check_routed_attention(0, q, k, v, route, None, is_causal=False, scale=1.0, backward=False)
+    out = check_routed_attention(0, q, k, v, route, None, is_causal=False, scale=1.0,
+                                 backward=False)
     assert out[0, 0, 1].isnan().all()
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("sparse_keys", [False, True], ids=["infinite-key", "nan-value-of-a-dropped-key"])
+@pytest.mark.parametrize("sparse_keys", [False, True],
+                         ids=["infinite-key", "nan-value-of-a-dropped-key"])
 def test_keys_no_row_weighs_get_zero_gradients_whatever_they_hold(sparse_keys, device):
     """A key scoring -inf for every row (3 routed rows: one partial tile of padding lanes), or a
     key that key_mask drops whose value row is NaN (an unwritten buffer slot): dK and dV of that

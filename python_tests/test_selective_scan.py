@@ -126,7 +126,8 @@ def test_extreme_inputs_without_d_and_with_a_very_negative_gate(device):
     B, C = (torch.randn(1, 1, 4, generator=g).to(device) for _ in range(2))
     grads = []
     for dtype, fn in ((None, cram_ext.selective_scan), (torch.float64, selective_scan_ref)):
-        leaves = [t.detach().to(dtype or t.dtype).requires_grad_() for t in (u, delta.to(device), A, B, C, z)]
+        leaves = [t.detach().to(dtype or t.dtype).requires_grad_()
+                  for t in (u, delta.to(device), A, B, C, z)]
         out = fn(*leaves[:5], z=leaves[5])
         grads.append(torch.autograd.grad(out, leaves[0], torch.full_like(out, 4.0))[0])
     assert grads[0].isfinite().all()
