@@ -120,7 +120,7 @@ def test_extreme_inputs_without_d_and_with_a_very_negative_gate(device):
     out = cram_ext.selective_scan(*inputs)
     expected = selective_scan_ref(*[t.double() for t in inputs])
     assert torch.equal(out.isinf(), expected.isinf()) and not out.isnan().any()
-    u = torch.randn(1, 1, 4, generator=g, device="cpu").to(device)
+    u = torch.randn(1, 1, 4, generator=g).to(device)
     z = torch.randn(1, 1, 4, generator=g).to(device)
     z[0, 0, 2] = -1e38
     B, C = (torch.randn(1, 1, 4, generator=g).to(device) for _ in range(2))
