@@ -15,7 +15,7 @@
 #   build     230 s   75 s  setup.py build_ext --inplace, sm_90, one file per core (no ninja: ~150 s)
 #   import      6 s    5 s  the in-place package imports from the repo root, CUDA kernels registered
 #   tests       8 s  100 s  test_cuda_kernels.py + the CUDA cases of the op suites and of streaming
-#                           (cram_forward, cram_step, the model's step, training; collect: 534)
+#                           (cram_forward, cram_step, the model's step, training; collect: 548)
 #   memcheck    6 s   40 s  compute-sanitizer memcheck over bench/sanitizer_driver.py (CPU path dry)
 #   racecheck   6 s   50 s  compute-sanitizer racecheck over the same driver
 #   decisive    5 s   30 s  head_dim 64/128, L 8192/16384, 1.6%/100% routed vs flash and cuDNN,
