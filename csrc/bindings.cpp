@@ -926,7 +926,10 @@ Routing route_tokens(const CramLayerWeights& w, const CramLayerSizes& s, const a
                      int64_t batch, int64_t L, double episodic_price, double semantic_reward,
                      const char* op) {
   const int64_t n_tokens = batch * L, d = s.d;
-  const at::Tensor hidden_x = at::addmm(w.router_b1, x_flat, w.router_w1.narrow(1, 0, d).t());
+  // In the accumulation type (cram_forward.h): 16-bit inputs widened, float32/float64 as they are.
+  const auto acc = accumulation_type(x_flat.scalar_type());
+  const at::Tensor hidden_x =
+      at::addmm(w.router_b1.to(acc), x_flat.to(acc), w.router_w1.narrow(1, 0, d).t().to(acc));
   const at::Tensor w_state = w.router_w1.narrow(1, d, 3).t().contiguous();   // (3, hidden)
   const at::Tensor gap_c = gap.contiguous(), w2 = w.router_w2.contiguous(), b2 = w.router_b2.contiguous();
   const at::Tensor q_hat_c = contiguous_or_none(q_hat), forced_c = contiguous_or_none(forced_path);
@@ -1035,7 +1038,8 @@ void add_taken_paths(const CramLayerWeights& w, const CramLayerSizes& s, at::Ten
     const at::Tensor h = at::relu(at::addmm(*w.semantic_down_bias, x_flat, w.semantic_down->t()));
     const at::Tensor f_sem = at::addmm(*w.semantic_up_bias, h, w.semantic_up->t());
     // Selected, not multiplied by a 0/1 mask: an overflowing f_sem must not make other rows NaN.
-    out_flat.add_(at::where(r.path.view({out_flat.size(0), 1}).eq(kPathSemantic), f_sem, at::zeros({}, f_sem.options())));
+    const at::Tensor semantic = r.path.view({out_flat.size(0), 1}).eq(kPathSemantic);
+    out_flat.add_(at::where(semantic, f_sem, at::zeros({}, f_sem.options())));
   }
 }
 

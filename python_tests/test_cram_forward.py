@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cases import (CRAM_FORWARD_WEIGHTS, DEVICES, ONE_PATH_PRICES, assert_gradcheck,
-                   check_cram_forward, cram_forward_inputs, cram_ops_called)
+                   check_cram_forward, cram_forward_inputs, cram_ops_called, relative_error)
 from cram_ext import cram_forward
 from cram_ext.models import CRAMLayer, model_config
 from cram_ext.reference import cram_forward_ref
@@ -108,6 +108,37 @@ def test_nan_in_the_adapter_reaches_the_gradients_as_in_the_reference(device):
     nan_tokens = ref_inputs[0].grad.isnan().any(-1)
     assert nan_tokens.any() and not nan_tokens.all()
     assert torch.equal(got_inputs[0].grad.isnan().any(-1), nan_tokens)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_16_bit_router_sums_its_first_layer_once_as_the_reference(device):
+    """float16: the router's first Linear over [x, log(1 + gap), norm, q̂] is one sum, as in
+    F.linear, not its x-part rounded to 16 bits first: an x-part past 65504 that the q̂ column
+    cancels stays finite, in cram_forward and in cram_step's decoding step alike."""
+    from cram_ext import cram_step
+    from cram_ext.reference import cram_step_ref
+    from cases import cram_step_inputs
+    args, kwargs = cram_forward_inputs(0, batch=1, L=6, d=16, dtype=torch.float16, device=device)
+    step_args, step_kwargs = cram_step_inputs(0, batch=2, d=16, dtype=torch.float16, device=device)
+    for w1, x in ((args[9], args[0]), (step_args[13], step_args[0])):
+        w1[0, :16], w1[0, 16:] = 4096.0, 0.0
+        w1[0, 18] = -32768.0  # times q̂ = 2: cancels the x-part, 16 · 4096 = 65536 > 65504
+        x.fill_(1.0)
+    kwargs["q_hat"] = torch.full((1, 6), 2.0, dtype=torch.float16, device=device)
+    step_kwargs["q_hat"] = torch.full((2,), 2.0, dtype=torch.float16, device=device)
+    def wide(values):  # float64 copies, for the reference
+        return [t.double() if torch.is_tensor(t) and t.is_floating_point() else
+                t.clone() if torch.is_tensor(t) else t for t in values]
+
+    # The references' predicted losses: cram_forward_ref returns the op's tuple, cram_step_ref
+    # (out, path, predicted_loss, ...).
+    for op, ref, at, op_args, op_kwargs in (
+            (cram_forward, cram_forward_ref, 3, args, kwargs),
+            (cram_step, cram_step_ref, 2, step_args, step_kwargs)):
+        expected = ref(*wide(op_args), **dict(zip(op_kwargs, wide(op_kwargs.values()))))[at]
+        got = op(*op_args, **op_kwargs).predicted_loss
+        assert got.isfinite().all() and expected.isfinite().all()
+        assert relative_error(got, expected) < 1e-2  # float16's rounding, not an overflow
 
 
 @pytest.mark.parametrize("device", DEVICES)

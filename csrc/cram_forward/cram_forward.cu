@@ -35,7 +35,7 @@ route_tokens_kernel(const CramRouterParams p) {
   const int64_t b = token / p.seqlen, t = token % p.seqlen, H = p.hidden, P = p.n_paths;
   const auto* working_out = static_cast<const scalar_t*>(p.working_out) +
                             b * p.working_out_batch_stride + t * p.working_out_row_stride;
-  const auto* hidden_x = static_cast<const scalar_t*>(p.hidden_x) + b * p.hidden_x_batch_stride +
+  const auto* hidden_x = static_cast<const acc_t*>(p.hidden_x) + b * p.hidden_x_batch_stride +
                          t * p.hidden_x_row_stride;
   const auto* w_state = static_cast<const scalar_t*>(p.w_state);
   const auto* w_out = static_cast<const scalar_t*>(p.w_out);
@@ -55,7 +55,7 @@ route_tokens_kernel(const CramRouterParams p) {
 
   acc_t partial[kRouterMaxPaths] = {0, 0, 0};
   for (int64_t j = lane; j < H; j += 32) {
-    acc_t h = to_acc(hidden_x[j]) + to_acc(w_state[j]) * log_gap +
+    acc_t h = hidden_x[j] + to_acc(w_state[j]) * log_gap +
               to_acc(w_state[H + j]) * state_norm + to_acc(w_state[2 * H + j]) * q;
     h = h < acc_t(0) ? acc_t(0) : h;  // NaN passes, as in F.relu (a max instruction would drop it)
 #pragma unroll

@@ -16,7 +16,9 @@
 // along its last dimension and free batch and row strides; gap, q_hat, forced_path, route, path:
 // (batch, L) contiguous; predicted, scores: (batch, L, paths) contiguous; w_state: (3, hidden)
 // (W1_state transposed), w_out: (paths, hidden), b_out: (paths,) contiguous. Every float tensor
-// has one dtype.
+// has one dtype, but hidden_x, which is in the accumulation type (float32 for 16-bit inputs):
+// rounded to 16 bits before the state features are added, a partial sum could overflow or round
+// where the reference's one Linear over [x, features] does not.
 #pragma once
 
 #include <cstdint>

@@ -18,7 +18,7 @@ namespace {
 template <typename scalar_t>
 void route_tokens(const CramRouterParams& p) {
   using acc_t = typename AccType<scalar_t>::type;
-  const auto* hidden_x = static_cast<const scalar_t*>(p.hidden_x);
+  const auto* hidden_x = static_cast<const acc_t*>(p.hidden_x);
   const auto* working_out = static_cast<const scalar_t*>(p.working_out);
   const auto* gap = static_cast<const scalar_t*>(p.gap);
   const auto* q_hat = static_cast<const scalar_t*>(p.q_hat);
@@ -51,10 +51,10 @@ void route_tokens(const CramRouterParams& p) {
       const acc_t features[3] = {
           to_float(from_float<scalar_t>(std::log1p(to_float(gap[token])))),
           to_float(from_float<scalar_t>(std::sqrt(sum_sq) * inv_sqrt_d)), q};
-      const scalar_t* hx = hidden_x + b * p.hidden_x_batch_stride + t * p.hidden_x_row_stride;
+      const acc_t* hx = hidden_x + b * p.hidden_x_batch_stride + t * p.hidden_x_row_stride;
 #pragma omp simd
       for (int64_t j = 0; j < H; ++j) {
-        const acc_t h = to_float(hx[j]) + to_float(w_state[j]) * features[0] +
+        const acc_t h = hx[j] + to_float(w_state[j]) * features[0] +
                         to_float(w_state[H + j]) * features[1] + to_float(w_state[2 * H + j]) * features[2];
         hidden[j] = h < acc_t(0) ? acc_t(0) : h;  // NaN passes, as in F.relu
       }

@@ -23,11 +23,11 @@ namespace {
 constexpr int64_t kMinParallelMacs = 1 << 15;
 
 // y_r = W·x_r + bias (bias nullable) for the streams r in rows[0, n_rows), W (n_out, n_in) with
-// row stride w_stride. The product is rounded to scalar_t as a GEMM's output is; with
+// row stride w_stride. The product is rounded to out_t (scalar_t, as a GEMM's output is); with
 // `accumulate` it is then added to y_r (and rounded again), as an in-place add would.
-template <typename scalar_t>
+template <typename scalar_t, typename out_t = scalar_t>
 void linear(const scalar_t* W, int64_t w_stride, const scalar_t* bias, int64_t n_out, int64_t n_in,
-            const scalar_t* x, int64_t x_stride, scalar_t* y, int64_t y_stride, const int64_t* rows,
+            const scalar_t* x, int64_t x_stride, out_t* y, int64_t y_stride, const int64_t* rows,
             int64_t n_rows, bool accumulate) {
   using acc_t = typename AccType<scalar_t>::type;
   if (n_rows == 0) return;
@@ -38,9 +38,9 @@ void linear(const scalar_t* W, int64_t w_stride, const scalar_t* bias, int64_t n
       const acc_t b = bias ? acc_t(to_float(bias[i])) : acc_t(0);
       for (int64_t k = 0; k < n_rows; ++k) {
         const int64_t r = rows[k];
-        const scalar_t product = from_float<scalar_t>(dot<acc_t>(w, x + r * x_stride, n_in) + b);
-        scalar_t& out = y[r * y_stride + i];
-        out = accumulate ? from_float<scalar_t>(acc_t(to_float(out)) + acc_t(to_float(product))) : product;
+        const out_t product = from_float<out_t>(dot<acc_t>(w, x + r * x_stride, n_in) + b);
+        out_t& out = y[r * y_stride + i];
+        out = accumulate ? from_float<out_t>(acc_t(to_float(out)) + acc_t(to_float(product))) : product;
       }
     }
   });
@@ -100,7 +100,8 @@ void step(const CramStepParams& p) {
          false);
 
   // The router's decision, from the x-part of its hidden layer and the scan output.
-  std::vector<scalar_t> hidden_x(batch * H), w_state(3 * H);
+  std::vector<acc_t> hidden_x(batch * H);  // the accumulation type, as cram_forward.h says
+  std::vector<scalar_t> w_state(3 * H);
   const scalar_t* w1 = weight(p.router_w1);
   linear(w1, d + 3, weight(p.router_b1), H, d, x, d, hidden_x.data(), H, all, batch, false);
   for (int64_t j = 0; j < H; ++j)
