@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from cases import (CRAM_FORWARD_WEIGHTS, DEVICES, ONE_PATH_PRICES, assert_gradcheck,
-                   check_cram_forward, cram_forward_inputs, cram_ops_called, relative_error)
-from cram_ext import cram_forward
+                   check_cram_forward, cram_forward_inputs, cram_ops_called, cram_step_inputs,
+                   relative_error)
+from cram_ext import cram_forward, cram_step
 from cram_ext.models import CRAMLayer, model_config
-from cram_ext.reference import cram_forward_ref
 from cram_ext.models.cram import RoutingPrices
 from cram_ext.models.router import Path
+from cram_ext.reference import cram_forward_ref, cram_step_ref
 
 torch.set_num_threads(1)
 
@@ -115,9 +116,6 @@ def test_a_16_bit_router_sums_its_first_layer_once_as_the_reference(device):
     """float16: the router's first Linear over [x, log(1 + gap), norm, q̂] is one sum, as in
     F.linear, not its x-part rounded to 16 bits first: an x-part past 65504 that the q̂ column
     cancels stays finite, in cram_forward and in cram_step's decoding step alike."""
-    from cram_ext import cram_step
-    from cram_ext.reference import cram_step_ref
-    from cases import cram_step_inputs
     args, kwargs = cram_forward_inputs(0, batch=1, L=6, d=16, dtype=torch.float16, device=device)
     step_args, step_kwargs = cram_step_inputs(0, batch=2, d=16, dtype=torch.float16, device=device)
     for w1, x in ((args[9], args[0]), (step_args[13], step_args[0])):
@@ -126,6 +124,7 @@ def test_a_16_bit_router_sums_its_first_layer_once_as_the_reference(device):
         x.fill_(1.0)
     kwargs["q_hat"] = torch.full((1, 6), 2.0, dtype=torch.float16, device=device)
     step_kwargs["q_hat"] = torch.full((2,), 2.0, dtype=torch.float16, device=device)
+
     def wide(values):  # float64 copies, for the reference
         return [t.double() if torch.is_tensor(t) and t.is_floating_point() else
                 t.clone() if torch.is_tensor(t) else t for t in values]
