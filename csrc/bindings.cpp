@@ -1038,8 +1038,7 @@ void add_taken_paths(const CramLayerWeights& w, const CramLayerSizes& s, at::Ten
     const at::Tensor h = at::relu(at::addmm(*w.semantic_down_bias, x_flat, w.semantic_down->t()));
     const at::Tensor f_sem = at::addmm(*w.semantic_up_bias, h, w.semantic_up->t());
     // Selected, not multiplied by a 0/1 mask: an overflowing f_sem must not make other rows NaN.
-    const at::Tensor semantic = r.path.view({out_flat.size(0), 1}).eq(kPathSemantic);
-    out_flat.add_(at::where(semantic, f_sem, at::zeros({}, f_sem.options())));
+    out_flat.add_(at::where(r.path.view({out_flat.size(0), 1}).eq(kPathSemantic), f_sem, 0));
   }
 }
 
