@@ -271,8 +271,8 @@ class Trainer:
         patterns, episodic = concatenate_routing(all_gather(recurring_query_routing(batch, output)))
         self.exposure.update(patterns, episodic)
         sums = batch_sums(batch, output, len(self.model.layers))
-        for name, value in losses.items():
-            sums[f"loss/{name}"] = float(value.detach())
+        values = torch.stack([value.detach() for value in losses.values()]).tolist()  # one read
+        sums.update({f"loss/{name}": value for name, value in zip(losses, values)})
         sums = all_reduce_sums(sums)
         metrics = summarize(sums)
         record = {"step": self.step + 1,

@@ -232,7 +232,9 @@ class InputEncoder(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         d = config.d_model
-        self.frequencies = torch.tensor(config.gap_frequencies, dtype=torch.float32)
+        # A buffer, so that it moves with the model; not in the state dict: the config holds it.
+        self.register_buffer("frequencies", torch.tensor(config.gap_frequencies,
+                                                         dtype=torch.float32), persistent=False)
         self.type_embedding = nn.Embedding(3, d)
         self.key_embedding = nn.Embedding(config.n_keys + 1, d)      # id n_keys: no key
         self.value_embedding = nn.Embedding(config.n_values + 1, d)  # id n_values: no value
@@ -243,7 +245,7 @@ class InputEncoder(nn.Module):
         """`start`: the absolute position of the first token (streaming). The fields are
         (batch, L), or (batch,) for one token (`CRAMModel.step`): x (batch, L, d) or (batch, d)."""
         gap = batch["gap"]
-        phase = gap[..., None] * self.frequencies.to(gap.device)
+        phase = gap[..., None] * self.frequencies
         continuous = torch.cat([torch.log1p(gap)[..., None], phase.sin(), phase.cos(),
                                 batch["last_value"][..., None]], dim=-1)
         x = (self.type_embedding(batch["token_type"]) + self.key_embedding(batch["key"])

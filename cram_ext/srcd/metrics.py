@@ -45,52 +45,55 @@ def routed_layers(metrics: Dict) -> List[int]:
 
 @torch.no_grad()
 def batch_sums(batch: Dict[str, torch.Tensor], output, n_layers: int) -> Dict[str, float]:
-    sums: Dict[str, float] = {}
+    # Added on the device in float64, in the order Python would add the floats, and read back
+    # in one copy: on a GPU one wait per batch instead of one per entry (the masked float sums
+    # keep boolean indexing, which waits too, so that they round as they always have).
+    sums: Dict[str, torch.Tensor] = {}
+
+    def add(key: str, value: torch.Tensor) -> None:
+        value = value.double()
+        sums[key] = sums[key] + value if key in sums else value
+
     queries = batch["target_class"] != IGNORE_INDEX
     correct = (output.value_logits.argmax(-1) == batch["target_class"]) & queries
     recurring = queries & (batch["pattern"] >= 0)
     novel = queries & (batch["pattern"] < 0)
-    sums["queries"] = float(queries.sum())
-    sums["correct"] = float(correct.sum())
-    sums["recurring_queries"] = float(recurring.sum())
-    sums["recurring_correct"] = float((correct & recurring).sum())
-    sums["novel_queries"] = float(novel.sum())
-    sums["novel_correct"] = float((correct & novel).sum())
+    add("queries", queries.sum())
+    add("correct", correct.sum())
+    add("recurring_queries", recurring.sum())
+    add("recurring_correct", (correct & recurring).sum())
+    add("novel_queries", novel.sum())
+    add("novel_correct", (correct & novel).sum())
     observed = batch["dynamics_mask"]
-    sums["observations"] = float(observed.sum())
-    sums["dynamics_se"] = float((output.next_value.detach() - batch["target_value"])
-                                .pow(2)[observed].sum())
-    sums["oracle_se"] = float((batch["oracle_value"] - batch["target_value"]).pow(2)[observed].sum())
+    add("observations", observed.sum())
+    add("dynamics_se", (output.next_value.detach() - batch["target_value"]).pow(2)[observed].sum())
+    add("oracle_se", (batch["oracle_value"] - batch["target_value"]).pow(2)[observed].sum())
     tokens = float(batch["gap"].numel())
-    sums["tokens"] = tokens
-    sums["token_layers"] = tokens * n_layers
+    counts = {"tokens": tokens, "token_layers": tokens * n_layers}
     for index, record in enumerate(output.layers):
         if record.attention_rows is None:
             continue
-        sums[f"attention_rows/{index}"] = float(record.attention_rows.sum())
-        sums[f"attention_tokens/{index}"] = tokens
+        add(f"attention_rows/{index}", record.attention_rows.sum())
+        counts[f"attention_tokens/{index}"] = tokens
         if record.q is not None:
-            sums["q_sum"] = sums.get("q_sum", 0.0) + float(record.q.sum())
-            sums["q_count"] = sums.get("q_count", 0.0) + float(record.attention_rows.sum())
-            sums["q_hat_sum"] = sums.get("q_hat_sum", 0.0) + float(record.q_hat[queries].sum())
-            sums["q_hat_count"] = sums.get("q_hat_count", 0.0) + float(queries.sum())
+            add("q_sum", record.q.sum())
+            add("q_count", record.attention_rows.sum())
+            add("q_hat_sum", record.q_hat[queries].sum())
+            add("q_hat_count", queries.sum())
             for kind, mask in (("recurring", recurring), ("novel", novel)):
                 measured = mask & record.attention_rows
-                add = {f"q_{kind}_sum": float(record.q[measured].sum()),
-                       f"q_{kind}_count": float(measured.sum()),
-                       f"q_hat_{kind}_sum": float(record.q_hat[mask].sum()),
-                       f"q_hat_{kind}_count": float(mask.sum())}
-                for key, value in add.items():
-                    sums[key] = sums.get(key, 0.0) + value
+                add(f"q_{kind}_sum", record.q[measured].sum())
+                add(f"q_{kind}_count", measured.sum())
+                add(f"q_hat_{kind}_sum", record.q_hat[mask].sum())
+                add(f"q_hat_{kind}_count", mask.sum())
         if record.routing is not None:
             for kind, mask in token_kinds(batch).items():
-                add = {f"tokens/{index}/{kind}": float(mask.sum()),
-                       f"attention/{index}/{kind}": float((record.attention_rows & mask).sum()),
-                       f"semantic/{index}/{kind}":
-                           float(((record.routing.choice == Path.SEMANTIC) & mask).sum())}
-                for key, value in add.items():
-                    sums[key] = sums.get(key, 0.0) + value
-    return sums
+                add(f"tokens/{index}/{kind}", mask.sum())
+                add(f"attention/{index}/{kind}", (record.attention_rows & mask).sum())
+                add(f"semantic/{index}/{kind}",
+                    ((record.routing.choice == Path.SEMANTIC) & mask).sum())
+    values = torch.stack(list(sums.values())).tolist()
+    return {**dict(zip(sums, values)), **counts}
 
 
 def add_sums(total: Dict[str, float], sums: Dict[str, float]) -> Dict[str, float]:
