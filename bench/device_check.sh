@@ -25,12 +25,14 @@
 #                           baseline
 #   fused       4 s  ~30 s  one CRAM layer's eval forward, d 64/256, L 2048/8192, 2%/10% routed:
 #                           the fused op (eager, CUDA graph) and the layer fused and composed
+#   training    4 s  ~30 s  the cpu preset's CRAM run (seed 0, 400 steps) on the GPU, then its test
+#                           metrics: consolidation on the CUDA kernels, ms per step
 #   streaming   4 s  ~30 s  one decoding step: routed_attention_with_kvcache vs SDPA over the
 #                           cache (head_dim 64/128, context 8K/32K, batch 1/8, 1.6%/100%), the
 #                           state update, one CRAM layer's step (cram_step; the layer fused and
 #                           composed; d 64/256, batch 1/8)
 #   flex        4 s <=90 s  FlexAttention baseline, 2 compilations; gets whatever time is left
-#   total            385 s  before flex (about 6 minutes); the deadline stops everything at 440 s
+#   total            415 s  before flex (about 7 minutes); the deadline stops everything at 440 s
 # A stage whose predecessor failed in a way that makes it meaningless (no build) is skipped.
 # Every Python stage imports the freshly built package: PYTHONPATH is the repository root.
 #
@@ -294,6 +296,8 @@ if [ $built -eq 1 ]; then
     bench/test_bench_gpu.py::test_attention_more
   run_stage fused 90 "$OUT/bench.log" "${BENCH[@]}" "${PYTEST[@]}" "${COLLECT[@]}" \
     bench/test_bench_gpu.py::test_cram_forward
+  run_stage training 100 "$OUT/bench.log" "${BENCH[@]}" CRAM_TEST_TIMEOUT_S=90 "${PYTEST[@]}" \
+    "${COLLECT[@]}" bench/test_bench_gpu.py::test_training_cpu_preset
   run_stage streaming 75 "$OUT/bench.log" "${BENCH[@]}" "${PYTEST[@]}" "${COLLECT[@]}" \
     bench/test_bench_gpu.py::test_kvcache_decoding bench/test_bench_gpu.py::test_state_update_step \
     bench/test_bench_gpu.py::test_cram_step_decoding
@@ -301,7 +305,7 @@ if [ $built -eq 1 ]; then
   run_stage flex 150 "$OUT/bench.log" "${BENCH[@]}" CRAM_TEST_TIMEOUT_S=120 "${PYTEST[@]}" \
     "${COLLECT[@]}" bench/test_bench_gpu.py::test_flex_attention
 else
-  for stage in tests memcheck racecheck decisive bench fused streaming flex; do skip "$stage" "no build"; done
+  for stage in tests memcheck racecheck decisive bench fused training streaming flex; do skip "$stage" "no build"; done
 fi
 
 finish

@@ -28,6 +28,9 @@ one JSON object a line, so a run cut short keeps what it measured. Tests run in 
    over the same cache; selective_state_update at batch 8, dim 2048; and test_cram_step_decoding,
    one CRAM layer's decoding step (the fused op, and the layer fused and composed).
 
+6. test_training_cpu_preset (the training stage): the cpu preset's CRAM run trained on the GPU
+   and measured on the test stream, beside the CPU runs of docs/RESULTS.md.
+
 TFLOP/s counts routed FLOPs only: 4 * head_dim * (visible keys) per routed row and head. Times
 are medians of CUDA-event-timed calls after warm-up.
 """
@@ -431,3 +434,32 @@ def test_state_update_step(record):
         lambda: cram_ext.selective_state_update(state, **args, dt_softplus=True), "state_update")
     record(kind="state_update", batch=batch, dim=dim, N=N, dtype="bfloat16",
            state_bytes=2 * state.numel() * 4, **result)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: CRAM on SRCD with the CUDA kernels
+# ---------------------------------------------------------------------------------------------
+
+def test_training_cpu_preset(record):
+    """The cpu preset's seed-0 CRAM run (400 steps, `python -m cram_ext.train --config cram --size
+    cpu --seed 0 --data-seed 0 --device cuda`) trained on the GPU, then measured on the 64 test
+    batches as `python -m cram_ext.evaluate` measures the CPU runs (docs/RESULTS.md): whether
+    consolidation happens on the CUDA kernels as on the CPU ones, and the time per step."""
+    from cram_ext.evaluate import TEST_BATCHES, TEST_SEED_OFFSET
+    from cram_ext.train import Trainer, run_config
+    seed = 0
+    trainer = Trainer(run_config("cram", "cpu", seed=seed, data_seed=seed, device="cuda"), None,
+                      show_progress=False)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    while trainer.step < trainer.config.steps:
+        trainer.train_step()
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    metrics = trainer.evaluate(TEST_BATCHES, seed_offset=TEST_SEED_OFFSET)
+    record(kind="training", model="cram", size="cpu", seed=seed, steps=trainer.step,
+           ms_per_step=1e3 * seconds / trainer.step,
+           **{name: metrics[name] for name in (
+               "accuracy_recurring", "accuracy_novel", "attention/0/recurring",
+               "attention/0/novel", "attention/1/recurring", "attention/1/novel",
+               "attention/0/other", "attention_fraction", "dynamics_mse")})
