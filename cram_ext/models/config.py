@@ -150,10 +150,6 @@ class ModelConfig:
     def rank(self) -> int:
         return self.semantic_rank or max(1, self.d_model // 16)
 
-    @property
-    def n_attention_layers(self) -> int:
-        return sum(spec.attention is not None for spec in self.layers)
-
     def episodic_cost_weight(self, step: int) -> float:
         """λ_E at `step`: 0 at first, so attention learns to retrieve before the router is
         charged for using it, then ramped up. With the full charge from step 0 the router
