@@ -1,16 +1,18 @@
-"""SRCD generator: determinism, streaming contract, statistics; transfer tasks; metrics and
-exposure statistics."""
+"""SRCD generator: determinism, streaming contract, statistics; transfer tasks; metrics (checked
+against a count made in numpy) and exposure statistics."""
 import itertools
 
 import numpy as np
 import pytest
 import torch
 
+from cram_ext.models.router import Path
 from cram_ext.srcd import (IGNORE_INDEX, KEY_WRITE, OBSERVATION, QUERY, SRCDConfig, SRCDStream,
                            TransferConfig, batch_at, generate_sequence, generate_transfer_sequence,
                            pattern_values)
 from cram_ext.srcd.exposure import PatternExposure
-from cram_ext.srcd.metrics import add_sums, summarize
+from cram_ext.srcd.metrics import add_sums, batch_sums, summarize
+from cram_ext.train import Trainer, run_config
 
 SMALL = SRCDConfig(seq_len=256)
 
@@ -144,6 +146,45 @@ def test_transfer_tasks_query_only_keys_written_before(task):
         np.testing.assert_array_equal(s["key"][queries], s["key"][:10])
     with pytest.raises(ValueError, match="unknown transfer task"):
         TransferConfig(task="sort")
+
+
+def test_batch_sums_count_what_one_forward_did_token_by_token():
+    """Each entry of `batch_sums` against the same count made in numpy from the batch and the
+    model's output, for a trained-from-scratch model in training mode (exploration: every
+    path taken somewhere)."""
+    trainer = Trainer(run_config("cram", "tiny"), None, show_progress=False)
+    batch = trainer.batch(0, 0)
+    with torch.no_grad():
+        output = trainer.model(batch, step=200)
+    sums = batch_sums(batch, output, len(output.layers))
+    b = {name: t.numpy() for name, t in batch.items()}
+    queries = b["target_class"] != IGNORE_INDEX
+    recurring, novel = queries & (b["pattern"] >= 0), queries & (b["pattern"] < 0)
+    correct = (output.value_logits.argmax(-1).numpy() == b["target_class"]) & queries
+    observed = b["dynamics_mask"]
+    expected = {"queries": queries.sum(), "correct": correct.sum(),
+                "recurring_queries": recurring.sum(), "novel_queries": novel.sum(),
+                "recurring_correct": (correct & recurring).sum(),
+                "novel_correct": (correct & novel).sum(), "observations": observed.sum(),
+                "tokens": queries.size, "token_layers": queries.size * len(output.layers)}
+    errors = (output.next_value.numpy().astype(np.float64) - b["target_value"]) ** 2
+    expected["dynamics_se"] = errors[observed].sum()
+    q_sum = q_count = 0.0
+    kinds = {"recurring": recurring, "novel": novel, "other": ~queries}
+    for index, record in enumerate(output.layers):
+        rows = record.attention_rows.numpy()
+        expected[f"attention_rows/{index}"] = rows.sum()
+        q_sum += record.q.numpy().astype(np.float64)[rows].sum()
+        q_count += rows.sum()
+        choice = record.routing.choice.numpy()
+        for kind, mask in kinds.items():
+            expected[f"tokens/{index}/{kind}"] = mask.sum()
+            expected[f"attention/{index}/{kind}"] = (rows & mask).sum()
+            expected[f"semantic/{index}/{kind}"] = ((choice == Path.SEMANTIC) & mask).sum()
+    expected["q_sum"], expected["q_count"] = q_sum, q_count
+    assert all(0 < expected[f"attention_rows/{i}"] < queries.size for i in range(2))
+    for key, value in expected.items():
+        assert sums[key] == pytest.approx(float(value), rel=1e-5), key
 
 
 def test_summarize_divides_the_accumulated_sums():
