@@ -418,3 +418,19 @@ def test_bad_configurations_raise_clear_errors():
         LayerSpec(working="lstm")
     with pytest.raises(ValueError, match="exploration rates"):
         ModelConfig(explore_rate_start=1.5)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        LayerSpec(attention="sparse", semantic=False)
+    with pytest.raises(ValueError, match="dense-attention layers carry no working memory"):
+        LayerSpec(attention="dense", semantic=False, router_reads_q=False)
+    with pytest.raises(ValueError, match="router_reads_q needs a semantic path"):
+        LayerSpec(semantic=False)
+    with pytest.raises(ValueError, match="at least one layer"):
+        ModelConfig(layers=())
+    with pytest.raises(ValueError, match="episodic_keys must be one of"):
+        ModelConfig(episodic_keys="all")
+    with pytest.raises(ValueError, match="memory_size must be positive"):
+        ModelConfig(memory_size=0)
+    with pytest.raises(ValueError, match="router_average_steps must be >= 0"):
+        ModelConfig(router_average_steps=-1)
+    with pytest.raises(ValueError, match="ctode_steps must be at least 1"):
+        CRAMModel(ModelConfig(layers=(LayerSpec(working="ctode"),), ctode_steps=0))
