@@ -184,7 +184,9 @@ selective_scan_bwd_kernel(const SelectiveScanBwdParams p) {
 #pragma unroll
     for (int i = 0; i < kScanItems; ++i) {
       const bool in_range = t0 + i < L;
-      ddelta[i] = in_range ? dstep[i] * dt_scale[i] * (p.delta_softplus ? sigmoid(x[i]) : acc_t(1)) : acc_t(0);
+      // softplus is x above 20 (cuda_dtype.cuh): its derivative there is 1, not sigmoid(x).
+      const bool through_sigmoid = p.delta_softplus && x[i] <= acc_t(20);
+      ddelta[i] = in_range ? dstep[i] * dt_scale[i] * (through_sigmoid ? sigmoid(x[i]) : acc_t(1)) : acc_t(0);
       ddelta_bias_partial += ddelta[i];
       dD_partial += dy[i] * u[i];
       if (p.ddt_scale) step_grads[0][warp][padded_index(lane, i)] = in_range && ch.valid ? dstep[i] * sp[i] : acc_t(0);
