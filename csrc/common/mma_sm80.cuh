@@ -14,6 +14,9 @@
 #include <cstdint>
 #include <type_traits>
 
+#ifdef CRAM_SIMT_EMULATOR
+#include "../tests/simt/warp_matrix.h"  // the same functions on the CPU, for the native tests
+#else
 namespace cram {
 namespace cuda {
 
@@ -67,6 +70,13 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
 }
+
+}  // namespace cuda
+}  // namespace cram
+#endif
+
+namespace cram {
+namespace cuda {
 
 // Two floats -> one register of two 16-bit elements (round to nearest even), low half first.
 template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
