@@ -6,8 +6,8 @@
 // `extern __shared__` arrays into the block's dynamic shared memory.
 //
 // Model:
-// - The blocks of a grid run one after another, so a `__shared__` variable (a static local here)
-//   belongs to the block that runs. Dynamic shared memory is filled with 0xff bytes (NaN as
+// - The blocks of a grid run one after another, in a shuffled order, so a `__shared__` variable
+//   (a static local here) belongs to the block that runs. Dynamic shared memory is filled with 0xff bytes (NaN as
 //   floats) before each block: a read before any write shows in the results.
 // - The threads of a block run as OS threads (a pool reused across launches). __syncthreads is a
 //   barrier over the block's threads that have not exited, as on sm_70 and later.
@@ -39,6 +39,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <random>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -271,26 +272,32 @@ void launch(const LaunchConfig& config, Kernel* kernel, Args... args) {
   if (config.smem > smem_limit)
     fail("launch with %zu bytes of dynamic shared memory above the kernel's limit of %zu (raise it with "
          "cudaFuncSetAttribute)", config.smem, smem_limit);
+  // Blocks run in a shuffled order, seeded by the launch's number so that a run repeats: a
+  // kernel that depends on the order of its blocks shows it.
+  std::vector<uint3> blocks;
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        Block state(static_cast<int>(threads), config.smem);
-        const std::function<void(int)> job = [&](int rank) {
-          this_block = &state;
-          this_thread_rank = rank;
-          blockIdx = {x, y, z};
-          blockDim = block;
-          gridDim = grid;
-          threadIdx = {rank % block.x, rank / block.x % block.y, rank / (block.x * block.y)};
-          kernel(args...);
-          // An exited thread no longer counts at barriers or in its warp.
-          Warp& w = this_warp();
-          w.live.fetch_and(~(1u << lane_id()));
-          w.barrier.arrive_and_drop();
-          state.barrier.arrive_and_drop();
-        };
-        pool().run(static_cast<int>(threads), job);
-      }
+      for (unsigned x = 0; x < grid.x; ++x) blocks.push_back({x, y, z});
+  static std::atomic<uint64_t> launches{0};
+  std::shuffle(blocks.begin(), blocks.end(), std::mt19937_64(launches.fetch_add(1)));
+  for (const uint3 index : blocks) {
+    Block state(static_cast<int>(threads), config.smem);
+    const std::function<void(int)> job = [&](int rank) {
+      this_block = &state;
+      this_thread_rank = rank;
+      blockIdx = index;
+      blockDim = block;
+      gridDim = grid;
+      threadIdx = {rank % block.x, rank / block.x % block.y, rank / (block.x * block.y)};
+      kernel(args...);
+      // An exited thread no longer counts at barriers or in its warp.
+      Warp& w = this_warp();
+      w.live.fetch_and(~(1u << lane_id()));
+      w.barrier.arrive_and_drop();
+      state.barrier.arrive_and_drop();
+    };
+    pool().run(static_cast<int>(threads), job);
+  }
 }
 
 inline int multiprocessor_count() {
