@@ -247,6 +247,9 @@ inline ThreadPool& pool() {
   return p;
 }
 
+// Kernel launches so far: tests check the launch counts the launchers document.
+inline std::atomic<uint64_t> launch_count{0};
+
 struct LaunchConfig {
   LaunchConfig(dim3 grid_, dim3 block_, size_t smem_ = 0, cudaStream_t = nullptr)
       : grid(grid_), block(block_), smem(smem_) {}
@@ -278,8 +281,7 @@ void launch(const LaunchConfig& config, Kernel* kernel, Args... args) {
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) blocks.push_back({x, y, z});
-  static std::atomic<uint64_t> launches{0};
-  std::shuffle(blocks.begin(), blocks.end(), std::mt19937_64(launches.fetch_add(1)));
+  std::shuffle(blocks.begin(), blocks.end(), std::mt19937_64(launch_count.fetch_add(1)));
   for (const uint3 index : blocks) {
     Block state(static_cast<int>(threads), config.smem);
     const std::function<void(int)> job = [&](int rank) {

@@ -15,6 +15,8 @@
 #include <type_traits>
 #include <vector>
 
+#include <cuda_runtime.h>  // the SIMT emulator's: its launch count
+
 #include "../test_util.h"
 #include "cram_forward/cram_forward.h"
 
@@ -178,8 +180,15 @@ template <typename T> RouterOutputs run(const RouterInputs& in, bool on_cuda) {
   p.episodic_count = &r.episodic_count;
   p.semantic_rows = r.semantic_rows.data();
   p.semantic_count = &r.semantic_count;
-  if (on_cuda) cram_router_cuda(p, nullptr);
-  else cram_router_cpu(p);
+  if (on_cuda) {
+    // cram_forward.cu's count: routing, compaction.
+    const uint64_t launches_before = simt::launch_count;
+    cram_router_cuda(p, nullptr);
+    CRAM_EXPECT(simt::launch_count - launches_before == 2, "cram_router_cuda made %llu launches, expected 2",
+                static_cast<unsigned long long>(simt::launch_count - launches_before));
+  } else {
+    cram_router_cpu(p);
+  }
   r.predicted = widened(predicted);
   r.scores = widened(scores);
   return r;

@@ -16,6 +16,8 @@
 #include <type_traits>
 #include <vector>
 
+#include <cuda_runtime.h>  // the SIMT emulator's: its launch count
+
 #include "../test_util.h"
 #include "routed_attention/routed_attention.h"
 
@@ -146,8 +148,16 @@ template <typename T> Outputs run(const KVCacheInputs& in, bool on_cuda) {
   std::vector<T> k_cache = rounded_to<T>(in.k_cache), v_cache = rounded_to<T>(in.v_cache);
   std::vector<T> out(in.q.size(), from_float<T>(kOutSentinel));
   const RoutedAttentionKVCacheParams p = in.params(q, k_cache, v_cache, k_new, v_new, out);
-  if (on_cuda) routed_attention_kvcache_cuda(p, nullptr);
-  else routed_attention_kvcache_cpu(p);
+  if (on_cuda) {
+    // routed_attention_kvcache.cu's count: the append (when there are new entries), the attention.
+    const uint64_t launches_before = simt::launch_count, expected = p.k_new ? 2 : 1;
+    routed_attention_kvcache_cuda(p, nullptr);
+    CRAM_EXPECT(simt::launch_count - launches_before == expected, "routed_attention_kvcache_cuda made %llu launches, "
+                "expected %llu", static_cast<unsigned long long>(simt::launch_count - launches_before),
+                static_cast<unsigned long long>(expected));
+  } else {
+    routed_attention_kvcache_cpu(p);
+  }
   return {widened(out), widened(k_cache), widened(v_cache)};
 }
 

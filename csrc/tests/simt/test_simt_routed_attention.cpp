@@ -162,6 +162,7 @@ struct Run {
   DType dtype;
   Bytes q, k, v, dout, out, lse, dq, dk, dv;
   int plan_tiles = -1, plan_splits = -1;  // the CUDA forward's plan (tensor-core path only)
+  uint64_t fwd_launches = 0, bwd_launches = 0;  // kernel launches of the CUDA forward, backward
 };
 
 constexpr unsigned char kWorkspaceFill = 0xa5;  // the workspace arrives uninitialised
@@ -217,7 +218,9 @@ void forward(const Inputs& in, Run& r, double scale, bool cuda) {
   const RoutedAttentionBwdParams p = params(in, r, scale);
   if (!cuda) return cram::routed_attention_fwd_cpu(p);
   Bytes workspace(cram::routed_attention_cuda_workspace_bytes(p), kWorkspaceFill);
+  const uint64_t launches_before = simt::launch_count;
   cram::routed_attention_fwd_cuda(p, workspace.data(), nullptr);
+  r.fwd_launches = simt::launch_count - launches_before;
   const cram::cuda::RoutedRows rows = cram::cuda::routed_rows(p, workspace.data());
   r.plan_tiles = rows.plan[0], r.plan_splits = rows.plan[1];
 }
@@ -226,7 +229,9 @@ void backward(const Inputs& in, Run& r, double scale, bool cuda) {
   const RoutedAttentionBwdParams p = params(in, r, scale);
   if (!cuda) return cram::routed_attention_bwd_cpu(p);
   Bytes workspace(cram::routed_attention_cuda_workspace_bytes(p), kWorkspaceFill);
+  const uint64_t launches_before = simt::launch_count;
   cram::routed_attention_bwd_cuda(p, workspace.data(), nullptr);
+  r.bwd_launches = simt::launch_count - launches_before;
 }
 
 // A run's results as float64: out without its row padding, lse, dq, dk, dv.
@@ -340,7 +345,11 @@ void check_case(const Case& c, unsigned seed) {
   forward(in, cpu, scale, false);
   forward(in, cuda, scale, true);
 
-  // The forward took the path the case is for.
+  // The forward took the path the case is for, with the launches routed_attention_fwd.cu counts:
+  // compaction, clearing and attention, and the tile plan on the tensor-core path.
+  const uint64_t fwd_launches = c.path == FwdPath::kSimt ? 3 : 4;
+  CRAM_EXPECT(cuda.fwd_launches == fwd_launches, "%s: the forward made %llu launches, expected %llu", tag,
+              static_cast<unsigned long long>(cuda.fwd_launches), static_cast<unsigned long long>(fwd_launches));
   if (c.path == FwdPath::kSimt) {
     int untouched;
     std::memset(&untouched, kWorkspaceFill, sizeof untouched);
@@ -371,6 +380,9 @@ void check_case(const Case& c, unsigned seed) {
   cuda.out = cpu.out, cuda.lse = cpu.lse;
   backward(in, cpu, scale, false);
   backward(in, cuda, scale, true);
+  // routed_attention_bwd.cu's count: compaction, row dots, the dK/dV/dQ kernel.
+  CRAM_EXPECT(cuda.bwd_launches == 3, "%s: the backward made %llu launches, expected 3", tag,
+              static_cast<unsigned long long>(cuda.bwd_launches));
   Results got = results(in, cuda);
   got.out = cuda_forward.out, got.lse = cuda_forward.lse;
   const Results twin = results(in, cpu);
