@@ -2,13 +2,14 @@
 // compare every CUDA launcher with its CPU twin on a machine without a GPU, under
 // AddressSanitizer (out-of-bounds and use-after-free, as compute-sanitizer's memcheck) and
 // UndefinedBehaviorSanitizer. It provides only what csrc/**/*.cu use; translate_cuda.py turns
-// their launches `k<<<grid, block, smem, stream>>>(args)` into `simt::launch(...)` and their
-// `extern __shared__` arrays into the block's dynamic shared memory.
+// their launches `k<<<grid, block, smem, stream>>>(args)` into `simt::launch(...)`, their
+// `extern __shared__` arrays into the block's dynamic shared memory, and registers their other
+// `__shared__` variables.
 //
 // Model:
 // - The blocks of a grid run one after another, in a shuffled order, so a `__shared__` variable
-//   (a static local here) belongs to the block that runs. Dynamic shared memory is filled with 0xff bytes (NaN as
-//   floats) before each block: a read before any write shows in the results.
+//   (a static local here) belongs to the block that runs. Shared memory, static and dynamic, is
+//   filled with 0xff bytes (NaN as floats) before each block: a read before any write shows.
 // - The threads of a block run as OS threads (a pool reused across launches). __syncthreads is a
 //   barrier over the block's threads that have not exited, as on sm_70 and later.
 // - Warp-level operations (shuffles, ballot, __syncwarp, and ldmatrix / mma / cp.async in
@@ -139,6 +140,18 @@ inline thread_local int this_thread_rank = 0;  // linear index in the block
 
 inline int lane_id() { return this_thread_rank % kWarpSize; }
 inline Warp& this_warp() { return *this_block->warps[this_thread_rank / kWarpSize]; }
+
+// The static `__shared__` variables met so far (translate_cuda.py registers each where it is
+// declared); launch() fills them with 0xff bytes before every block, as dynamic shared memory.
+// Thread 0 alone registers, so that the registry's lock orders nothing between a block's threads
+// (ThreadSanitizer would take it for synchronisation and miss races).
+inline std::mutex shared_regions_mutex;
+inline std::map<void*, size_t> shared_regions;
+template <typename T> void shared_region(T& variable) {
+  if (this_thread_rank != 0) return;
+  std::lock_guard<std::mutex> lock(shared_regions_mutex);
+  shared_regions.emplace(static_cast<void*>(&variable), sizeof(T));
+}
 
 template <typename T> T* dynamic_shared() {
   auto address = reinterpret_cast<uintptr_t>(this_block->dynamic_smem.data());
@@ -284,6 +297,10 @@ void launch(const LaunchConfig& config, Kernel* kernel, Args... args) {
   std::shuffle(blocks.begin(), blocks.end(), std::mt19937_64(launch_count.fetch_add(1)));
   for (const uint3 index : blocks) {
     Block state(static_cast<int>(threads), config.smem);
+    {
+      std::lock_guard<std::mutex> lock(shared_regions_mutex);
+      for (const auto& [address, bytes] : shared_regions) std::memset(address, 0xff, bytes);
+    }
     const std::function<void(int)> job = [&](int rank) {
       this_block = &state;
       this_thread_rank = rank;

@@ -1,6 +1,7 @@
 """Turns a CUDA source into C++ for the SIMT emulator (simt.h): each launch
 `kernel<<<grid, block, smem, stream>>>(args);` becomes `::simt::launch(::simt::LaunchConfig(grid, block, smem,
-stream), kernel, args);` and each `extern __shared__ T name[];` the block's dynamic shared memory.
+stream), kernel, args);` each `extern __shared__ T name[];` the block's dynamic shared memory, and each other `__shared__`
+variable is registered with the emulator, which fills it with 0xff bytes before every block.
 
     python translate_cuda.py IN.cu OUT.cpp
 """
@@ -10,6 +11,9 @@ import sys
 # The kernel expression before `<<<`: a possibly qualified name with optional template arguments.
 KERNEL = re.compile(r"([A-Za-z_][\w:]*(?:<[^;{}()]*>)?)\s*$")
 DYNAMIC_SMEM = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w\s]+?)\s+(\w+)\[\]\s*;")
+STATIC_SMEM = re.compile(r"(?<!extern )__shared__\s+([^;]+);")
+# The names a declaration declares: identifiers followed by `[`, `,` or its end.
+DECLARED = re.compile(r"(?:^|[\s,])([A-Za-z_]\w*)\s*(?=\[|,|$)")
 
 
 def closing_paren(text, open_at):
@@ -39,8 +43,14 @@ def translate_launches(text):
     return "".join(out)
 
 
+def register_shared(match):
+    names = DECLARED.findall(match.group(1))
+    return match.group(0) + "".join(f" ::simt::shared_region({name});" for name in names)
+
+
 def translate(text):
     text = DYNAMIC_SMEM.sub(r"\1* \2 = ::simt::dynamic_shared<\1>();", text)
+    text = STATIC_SMEM.sub(register_shared, text)
     return translate_launches(text)
 
 
