@@ -2,10 +2,13 @@
 // failed and exits non-zero (ctest reports it).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <random>
 #include <vector>
+
+#include "../common/dtype.h"
 
 namespace cram_test {
 
@@ -47,6 +50,44 @@ std::vector<T> random_vector(size_t n, std::mt19937& rng, double lo = -1, double
   std::vector<T> v(n);
   for (auto& x : v) x = T(dist(rng));
   return v;
+}
+
+// The DType tag of a storage type, and vectors moved between float64 and a storage type.
+template <typename T> constexpr cram::DType dtype_of();
+template <> constexpr cram::DType dtype_of<float>() { return cram::DType::kFloat32; }
+template <> constexpr cram::DType dtype_of<double>() { return cram::DType::kFloat64; }
+template <> constexpr cram::DType dtype_of<cram::fp16_t>() { return cram::DType::kFloat16; }
+template <> constexpr cram::DType dtype_of<cram::bf16_t>() { return cram::DType::kBFloat16; }
+
+template <typename T> std::vector<T> rounded_to(const std::vector<double>& x) {
+  std::vector<T> out(x.size());
+  for (size_t i = 0; i < x.size(); ++i) out[i] = cram::from_float<T>(x[i]);
+  return out;
+}
+template <typename T> std::vector<double> widened(const std::vector<T>& x) {
+  std::vector<double> out(x.size());
+  for (size_t i = 0; i < x.size(); ++i) out[i] = double(cram::to_float(x[i]));
+  return out;
+}
+
+// Largest finite |x|.
+inline double max_abs(const std::vector<double>& x) {
+  double m = 0;
+  for (double v : x)
+    if (std::isfinite(v)) m = std::max(m, std::fabs(v));
+  return m;
+}
+
+// Largest |got - want|; infinite where one is NaN or infinite and the other is not the same
+// (or the sizes differ).
+inline double max_abs_error(const std::vector<double>& got, const std::vector<double>& want) {
+  if (got.size() != want.size()) return INFINITY;
+  double worst = 0;
+  for (size_t n = 0; n < want.size(); ++n) {
+    if (std::isfinite(want[n]) && std::isfinite(got[n])) worst = std::max(worst, std::fabs(got[n] - want[n]));
+    else if (!(got[n] == want[n] || (std::isnan(got[n]) && std::isnan(want[n])))) return INFINITY;
+  }
+  return worst;
 }
 
 inline int report(const char* name) {

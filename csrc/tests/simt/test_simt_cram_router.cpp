@@ -21,25 +21,12 @@
 #include "cram_forward/cram_forward.h"
 
 using namespace cram;
+using cram_test::dtype_of;
+using cram_test::max_abs_error;
+using cram_test::rounded_to;
+using cram_test::widened;
 
 namespace {
-
-template <typename T> constexpr DType dtype_of();
-template <> constexpr DType dtype_of<float>() { return DType::kFloat32; }
-template <> constexpr DType dtype_of<double>() { return DType::kFloat64; }
-template <> constexpr DType dtype_of<fp16_t>() { return DType::kFloat16; }
-template <> constexpr DType dtype_of<bf16_t>() { return DType::kBFloat16; }
-
-template <typename T> std::vector<T> rounded_to(const std::vector<double>& x) {
-  std::vector<T> out(x.size());
-  for (size_t i = 0; i < x.size(); ++i) out[i] = from_float<T>(x[i]);
-  return out;
-}
-template <typename T> std::vector<double> widened(const std::vector<T>& x) {
-  std::vector<double> out(x.size());
-  for (size_t i = 0; i < x.size(); ++i) out[i] = double(to_float(x[i]));
-  return out;
-}
 
 enum class Expect {
   kComputed,     // random weights: only the CPU twin knows the paths
@@ -206,15 +193,6 @@ bool same_values(const double* a, const double* b, int64_t n) {
   for (int64_t i = 0; i < n; ++i)
     if (!(a[i] == b[i] || (std::isnan(a[i]) && std::isnan(b[i])))) return false;
   return true;
-}
-
-double max_abs_error(const std::vector<double>& x, const std::vector<double>& reference) {
-  double worst = 0;
-  for (size_t i = 0; i < x.size(); ++i) {
-    if (std::isnan(x[i]) != std::isnan(reference[i])) return INFINITY;
-    if (!std::isnan(x[i])) worst = std::max(worst, std::fabs(x[i] - reference[i]));
-  }
-  return worst;
 }
 
 template <typename T> void check_case(const RouterCase& c, unsigned seed) {

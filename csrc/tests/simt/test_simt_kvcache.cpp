@@ -22,25 +22,12 @@
 #include "routed_attention/routed_attention.h"
 
 using namespace cram;
+using cram_test::dtype_of;
+using cram_test::max_abs_error;
+using cram_test::rounded_to;
+using cram_test::widened;
 
 namespace {
-
-template <typename T> constexpr DType dtype_of();
-template <> constexpr DType dtype_of<float>() { return DType::kFloat32; }
-template <> constexpr DType dtype_of<double>() { return DType::kFloat64; }
-template <> constexpr DType dtype_of<fp16_t>() { return DType::kFloat16; }
-template <> constexpr DType dtype_of<bf16_t>() { return DType::kBFloat16; }
-
-template <typename T> std::vector<T> rounded_to(const std::vector<double>& x) {
-  std::vector<T> out(x.size());
-  for (size_t i = 0; i < x.size(); ++i) out[i] = from_float<T>(x[i]);
-  return out;
-}
-template <typename T> std::vector<double> widened(const std::vector<T>& x) {
-  std::vector<double> out(x.size());
-  for (size_t i = 0; i < x.size(); ++i) out[i] = double(to_float(x[i]));
-  return out;
-}
 
 constexpr double kOutSentinel = 7.0;  // exact in every dtype; no attention output reaches it
 
@@ -169,15 +156,6 @@ bool same_bits(const std::vector<double>& a, const std::vector<double>& b, int64
       return false;
     }
   return a.size() == b.size();
-}
-
-double max_abs_error(const std::vector<double>& x, const std::vector<double>& reference) {
-  double worst = 0;
-  for (size_t i = 0; i < x.size(); ++i) {
-    if (std::isnan(x[i]) != std::isnan(reference[i])) return INFINITY;
-    if (!std::isnan(x[i])) worst = std::max(worst, std::fabs(x[i] - reference[i]));
-  }
-  return worst;
 }
 
 template <typename T> void check_case(const KVCacheCase& c, unsigned seed) {

@@ -25,6 +25,9 @@
 #include "routed_attention/routed_attention.h"
 #include "routed_attention/routed_attention_common.cuh"  // the workspace views: the forward's plan
 
+using cram_test::max_abs;
+using cram_test::max_abs_error;
+
 namespace {
 
 using cram::DType;
@@ -248,24 +251,6 @@ Results results(const Inputs& in, const Run& r) {
   const DType acc = accumulation_type(r.dtype);
   x.lse = decode(r.lse, acc), x.dq = decode(r.dq, acc), x.dk = decode(r.dk, acc), x.dv = decode(r.dv, acc);
   return x;
-}
-
-double max_abs(const std::vector<double>& x) {
-  double m = 0;
-  for (double v : x)
-    if (std::isfinite(v)) m = std::max(m, std::fabs(v));
-  return m;
-}
-
-// Largest |got - want|; infinite where one is NaN or infinite and the other is not the same.
-double max_abs_error(const std::vector<double>& got, const std::vector<double>& want) {
-  if (got.size() != want.size()) return INFINITY;
-  double worst = 0;
-  for (size_t n = 0; n < want.size(); ++n) {
-    if (std::isfinite(want[n]) && std::isfinite(got[n])) worst = std::max(worst, std::fabs(got[n] - want[n]));
-    else if (!(got[n] == want[n])) return INFINITY;  // NaN, or different infinities
-  }
-  return worst;
 }
 
 // float32: the SIMT kernels and the CPU twin both accumulate in float, in different orders (and

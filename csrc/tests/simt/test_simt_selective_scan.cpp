@@ -24,6 +24,9 @@
 #include "tests/test_util.h"
 
 using namespace cram;
+using cram_test::dtype_of;
+using cram_test::max_abs;
+using cram_test::max_abs_error;
 
 namespace {
 
@@ -32,12 +35,6 @@ namespace {
 // against sequential lanes) and with different exp implementations, so 3x: an indexing or
 // conversion bug still shows as an error of the order of the 16-bit epsilon or more.
 constexpr double kErrorFactor = 3.0;
-
-template <typename T> constexpr DType dtype_of();
-template <> constexpr DType dtype_of<float>() { return DType::kFloat32; }
-template <> constexpr DType dtype_of<double>() { return DType::kFloat64; }
-template <> constexpr DType dtype_of<fp16_t>() { return DType::kFloat16; }
-template <> constexpr DType dtype_of<bf16_t>() { return DType::kBFloat16; }
 
 template <typename T> double to_double(T x) { return double(to_float(x)); }
 template <typename T> T from_double(double x) { return from_float<T>(x); }
@@ -119,21 +116,6 @@ class Buffer {
   std::unique_ptr<T, Free> data_;
 };
 
-double max_abs(const std::vector<double>& v) {
-  double m = 0;
-  for (double x : v) m = std::max(m, std::fabs(x));
-  return m;
-}
-double max_abs_diff(const std::vector<double>& a, const std::vector<double>& b) {
-  if (a.size() != b.size()) return INFINITY;
-  double m = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    const double d = std::fabs(a[i] - b[i]);
-    if (std::isnan(d)) return INFINITY;
-    m = std::max(m, d);
-  }
-  return m;
-}
 
 // float32 / float64: CUDA against the CPU twin, element by element, relative to each element and
 // to the tensor's magnitude (a long sum may cancel to much less than its terms).
@@ -148,7 +130,7 @@ void expect_close(const char* what, const char* tensor, const std::vector<double
 // float64 on the same inputs.
 void expect_within_cpu_error(const char* what, const char* tensor, const std::vector<double>& cuda,
                              const std::vector<double>& cpu, const std::vector<double>& ref) {
-  const double cuda_err = max_abs_diff(cuda, ref), cpu_err = max_abs_diff(cpu, ref);
+  const double cuda_err = max_abs_error(cuda, ref), cpu_err = max_abs_error(cpu, ref);
   const double atol = 1e-5 * max_abs(ref);
   CRAM_EXPECT(std::isfinite(cuda_err) && cuda_err <= kErrorFactor * cpu_err + atol,
               "%s: %s error %.3g against float64, the CPU twin's %.3g (max|ref| %.3g)", what, tensor, cuda_err,
