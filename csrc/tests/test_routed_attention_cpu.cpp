@@ -9,10 +9,12 @@
 #include <vector>
 
 #include "routed_attention/routed_attention.h"
+#include "test_util.h"
 
 namespace {
 
 using cram::RoutedAttentionBwdParams;
+using cram_test::dtype_of;
 
 struct Case {
   std::string name;
@@ -129,10 +131,6 @@ Outputs reference(const Inputs& in, double scale) {
       }
   return r;
 }
-
-template <typename T> cram::DType dtype_of();
-template <> cram::DType dtype_of<float>() { return cram::DType::kFloat32; }
-template <> cram::DType dtype_of<double>() { return cram::DType::kFloat64; }
 
 template <typename T>
 std::vector<T> cast(const std::vector<double>& x) {

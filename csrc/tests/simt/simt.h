@@ -1,7 +1,7 @@
 // A SIMT emulator that runs the package's CUDA kernels on the CPU, so that the native tests can
 // compare every CUDA launcher with its CPU twin on a machine without a GPU, under
-// AddressSanitizer (out-of-bounds and use-after-free, as compute-sanitizer's memcheck) and
-// UndefinedBehaviorSanitizer. It provides only what csrc/**/*.cu use; translate_cuda.py turns
+// AddressSanitizer (out-of-bounds and use-after-free, as compute-sanitizer's memcheck),
+// UndefinedBehaviorSanitizer, and ThreadSanitizer (shared-memory races, as racecheck). It provides only what csrc/**/*.cu use; translate_cuda.py turns
 // their launches `k<<<grid, block, smem, stream>>>(args)` into `simt::launch(...)`, their
 // `extern __shared__` arrays into the block's dynamic shared memory, and registers their other
 // `__shared__` variables.
@@ -45,6 +45,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/dtype.h"
+
 // ----------------------------------------------------------------------------------------------
 // Keywords and vector types
 // ----------------------------------------------------------------------------------------------
@@ -73,7 +75,7 @@ inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return
 inline float2 make_float2(float x, float y) { return {x, y}; }
 
 inline thread_local uint3 threadIdx{}, blockIdx{};
-inline thread_local dim3 blockDim, gridDim;
+inline thread_local dim3 blockDim;
 
 // ----------------------------------------------------------------------------------------------
 // Runtime API
@@ -306,7 +308,6 @@ void launch(const LaunchConfig& config, Kernel* kernel, Args... args) {
       this_thread_rank = rank;
       blockIdx = index;
       blockDim = block;
-      gridDim = grid;
       threadIdx = {rank % block.x, rank / block.x % block.y, rank / (block.x * block.y)};
       kernel(args...);
       // An exited thread no longer counts at barriers or in its warp.
@@ -395,12 +396,8 @@ template <typename T> T atomicAdd(T* address, T value) { return std::atomic_ref<
 template <typename T> T __ldg(const T* p) { return *p; }
 template <typename T> T __ldcg(const T* p) { return *p; }
 
-using std::isfinite;
-using std::isinf;
 using std::isnan;
 inline float __expf(float x) { return std::exp(x); }
-inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
-inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
 inline float max(float a, float b) { return std::fmax(a, b); }
 inline double max(double a, double b) { return std::fmax(a, b); }
 inline float min(float a, float b) { return std::fmin(a, b); }
@@ -426,30 +423,11 @@ struct alignas(4) __nv_bfloat162 {
   __nv_bfloat16 x, y;
 };
 
-inline float __half2float(__half h) {
-  _Float16 f;
-  std::memcpy(&f, &h.bits, sizeof(f));
-  return static_cast<float>(f);
-}
-inline __half __float2half_rn(float x) {
-  const _Float16 f = static_cast<_Float16>(x);
-  __half h;
-  std::memcpy(&h.bits, &f, sizeof(f));
-  return h;
-}
-inline float __bfloat162float(__nv_bfloat16 b) {
-  const uint32_t u = static_cast<uint32_t>(b.bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-inline __nv_bfloat16 __float2bfloat16_rn(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof(u));
-  if ((u & 0x7fffffffu) > 0x7f800000u) return {static_cast<uint16_t>((u >> 16) | 0x40u)};
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return {static_cast<uint16_t>(u >> 16)};
-}
+// The CPU kernels' conversions (csrc/common/dtype.h): round to nearest even, as CUDA's _rn.
+inline float __half2float(__half h) { return cram::to_float(cram::fp16_t{h.bits}); }
+inline __half __float2half_rn(float x) { return {cram::from_float<cram::fp16_t>(x).bits}; }
+inline float __bfloat162float(__nv_bfloat16 b) { return cram::to_float(cram::bf16_t{b.bits}); }
+inline __nv_bfloat16 __float2bfloat16_rn(float x) { return {cram::from_float<cram::bf16_t>(x).bits}; }
 inline __half2 __floats2half2_rn(float lo, float hi) { return {__float2half_rn(lo), __float2half_rn(hi)}; }
 inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) {
   return {__float2bfloat16_rn(lo), __float2bfloat16_rn(hi)};
