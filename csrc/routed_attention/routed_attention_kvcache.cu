@@ -1,13 +1,13 @@
 // Routed attention against a key/value cache on CUDA (routed_attention.h,
 // RoutedAttentionKVCacheParams).
 //
-// Two launches on the caller's stream (one without new entries): the new keys and values are
-// copied into the caches, then one block per (batch, head, new row) attends. An unrouted row's
-// block writes zeros and leaves without reading a key. A routed row's kWarps warps split the visible keys round-robin; a warp
-// holds the query and its output accumulator spread over its lanes (head_dim / 32 elements per
-// lane), computes a score with one warp reduction per key and keeps its own online softmax
-// (running max and sum); the warps' partial results are merged through shared memory at the end.
-// One block per row suits decoding batches; a single long sequence would also want the keys of
+// Two launches on the caller's stream (one without new entries): the new keys and values are copied
+// into the caches, then one block per (batch, head, new row) attends. An unrouted row's block
+// writes zeros and leaves without reading a key. A routed row's kWarps warps split the visible keys
+// round-robin; a warp holds the query and its output accumulator spread over its lanes (head_dim /
+// 32 elements per lane), computes a score with one warp reduction per key and keeps its own online
+// softmax (running max and sum); the warps' partial results are merged through shared memory at the
+// end. One block per row suits decoding batches; a single long sequence would also want the keys of
 // a row split across blocks (FlashDecoding's split-K), which this kernel does not do yet.
 #include <cstdint>
 
